@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from helpers import amplification, assert_close, assert_grad_close, make_inputs, run, run_reference
+from helpers import amplification, assert_close, assert_grad_close, run, run_reference
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
