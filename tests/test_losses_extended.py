@@ -180,7 +180,7 @@ def test_sdpo_matches_spec(shape, dtypes, base, beta, mu, rho, scale, extra, dev
     assert float(metrics["loser_grad_scale"]) <= extra.get("max_scale", 1.0)
 
 
-@pytest.mark.parametrize("beta,alpha,scale", [(2000.0, 0.01, 0.01), (50.0, 0.2, 0.1), (1.0, 0.5, 0.3)])
+@pytest.mark.parametrize("beta,alpha,scale", [(2000.0, 0.01, 0.01), (50.0, 0.5, 0.1), (1.0, 0.2, 0.3)])
 @pytest.mark.parametrize("shape,dtypes", CASES, ids=IDS)
 def test_dmpo_matches_spec(shape, dtypes, beta, alpha, scale, device):
     inputs = make_inputs(shape, dtypes, device, 10, scale)
