@@ -121,8 +121,13 @@ def test_mapo_gradient_closed_form_and_h():
     its series near 0 and the plain formula elsewhere."""
     x = torch.tensor([1e-12, 1e-6, 1e-3], dtype=F64)
     assert_same(ref.mapo_h(x), 1 - x / 2 + x ** 2 / 12, 1e-12)
-    x = torch.tensor([0.1, 1.0, 5.0, 30.0], dtype=F64)
+    x = torch.tensor([0.0011, 0.1, 1.0, 5.0, 30.0], dtype=F64)
     assert_same(ref.mapo_h(x), x / (torch.exp(x) - 1), 1e-12)
+    # h' on both sides of the series cut: -1/2 + x/6 - x^3/180 + x^5/5040 (truncation < 1e-22).
+    x = torch.tensor([1e-9, 1e-6, 9.9e-4, 1.01e-3, 3e-3], dtype=F64, requires_grad=True)
+    ref.mapo_h(x).sum().backward()
+    xd = x.detach()
+    assert_same(x.grad, -0.5 + xd / 6 - xd ** 3 / 180 + xd ** 5 / 5040, 1e-12)
     p, _, t = inputs64(seed=6, scale=0.3)
     beta, s, T, B = 0.5, 2.0, 1000, 3
     _, m, grad = grad_of(ref.mapo, p, t, beta=beta, snr_value=s, num_train_timesteps=T)
