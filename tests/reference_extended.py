@@ -30,8 +30,8 @@ def rpo_weights(emb_w, emb_l, B, tau):
         return torch.ones(B, B, dtype=torch.float64)
     if emb_l is None:
         emb_l = emb_w
-    ew = F.normalize(emb_w.double(), dim=1, eps=1e-12)
-    el = F.normalize(emb_l.double(), dim=1, eps=1e-12)
+    ew = F.normalize(emb_w.detach().double().cpu(), dim=1, eps=1e-12)      # constants (spec §1)
+    el = F.normalize(emb_l.detach().double().cpu(), dim=1, eps=1e-12)
     cos = ew @ el.T
     return torch.softmax(-(1 - cos) / tau, dim=1)
 

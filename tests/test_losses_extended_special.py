@@ -121,7 +121,7 @@ def test_dense_step_index_table(dtype, device):
         assert got == 2.0 ** -k, f"t={t}: weight {got!r}, expected 2^-{k} (k = {-math.log2(got) if got > 0 else 'inf'})"
 
 
-@pytest.mark.parametrize("T,K,gamma", [(100, 10, 0.7), (200, 50, 0.9)])
+@pytest.mark.parametrize("T,K,gamma", [(40, 8, 0.7), (100, 50, 0.9)])
 def test_dense_normalised_weights_average_one(T, K, gamma, device):
     """Normalised weights average 1 over t = 0 .. T-1 when K divides T (one pair per t)."""
     inputs = make_inputs((2 * T, 3), F32, device, 7, 0.05)
@@ -322,3 +322,25 @@ def test_dmpo_is_sdpo_dmpo_without_safeguard(alpha, device):
     for key in m:
         assert_close(key, m[key], sm[key], rtol, atol=rtol)
     check_against_reference(fastpref.dmpo_loss, ref.dmpo, inputs, rtol=rtol, beta=2000.0, alpha=alpha)
+
+
+# ---------------------------------------------------------------- auxiliary tensors
+
+
+def test_strided_aux_tensors_and_constants_get_no_gradient(device):
+    """Embeddings, timesteps and labels as strided views are read through their strides, and
+    tensors the spec calls constants (embeddings, kl_baseline) receive no gradient."""
+    inputs = make_inputs((6, 3, 9, 10), F32, device, 16, 0.01)
+    rtol = compute_rtol(inputs, 5000.0)
+    emb = random_embeddings(8, 3, 17, F32, device).T.requires_grad_(True)          # [3, 8], strides (1, 3)
+    emb_l = random_embeddings(3, 16, 18, F32, device)[:, ::2]                       # [3, 8], element stride 2
+    assert not emb.is_contiguous() and not emb_l.is_contiguous()
+    loss, _, _, _ = check_against_reference(fastpref.rpo_loss, ref.rpo, inputs, rtol=rtol, emb_w=emb, emb_l=emb_l)
+    assert emb.grad is None
+    ts = torch.tensor([999, 0, 500, 1, 979, 7], device=device)[::2]                # [999, 500, 979]
+    check_against_reference(fastpref.dense_dpo_loss, ref.dense_dpo, inputs, (ts,), rtol=compute_rtol(inputs, 25000.0))
+    labels = torch.tensor([[1, 9], [0, 9], [2, 9], [0, 9], [1, 9], [0, 9]], device=device)[:, 0]
+    kl = torch.tensor(1e-4, device=device, requires_grad=True)
+    check_against_reference(fastpref.kto_loss, ref.kto, inputs, (labels,), rtol=compute_rtol(inputs, 2000.0),
+                            kl_baseline=kl)
+    assert kl.grad is None
