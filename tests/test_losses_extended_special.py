@@ -201,6 +201,24 @@ def test_mapo_small_errors(offset, dtype, device):
     check_against_reference(fastpref.mapo_loss, ref.mapo, args, rtol=mapo_rtol(*args, 0.1, 0.5, 1000))
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_mapo_large_errors(dtype, device):
+    """s m from about 20 to 80: h = x e^-x (1e-9 .. 1e-33) must keep its relative accuracy, not
+    flush to 0 early or overflow e^x; scores are compared relative to their own size."""
+    g = torch.Generator().manual_seed(19)
+    target = torch.randn(6, 3, 9, 10, generator=g, dtype=F64)
+    spread = torch.tensor([0.45, 0.6, 0.75, 0.5, 0.65, 0.8], dtype=F64).view(-1, 1, 1, 1)
+    model = target + spread * torch.randn(6, 3, 9, 10, generator=g, dtype=F64)
+    args = (model.to(dtype).to(device), target.to(dtype).to(device))
+    kw = dict(beta=0.1, snr_value=100.0, num_train_timesteps=1000)
+    metrics, ref_metrics, _, _ = check_against_reference(fastpref.mapo_loss, ref.mapo, args,
+                                                         rtol=mapo_rtol(*args, 0.1, 100.0, 1000), **kw)
+    rtol = 80 * (1e-12 if dtype == F64 else 4e-6)   # e^-x: the rounding of x = s m, times x
+    for key in ("win_score", "lose_score"):
+        assert float(ref_metrics[key]) < 1e-6
+        assert_close(key, metrics[key], ref_metrics[key], rtol)
+
+
 # ---------------------------------------------------------------- KTO one-class batches
 
 
