@@ -1,0 +1,136 @@
+"""Measurements of one provider call on the GPU (with CPU fallbacks for smoke tests).
+
+``make_call`` turns a loss block into a zero-argument call for a mode (``forward``,
+``backward``, ``full`` = forward+backward) plus a ``reset`` that drops the gradient between
+calls (so no gradient accumulation kernel is timed). Every function here expects the call to
+be warmed up already (``warm_up``), so compile/JIT/autotune time is never measured.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+
+MODES = ["forward", "backward", "full"]
+
+
+def make_call(block, args, tkw, mode: str):
+    """Return ``(call, reset)`` for ``mode``; ``backward`` runs the forward once here and
+    times ``loss.backward(retain_graph=True)`` only."""
+    x = args[0]
+
+    def reset():
+        x.grad = None
+
+    if mode == "forward":
+        def call():
+            return block(*args, **tkw)
+    elif mode == "full":
+        def call():
+            loss, _ = block(*args, **tkw)
+            loss.backward()
+    elif mode == "backward":
+        loss, _ = block(*args, **tkw)
+
+        def call():
+            loss.backward(retain_graph=True)
+    else:
+        raise ValueError(mode)
+    return call, reset
+
+
+def sync(device: str) -> None:
+    """Wait for the device (no-op on CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def warm_up(call, reset, device: str, n: int = 3) -> None:
+    """Run the call ``n`` times (compiles, autotunes, records CUDA graphs) and wait."""
+    for _ in range(n):
+        reset()
+        call()
+    sync(device)
+
+
+def time_quantiles_ms(call, reset, x, device: str, rep_ms: int = 40, warmup_ms: int = 10,
+                      cpu_reps: int = 5) -> tuple[float, float, float]:
+    """(p20, p50, p80) of one call in ms: ``triton.testing.do_bench`` on CUDA (L2 flushed,
+    gradient dropped between calls, both outside the timed region); a wall-clock loop on
+    CPU (smoke tests only: interpreter timings mean nothing)."""
+    if device == "cuda":
+        import triton.testing
+        q = triton.testing.do_bench(call, warmup=warmup_ms, rep=rep_ms, grad_to_none=[x],
+                                    quantiles=[0.2, 0.5, 0.8])
+        return tuple(float(v) for v in q)
+    ts = []
+    for _ in range(cpu_reps):
+        reset()
+        t0 = time.perf_counter()
+        call()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    t = torch.tensor(ts, dtype=torch.float64)
+    return tuple(float(torch.quantile(t, q)) for q in (0.2, 0.5, 0.8))
+
+
+def peak_extra_bytes(call, reset, device: str) -> int:
+    """Peak allocated bytes above what was allocated just before the call (inputs, and for
+    ``backward`` the saved forward state). CUDA: ``max_memory_allocated`` after a reset."""
+    reset()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        call()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    import counters
+    return counters.peak_extra_bytes(call)[0]
+
+
+def cuda_kernels_per_call(call, reset, n: int = 3) -> float:
+    """GPU activities (kernels, memsets, memcpys) per call, counted with ``torch.profiler``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            reset()
+            call()
+        torch.cuda.synchronize()
+    evs = prof.profiler.kineto_results.events()
+    gpu = [e for e in evs if e.device_type() == DeviceType.CUDA]
+    return len(gpu) / n
+
+
+def cuda_host_syncs_per_call(call, reset) -> int:
+    """Host<->device synchronisations in one call, from ``torch.cuda.set_sync_debug_mode``
+    warnings (item(), bool(tensor), nonzero, blocking copies, ...)."""
+    reset()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def device_copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device memory bandwidth in GB/s (1e9 B/s) from a large device-to-device copy:
+    bytes read + bytes written over the median time."""
+    import triton.testing
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, quantiles=[0.5])
+    ms = ms[0] if isinstance(ms, (list, tuple)) else ms
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
