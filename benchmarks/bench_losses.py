@@ -177,6 +177,8 @@ class Run:
                 try:
                     self.one(method, p, mode, args, tkw, dname, sname, B, one)
                 except Exception as e:  # keep the sweep going; record why
+                    if self.device == "cuda" and isinstance(e, torch.cuda.OutOfMemoryError):
+                        torch.cuda.empty_cache()
                     msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
                     self.note(f"ERROR {method.name}/{p}/{mode}/{sname}/B={B}/{dname}: "
                               f"{type(e).__name__}: {msg}")
@@ -198,7 +200,7 @@ class Run:
                           "input_bytes": one, "batch_rows": 2 * B})
         out = {}
         if "time" in self.metrics:
-            q = measure.time_quantiles_ms(call, reset, args[0], self.device, rep_ms=self.a.rep_ms)
+            q = measure.time_quantiles_ms(call, reset, self.device, rep_ms=self.a.rep_ms)
             self.w.add(metric="time", unit="ms", y=q, **row)
             out["ms"] = q[1]
             fb = shp.floor_bytes(method, sname, B, shp.DTYPES[dname], mode)

@@ -17,25 +17,35 @@ MODES = ["forward", "backward", "full"]
 
 
 def make_call(block, args, tkw, mode: str):
-    """Return ``(call, reset)`` for ``mode``; ``backward`` runs the forward once here and
-    times ``loss.backward(retain_graph=True)`` only."""
+    """Return ``(call, reset)`` for ``mode``. ``reset`` is untimed set-up run before every
+    call: it drops ``model_pred.grad`` (so no accumulation kernel is timed) and, for
+    ``backward``, runs the forward whose backward ``call`` then times (no ``retain_graph``,
+    which compiled backwards with donated buffers refuse)."""
     x = args[0]
-
-    def reset():
-        x.grad = None
+    state = {}
 
     if mode == "forward":
+        def reset():
+            x.grad = None
+
         def call():
             return block(*args, **tkw)
     elif mode == "full":
+        def reset():
+            x.grad = None
+
         def call():
             loss, _ = block(*args, **tkw)
             loss.backward()
     elif mode == "backward":
-        loss, _ = block(*args, **tkw)
+        def reset():
+            x.grad = None
+            state["loss"] = None
+            state["loss"] = block(*args, **tkw)[0]
 
         def call():
-            loss.backward(retain_graph=True)
+            loss = state.pop("loss")
+            loss.backward()
     else:
         raise ValueError(mode)
     return call, reset
@@ -55,22 +65,47 @@ def warm_up(call, reset, device: str, n: int = 3) -> None:
     sync(device)
 
 
-def time_quantiles_ms(call, reset, x, device: str, rep_ms: int = 40, warmup_ms: int = 10,
+def time_quantiles_ms(call, reset, device: str, rep_ms: int = 40, warmup_ms: int = 10,
                       cpu_reps: int = 5) -> tuple[float, float, float]:
-    """(p20, p50, p80) of one call in ms: ``triton.testing.do_bench`` on CUDA (L2 flushed,
-    gradient dropped between calls, both outside the timed region); a wall-clock loop on
-    CPU (smoke tests only: interpreter timings mean nothing)."""
-    if device == "cuda":
-        import triton.testing
-        q = triton.testing.do_bench(call, warmup=warmup_ms, rep=rep_ms, grad_to_none=[x],
-                                    quantiles=[0.2, 0.5, 0.8])
-        return tuple(float(v) for v in q)
-    ts = []
-    for _ in range(cpu_reps):
+    """(p20, p50, p80) of one call in ms.
+
+    CUDA: CUDA events around each call, as ``triton.testing.do_bench`` does (same
+    estimate / warm-up / repeat scheme, L2 flushed before every call), but with the untimed
+    ``reset`` before each call so backward-only can be timed without ``retain_graph``.
+    CPU: a wall-clock loop (smoke tests only: interpreter timings mean nothing).
+    """
+    if device != "cuda":
+        ts = []
+        for _ in range(cpu_reps):
+            reset()
+            t0 = time.perf_counter()
+            call()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return _quantiles(ts)
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+
+    def timed(n):
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for i in range(n):
+            reset()
+            flush.zero_()
+            starts[i].record()
+            call()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+    est = _quantiles(timed(5))[1]
+    n_warm = max(1, int(warmup_ms / max(est, 1e-3)))
+    n_rep = min(1000, max(10, int(rep_ms / max(est, 1e-3))))
+    for _ in range(n_warm):
         reset()
-        t0 = time.perf_counter()
         call()
-        ts.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles(timed(n_rep))
+
+
+def _quantiles(ts) -> tuple[float, float, float]:
     t = torch.tensor(ts, dtype=torch.float64)
     return tuple(float(torch.quantile(t, q)) for q in (0.2, 0.5, 0.8))
 
@@ -90,20 +125,29 @@ def peak_extra_bytes(call, reset, device: str) -> int:
     return counters.peak_extra_bytes(call)[0]
 
 
-def cuda_kernels_per_call(call, reset, n: int = 3) -> float:
-    """GPU activities (kernels, memsets, memcpys) per call, counted with ``torch.profiler``."""
+def _gpu_activities(fn, n: int) -> int:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
-            reset()
-            call()
+            fn()
         torch.cuda.synchronize()
-    evs = prof.profiler.kineto_results.events()
-    gpu = [e for e in evs if e.device_type() == DeviceType.CUDA]
-    return len(gpu) / n
+    return sum(1 for e in prof.profiler.kineto_results.events() if e.device_type() == DeviceType.CUDA)
+
+
+def cuda_kernels_per_call(call, reset, n: int = 3) -> float:
+    """GPU activities (kernels, memsets, memcpys) per call, counted with ``torch.profiler``:
+    (set-up + call) minus set-up alone, so the forward run by ``backward``'s set-up and
+    anything else in ``reset`` is not counted."""
+    def both():
+        reset()
+        call()
+
+    total = _gpu_activities(both, n)
+    setup = _gpu_activities(reset, n)
+    return (total - setup) / n
 
 
 def cuda_host_syncs_per_call(call, reset) -> int:
