@@ -20,7 +20,7 @@ def check_prediction(name, x):
         raise ValueError(f"{name} must have at least 2 dims [rows, ...], got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} must have a nonzero leading dim, got shape {tuple(x.shape)}")
-    if x[0].numel() == 0:
+    if x.numel() == 0:
         raise ValueError(f"{name} must have at least one element per row, got shape {tuple(x.shape)}")
 
 

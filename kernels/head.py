@@ -36,12 +36,12 @@ class Head:
 
     def unpack(self, stats, ints, pairs):
         """Metric dict of views into the stats/ints buffers (no copies, no launches)."""
-        out = {name: stats[i] for i, name in enumerate(self.scalars)}
         base = len(self.scalars)
-        for v, name in enumerate(self.vectors):
-            out[name] = stats[base + v * pairs: base + (v + 1) * pairs]
-        for i, name in enumerate(self.ints):
-            out[name] = ints[i]
+        out = dict(zip(self.scalars, stats[:base].unbind(0)))
+        if self.vectors:
+            out.update(zip(self.vectors, stats[base:].view(len(self.vectors), pairs).unbind(0)))
+        if self.ints:
+            out.update(zip(self.ints, ints.unbind(0)))
         return out
 
 
