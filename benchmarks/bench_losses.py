@@ -50,7 +50,7 @@ PRESETS = {
                   modes="full"),
     "cpu_quick": dict(methods="all", shapes="tiny,tiny_video", batches="2", dtypes="fp32,bf16",
                       modes="forward,full", providers="fastpref,eager-diffusers,eager-official,eager-spec",
-                      metrics="memory,launches,syncs"),
+                      metrics="memory,launches,syncs", mode_batches="all", count_batches="all"),
 }
 
 
@@ -71,7 +71,13 @@ def parse_args(argv=None):
                    help="CPU, tiny shapes, every method: memory, host syncs, op/launch counts (no timing)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
     p.add_argument("--out", help="CSV path (default: benchmarks/results/<run>.csv)")
-    p.add_argument("--rep-ms", type=int, default=40, help="do_bench measuring time per point (ms)")
+    p.add_argument("--mode-batches",
+                   help="B values at which forward-only and backward-only are run ('all' = every B); "
+                        "fwd+bwd runs at every B")
+    p.add_argument("--count-batches",
+                   help="B values at which kernel launches and host syncs are counted ('all' = every B; "
+                        "counts do not depend on B, profiling is slow)")
+    p.add_argument("--rep-ms", type=int, default=25, help="measuring time per timed point (ms)")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="stop starting new points after this many seconds (rows so far are kept)")
     args = p.parse_args(argv)
@@ -79,6 +85,8 @@ def parse_args(argv=None):
     for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.mode_batches = args.mode_batches or "8,32"
+    args.count_batches = args.count_batches or "8"
     if args.cpu_quick:
         args.device = args.device or "cpu"
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -104,6 +112,8 @@ class Run:
         self.dtypes = shp.parse_list(args.dtypes, shp.DTYPES, ["fp32", "bf16"])
         self.modes = shp.parse_list(args.modes, measure.MODES, measure.MODES)
         self.metrics = shp.parse_list(args.metrics, METRICS, METRICS)
+        self.mode_batches = self._batches_or_all(args.mode_batches)
+        self.count_batches = self._batches_or_all(args.count_batches)
         if self.device == "cpu" and "time" in self.metrics and args.cpu_quick:
             self.metrics.remove("time")
         self.notes: list[str] = []
@@ -117,6 +127,14 @@ class Run:
         """Print a note and keep it for the sidecar."""
         print(msg, flush=True)
         self.notes.append(msg)
+
+    def _batches_or_all(self, spec: str) -> list[int]:
+        """``all`` -> every selected B; else the listed B (falling back to the largest selected
+        B when none of them is selected, so every (shape, dtype) gets one)."""
+        if spec == "all":
+            return list(self.batches)
+        want = [b for b in shp.parse_batches(spec, []) if b in self.batches]
+        return want or [max(self.batches)]
 
     def note_once(self, msg: str) -> None:
         """``note`` unless the same message was noted already."""
@@ -172,8 +190,9 @@ class Run:
         dtype = shp.DTYPES[dname]
         args, tkw = shp.make_inputs(method, sname, B, dtype, self.device)
         one = shp.input_bytes(sname, B, dtype)
+        modes = [m for m in self.modes if m == "full" or B in self.mode_batches]
         for p in provs:
-            for mode in self.modes:
+            for mode in modes:
                 try:
                     self.one(method, p, mode, args, tkw, dname, sname, B, one)
                 except Exception as e:  # keep the sweep going; record why
@@ -221,11 +240,13 @@ class Run:
             # dynamo does not trace under a TorchDispatchMode: counts would be eager's
             self.note_once(f"NOTE: no op/sync counts for {p} on CPU (dispatch-mode counting "
                            "bypasses torch.compile)")
-        if "launches" in self.metrics and not cpu_compiled:
+        counted = B in self.count_batches
+        if "launches" in self.metrics and not cpu_compiled and counted:
             if self.device == "cuda":
-                k = measure.cuda_kernels_per_call(call, reset)
+                k, h = measure.cuda_kernels_per_call(call, reset)
                 self.w.add(metric="kernel_launches", unit="count", y=k, **row)
-                out["kernels"] = k
+                self.w.add(metric="host_launch_calls", unit="count", y=h, **row)
+                out["kernels"], out["host_launches"] = k, h
             else:
                 ops, launches = self.cpu_counts(call, reset)
                 n_ops = ops.total
@@ -234,7 +255,7 @@ class Run:
                 self.w.add(metric="triton_launches", unit="count", y=launches.n, **row)
                 self.w.add(metric="kernel_launches_est", unit="count", y=kern + launches.n, **row)
                 out["aten_ops"], out["triton"], out["launch_est"] = n_ops, launches.n, kern + launches.n
-        if "syncs" in self.metrics and not cpu_compiled:
+        if "syncs" in self.metrics and not cpu_compiled and counted:
             if self.device == "cuda":
                 n = measure.cuda_host_syncs_per_call(call, reset)
             else:
@@ -258,6 +279,7 @@ class Run:
                 "copy_bandwidth_GBps": self.bandwidth, "notes": self.notes,
                 "elapsed_s": round(time.time() - self.t0, 1),
                 "selection": {"methods": [m.name for m in self.methods], "providers": self.providers,
+                              "mode_batches": self.mode_batches, "count_batches": self.count_batches,
                               "shapes": self.shapes, "batches": self.batches, "dtypes": self.dtypes,
                               "modes": self.modes, "metrics": self.metrics}}
         csv_io.write_meta(self.a.out, meta)

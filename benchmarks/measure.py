@@ -65,8 +65,8 @@ def warm_up(call, reset, device: str, n: int = 3) -> None:
     sync(device)
 
 
-def time_quantiles_ms(call, reset, device: str, rep_ms: int = 40, warmup_ms: int = 10,
-                      cpu_reps: int = 5) -> tuple[float, float, float]:
+def time_quantiles_ms(call, reset, device: str, rep_ms: int = 25, warmup_ms: int = 5,
+                      cpu_reps: int = 5, max_reps: int = 200) -> tuple[float, float, float]:
     """(p20, p50, p80) of one call in ms.
 
     CUDA: CUDA events around each call, as ``triton.testing.do_bench`` does (same
@@ -98,7 +98,7 @@ def time_quantiles_ms(call, reset, device: str, rep_ms: int = 40, warmup_ms: int
 
     est = _quantiles(timed(5))[1]
     n_warm = max(1, int(warmup_ms / max(est, 1e-3)))
-    n_rep = min(1000, max(10, int(rep_ms / max(est, 1e-3))))
+    n_rep = min(max_reps, max(10, int(rep_ms / max(est, 1e-3))))
     for _ in range(n_warm):
         reset()
         call()
@@ -125,7 +125,12 @@ def peak_extra_bytes(call, reset, device: str) -> int:
     return counters.peak_extra_bytes(call)[0]
 
 
-def _gpu_activities(fn, n: int) -> int:
+# host-side CUDA runtime/driver calls that put work on the GPU
+HOST_LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                     "cudaGraphLaunch", "cudaMemsetAsync", "cudaMemcpyAsync", "cudaLaunchCooperativeKernel"}
+
+
+def _gpu_activities(fn, n: int) -> tuple[int, int]:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -134,20 +139,26 @@ def _gpu_activities(fn, n: int) -> int:
         for _ in range(n):
             fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.profiler.kineto_results.events() if e.device_type() == DeviceType.CUDA)
+    evs = prof.profiler.kineto_results.events()
+    gpu = sum(1 for e in evs if e.device_type() == DeviceType.CUDA)
+    host = sum(1 for e in evs if e.device_type() == DeviceType.CPU and e.name() in HOST_LAUNCH_CALLS)
+    return gpu, host
 
 
-def cuda_kernels_per_call(call, reset, n: int = 3) -> float:
-    """GPU activities (kernels, memsets, memcpys) per call, counted with ``torch.profiler``:
-    (set-up + call) minus set-up alone, so the forward run by ``backward``'s set-up and
-    anything else in ``reset`` is not counted."""
+def cuda_kernels_per_call(call, reset, n: int = 3) -> tuple[float, float]:
+    """(GPU activities, host launch calls) per call, counted with ``torch.profiler``.
+
+    GPU activities are kernels, memsets and memcpys as the GPU ran them (kernels inside a
+    replayed CUDA graph included); host launch calls are the runtime calls that enqueue
+    them (one ``cudaGraphLaunch`` for a whole graph). Both are (set-up + call) minus set-up
+    alone, so the forward run by ``backward``'s set-up is not counted."""
     def both():
         reset()
         call()
 
-    total = _gpu_activities(both, n)
-    setup = _gpu_activities(reset, n)
-    return (total - setup) / n
+    g_total, h_total = _gpu_activities(both, n)
+    g_setup, h_setup = _gpu_activities(reset, n)
+    return (g_total - g_setup) / n, (h_total - h_setup) / n
 
 
 def cuda_host_syncs_per_call(call, reset) -> int:

@@ -24,9 +24,6 @@ PLOTTED = {  # metric -> (axis label, log y)
     "peak_extra_memory": ("peak memory above inputs (MiB)", True),
     "peak_extra_over_input": ("peak extra memory / one input", False),
     "floor_ratio": ("time / bandwidth floor (x, 1 = floor)", True),
-    "kernel_launches": ("GPU kernels per call", False),
-    "kernel_launches_est": ("kernel launches per call (CPU estimate)", False),
-    "host_syncs": ("host syncs per call", False),
     "train_step_time": ("time per step (ms)", True),
 }
 MODE_ORDER = ["forward", "backward", "full"]
