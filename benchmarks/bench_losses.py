@@ -162,6 +162,7 @@ class Run:
     def run(self) -> None:
         """Run the whole grid."""
         self.measure_bandwidth()
+        points = []
         for method in self.methods:
             provs, skip = prov.providers_for(method, self.providers)
             for s in skip:
@@ -175,9 +176,15 @@ class Run:
             for dname in self.dtypes:
                 for sname in self.shapes:
                     for B in self.batches:
-                        if self.over_budget():
-                            return
-                        self.point(method, provs, dname, sname, B)
+                        points.append((method, provs, dname, sname, B))
+        # headline batch size first, so a run cut short by the budget still has it everywhere
+        first = 8 if 8 in self.batches else max(self.batches)
+        points.sort(key=lambda pt: pt[4] != first)
+        for i, pt in enumerate(points):
+            if self.over_budget():
+                self.note(f"BUDGET: {len(points) - i} of {len(points)} points not run")
+                break
+            self.point(*pt)
         if self.device == "cpu" and self.a.cpu_quick:
             self.note("NOTE: compile providers are not part of --cpu-quick (op counts of "
                       "compiled graphs are not comparable on CPU)")
@@ -262,7 +269,7 @@ class Run:
                 n = self.cpu_counts(call, reset)[0].syncs
             self.w.add(metric="host_syncs", unit="count", y=n, **row)
             out["syncs"] = n
-        print(f"{method.name:13s} {p:24s} {mode:8s} {sname:10s} B={B:<3d} {dname:5s} "
+        print(f"[{time.time() - self.t0:6.1f}s] {method.name:13s} {p:24s} {mode:8s} {sname:10s} B={B:<3d} {dname:5s} "
               + " ".join(f"{k}={v:.4g}" for k, v in out.items()), flush=True)
 
     def cpu_counts(self, call, reset):

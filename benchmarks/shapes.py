@@ -56,13 +56,13 @@ def make_inputs(method, shape_name: str, B: int, dtype: torch.dtype, device, see
     training step: target ~ N(0, 1), predictions = target + N(0, 0.5^2) noise.
     """
     shape = batch_shape(shape_name, B)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    target = torch.randn(shape, generator=g)
-    model_pred = target + 0.5 * torch.randn(shape, generator=g)
-    ref_pred = target + 0.5 * torch.randn(shape, generator=g)
-    target = target.to(device=device, dtype=dtype)
-    model_pred = model_pred.to(device=device, dtype=dtype).requires_grad_(True)
-    ref_pred = ref_pred.to(device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    target = torch.randn(shape, generator=g, device=device)
+    model_pred = target + 0.5 * torch.randn(shape, generator=g, device=device)
+    ref_pred = target + 0.5 * torch.randn(shape, generator=g, device=device)
+    target = target.to(dtype=dtype)
+    model_pred = model_pred.to(dtype=dtype).requires_grad_(True)
+    ref_pred = ref_pred.to(dtype=dtype)
     args = (model_pred, ref_pred, target) if method.uses_ref else (model_pred, target)
     if method.extra is not None:
         args = args + tuple(method.extra(B, device))
