@@ -54,11 +54,11 @@ def fastpref_fn(method) -> Callable | None:
 
 
 def fastpref_version() -> str:
-    """Installed fastpref version string (``"missing"`` if not importable)."""
+    """Installed fastpref version string (``"missing (<why>)"`` if not importable)."""
     try:
         import fastpref
-    except ImportError:
-        return "missing"
+    except ImportError as e:
+        return f"missing ({type(e).__name__}: {e}; install it with `pip install --no-build-isolation --no-deps -e .`)"
     return str(getattr(fastpref, "__version__", "unknown"))
 
 

@@ -284,7 +284,6 @@ class _ScaleGrad(torch.autograd.Function):
 
 def spec_sdpo(model_pred, ref_pred, target, *, beta=5000.0, mu=0.9, eps=1e-9, max_scale=1.0):
     """Diffusion-SDPO with the DPO base (spec §2.9), float32, λ computed on the device."""
-    B = model_pred.shape[0] // 2
     with torch.no_grad():
         e = model_pred.detach().float() - target.float()
         e_w, e_l = e.chunk(2)
@@ -299,5 +298,4 @@ def spec_sdpo(model_pred, ref_pred, target, *, beta=5000.0, mu=0.9, eps=1e-9, ma
     r_w, r_l = r.chunk(2)
     inside = -0.5 * beta * ((m_w - m_l) - (r_w - r_l))
     loss = F.softplus(-inside).mean()
-    del B
     return loss, {"implicit_acc": (inside > 0).float().mean(), "loser_grad_scale": lam}

@@ -79,3 +79,40 @@ def test_results_page_says_no_gpu_figures(quick_csv, tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "No GPU figure has been measured yet" in out.read_text()
+
+
+# --- the benchmarked eager blocks compute the same loss as fastpref (like is compared with like)
+
+def _bench_modules():
+    sys.path.insert(0, BENCH)
+    try:
+        import providers
+        import registry
+        import shapes
+        return registry, providers, shapes
+    finally:
+        sys.path.remove(BENCH)
+
+
+_REGISTRY, _PROVIDERS, _SHAPES = _bench_modules()
+_PAIRS = [(m, p) for m in _REGISTRY.METHODS for p in _REGISTRY.METHODS[m].eager]
+
+
+@pytest.mark.parametrize("method_name,provider", _PAIRS, ids=[f"{m}-{p}" for m, p in _PAIRS])
+def test_eager_block_matches_fastpref(method_name, provider):
+    import torch
+
+    method = _REGISTRY.METHODS[method_name]
+    if _PROVIDERS.fastpref_fn(method) is None:
+        pytest.skip(f"installed fastpref has no {method.fastpref}")
+    args, tkw = _SHAPES.make_inputs(method, "tiny", 2, torch.float32, "cpu")
+    grads, losses = [], []
+    for p in ("fastpref", provider):
+        x = args[0].detach().clone().requires_grad_(True)
+        loss, _ = _PROVIDERS.build(method, p)(x, *args[1:], **tkw)
+        loss.backward()
+        losses.append(loss.detach().double())
+        grads.append(x.grad.double())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-6)
+    scale = grads[0].abs().max().clamp_min(1e-12)
+    torch.testing.assert_close(grads[1] / scale, grads[0] / scale, rtol=0, atol=2e-3)
