@@ -78,7 +78,7 @@ def parse_args(argv=None):
                    help="B values at which kernel launches and host syncs are counted ('all' = every B; "
                         "counts do not depend on B, profiling is slow)")
     p.add_argument("--rep-ms", type=int, default=25, help="measuring time per timed point (ms)")
-    p.add_argument("--budget-s", type=float, default=480.0,
+    p.add_argument("--budget-s", type=float, default=420.0,
                    help="stop starting new points after this many seconds (rows so far are kept)")
     args = p.parse_args(argv)
     preset = PRESETS["cpu_quick"] if args.cpu_quick else PRESETS["quick"] if args.quick else {}

@@ -132,5 +132,8 @@ def validate(path: str) -> list[dict]:
 
 
 def command_line() -> str:
-    """The command that produced this run, as typed (python + argv)."""
-    return " ".join(["python", *sys.argv])
+    """The command that produced this run (python + argv), plus the wrapper that ran it
+    when ``FASTPREF_BENCH_VIA`` says so (``run_gpu.sh`` sets it)."""
+    cmd = " ".join(["python", *sys.argv])
+    via = os.environ.get("FASTPREF_BENCH_VIA")
+    return f"{cmd}  (via `{via}`)" if via else cmd
