@@ -233,6 +233,7 @@ class Run:
             if fb is not None and self.bandwidth and self.device == "cuda":
                 floor_ms = fb / (self.bandwidth * 1e9) * 1e3
                 self.w.add(metric="floor_ratio", unit="x", y=q[1] / floor_ms, **row)
+                self.w.add(metric="floor_fraction", unit="fraction", y=floor_ms / q[1], **row)
                 self.w.add(metric="achieved_bandwidth", unit="GB/s", y=fb / (q[1] * 1e-3) / 1e9, **row)
         if "memory" in self.metrics:
             if p == "compile-reduce-overhead" and self.device == "cuda":
