@@ -255,6 +255,12 @@ class Run:
                 self.w.add(metric="kernel_launches", unit="count", y=k, **row)
                 self.w.add(metric="host_launch_calls", unit="count", y=h, **row)
                 out["kernels"], out["host_launches"] = k, h
+                if p == "fastpref":  # cross-check: launches seen at the Triton entry points
+                    reset()
+                    with counters.triton_launches() as launches:
+                        call()
+                    self.w.add(metric="triton_launches", unit="count", y=launches.n, **row)
+                    out["triton"] = launches.n
             else:
                 ops, launches = self.cpu_counts(call, reset)
                 n_ops = ops.total
