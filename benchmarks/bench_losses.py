@@ -122,6 +122,7 @@ class Run:
         self.w = csv_io.CsvWriter(args.out, self.env)
         self.bandwidth = None
         self.stopped = False
+        self.summary: list = []
 
     def note(self, msg: str) -> None:
         """Print a note and keep it for the sidecar."""
@@ -276,6 +277,7 @@ class Run:
                 n = self.cpu_counts(call, reset)[0].syncs
             self.w.add(metric="host_syncs", unit="count", y=n, **row)
             out["syncs"] = n
+        self.summary.append((method.name, p, mode, sname, B, dname, out))
         print(f"[{time.time() - self.t0:6.1f}s] {method.name:13s} {p:24s} {mode:8s} {sname:10s} B={B:<3d} {dname:5s} "
               + " ".join(f"{k}={v:.4g}" for k, v in out.items()), flush=True)
 
@@ -286,8 +288,21 @@ class Run:
             call()
         return ops, launches
 
+    def print_summary(self) -> None:
+        """A compact table of the measured figures (one line per point and mode)."""
+        keys = []
+        for *_, out in self.summary:
+            keys += [k for k in out if k not in keys]
+        head = f"{'method':13s} {'provider':24s} {'mode':8s} {'shape':10s} {'B':>3s} {'dtype':5s} " + \
+            " ".join(f"{k:>9s}" for k in keys)
+        print("\nSUMMARY\n" + head + "\n" + "-" * len(head))
+        for m, p, mode, sname, B, dname, out in self.summary:
+            print(f"{m:13s} {p:24s} {mode:8s} {sname:10s} {B:3d} {dname:5s} "
+                  + " ".join(f"{out[k]:9.4g}" if k in out else f"{'-':>9s}" for k in keys))
+
     def finish(self) -> None:
         """Close the CSV and write the sidecar."""
+        self.print_summary()
         self.w.close()
         meta = {"command": csv_io.command_line(), "env": self.env,
                 "copy_bandwidth_GBps": self.bandwidth, "notes": self.notes,

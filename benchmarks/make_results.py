@@ -83,7 +83,11 @@ def _status(ok):
 
 
 def _kernels(t: Table) -> list[str]:
-    return [k for k in t.values("kernel_name") if not k.startswith("_")]
+    """Methods in the CSV, in registry order (then any others alphabetically)."""
+    import registry
+    order = list(registry.METHODS)
+    ks = [k for k in t.values("kernel_name") if not k.startswith("_")]
+    return sorted(ks, key=lambda k: (order.index(k) if k in order else len(order), k))
 
 
 def runs_section(tables: list[Table]) -> str:
@@ -199,15 +203,16 @@ def per_provider_section(t: Table, metric: str, mode: str, fmt: str) -> str:
     return "\n\n".join(out) if out else f"_No {metric} rows for {mode}._"
 
 
-def cpu_section(t: Table) -> str:
-    """Device-independent figures from a CPU run, one row per (method, provider, mode, dtype)."""
+def cpu_section(t: Table, shape: str = "tiny") -> str:
+    """Device-independent figures from a CPU run at ``shape``, one row per (method,
+    provider, mode, dtype)."""
     metrics = ["peak_extra_over_input", "host_syncs", "triton_launches", "aten_ops", "kernel_launches_est"]
     rows = []
     for k in _kernels(t):
         for p in sorted(t.values("kernel_provider", kernel_name=k), key=lambda p: (p != "fastpref", p)):
             for mode in t.values("kernel_operation_mode", kernel_name=k, kernel_provider=p):
                 for d in t.values("dtype", kernel_name=k):
-                    for s in t.values("shape_name", kernel_name=k, dtype=d):
+                    for s in [x for x in t.values("shape_name", kernel_name=k, dtype=d) if x == shape]:
                         for B in t.values("x_value", kernel_name=k, shape_name=s):
                             vals = [t.get(k, p, mode, m, d, s, int(B)) for m in metrics]
                             if all(v is None for v in vals):
@@ -297,7 +302,8 @@ def build(paths: list[str], out_md: str) -> str:
             parts += [f"## CPU device-independent figures: `{name}` ({t.device})", "",
                       "Counts per call; memory is live host bytes above the inputs (profiler "
                       "allocation events) over one input tensor. fastpref's Triton kernels run under "
-                      "the interpreter here, so no timing is reported.", "",
+                      "the interpreter here, so no timing is reported. Shape `tiny` "
+                      "([4, 4, 8, 8]); the CSV also has the 5-D `tiny_video` shape.", "",
                       cpu_section(t), "", "Notes:", "", notes_section(t), ""]
     return "\n".join(parts) + "\n"
 
