@@ -18,6 +18,7 @@ interpreter) and measure properties that do not depend on the device:
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections import Counter
 
 import torch
@@ -112,8 +113,13 @@ def peak_extra_bytes(fn, device: str = "cpu") -> tuple[int, int]:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=acts, profile_memory=True) as prof:
-        fn()
+    gc.collect()
+    gc.disable()  # no older tensor may be freed inside the window
+    try:
+        with profile(activities=acts, profile_memory=True) as prof:
+            fn()
+    finally:
+        gc.enable()
     want = torch.device(device).type
     evs = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     evs = [e for e in evs if str(e.device_type()).lower().endswith(want)]
