@@ -48,7 +48,7 @@ NO_KERNEL_OPS = {
 PRESETS = {
     "quick": dict(shapes="sd15_512,sdxl_1024,video", batches="8", dtypes="fp32,bf16",
                   modes="full"),
-    "cpu_quick": dict(methods="all", shapes="tiny,tiny_video", batches="2", dtypes="fp32,bf16",
+    "cpu_quick": dict(methods="all", shapes="tiny", batches="2", dtypes="fp32,bf16",
                       modes="forward,full", providers="fastpref,eager-diffusers,eager-official,eager-spec",
                       metrics="memory,launches,syncs", mode_batches="all", count_batches="all"),
 }
@@ -250,6 +250,7 @@ class Run:
             self.note_once(f"NOTE: no op/sync counts for {p} on CPU (dispatch-mode counting "
                            "bypasses torch.compile)")
         counted = B in self.count_batches
+        cpu_counted = None  # one counted call serves both ops/launches and syncs on CPU
         if "launches" in self.metrics and not cpu_compiled and counted:
             if self.device == "cuda":
                 k, h = measure.cuda_kernels_per_call(call, reset)
@@ -263,7 +264,7 @@ class Run:
                     self.w.add(metric="triton_launches", unit="count", y=launches.n, **row)
                     out["triton"] = launches.n
             else:
-                ops, launches = self.cpu_counts(call, reset)
+                ops, launches = cpu_counted = self.cpu_counts(call, reset)
                 n_ops = ops.total
                 kern = sum(v for k, v in ops.ops.items() if k not in NO_KERNEL_OPS)
                 self.w.add(metric="aten_ops", unit="count", y=n_ops, **row)
@@ -274,7 +275,7 @@ class Run:
             if self.device == "cuda":
                 n = measure.cuda_host_syncs_per_call(call, reset)
             else:
-                n = self.cpu_counts(call, reset)[0].syncs
+                n = (cpu_counted or self.cpu_counts(call, reset))[0].syncs
             self.w.add(metric="host_syncs", unit="count", y=n, **row)
             out["syncs"] = n
         self.summary.append((method.name, p, mode, sname, B, dname, out))

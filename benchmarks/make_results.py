@@ -303,7 +303,7 @@ def build(paths: list[str], out_md: str) -> str:
                       "Counts per call; memory is live host bytes above the inputs (profiler "
                       "allocation events) over one input tensor. fastpref's Triton kernels run under "
                       "the interpreter here, so no timing is reported. Shape `tiny` "
-                      "([4, 4, 8, 8]); the CSV also has the 5-D `tiny_video` shape.", "",
+                      "([2B, 4, 8, 8]); add `--shapes tiny,tiny_video` for the 5-D layout.", "",
                       cpu_section(t), "", "Notes:", "", notes_section(t), ""]
     return "\n".join(parts) + "\n"
 
