@@ -219,6 +219,10 @@ class Run:
         """Measure one (provider, mode) at one point and write its rows."""
         block = prov.build(method, p)
         call, reset = measure.make_call(block, args, tkw, mode)
+        if p in prov.GRAPHED:
+            if self.device != "cuda" or mode == "backward":
+                return  # CUDA only; a backward alone is not captured apart from its forward
+            call, reset = measure.graphed(call, reset)
         measure.warm_up(call, reset, self.device, n=3 if self.device == "cuda" else 1)
         shape = shp.batch_shape(sname, B)
         row = dict(kernel=method.name, provider=p, mode=mode, x_name="B", x_value=B, dtype=dname,
@@ -237,7 +241,7 @@ class Run:
                 self.w.add(metric="floor_fraction", unit="fraction", y=floor_ms / q[1], **row)
                 self.w.add(metric="achieved_bandwidth", unit="GB/s", y=fb / (q[1] * 1e-3) / 1e9, **row)
         if "memory" in self.metrics:
-            if p == "compile-reduce-overhead" and self.device == "cuda":
+            if (p == "compile-reduce-overhead" or p in prov.GRAPHED) and self.device == "cuda":
                 pass  # CUDA-graph pool is invisible to max_memory_allocated in replay
             else:
                 peak = measure.peak_extra_bytes(call, reset, self.device)

@@ -51,6 +51,25 @@ def make_call(block, args, tkw, mode: str):
     return call, reset
 
 
+def graphed(call, reset, warmup: int = 3):
+    """Capture ``call`` (after ``reset``) once in a CUDA graph; return ``(replay, no-op reset)``.
+
+    Warm-up runs on a side stream, as PyTorch's graph docs ask. Replays reuse the captured
+    buffers (the gradient is rewritten in place), so nothing is reset between them."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            reset()
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay, (lambda: None)
+
+
 def sync(device: str) -> None:
     """Wait for the device (no-op on CPU)."""
     if device == "cuda":
