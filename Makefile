@@ -26,5 +26,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Loss-block benchmark: the headline GPU subset on CUDA, the device-independent figures elsewhere.
+bench-quick: $(STAMP)
+	$(PY) benchmarks/bench_losses.py $$($(PY) -c "import torch; print('--quick' if torch.cuda.is_available() else '--cpu-quick')")
+
 clean:
 	rm -rf $(VENV) $(STAMP) build *.egg-info

@@ -40,6 +40,7 @@ class _FusedLossFunction(torch.autograd.Function):
         ctx.shape = model_pred.shape
         ctx.n_inputs = n_inputs
         ctx.mark_non_differentiable(stats, ints)
+        ctx.set_materialize_grads(False)     # no zero-filled grads for the metric outputs
         return loss, stats, ints
 
     @staticmethod
@@ -47,7 +48,7 @@ class _FusedLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_stats, grad_ints):
         p, r, t, coef = ctx.saved_tensors
         grad = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad_loss is not None:
             grad = elementwise_grad(p, r, t, coef, grad_loss, ctx.has_b).view(ctx.shape)
         return (grad,) + (None,) * (ctx.n_inputs - 1)
 

@@ -14,10 +14,18 @@ def _timesteps(model_pred):
     return torch.arange(B, device=model_pred.device) * 997 % 1000
 
 
+_EMBEDDINGS = {}
+
+
 def _emb(model_pred):
+    """Fixed prompt embeddings per (B, device), made once: a host-to-device copy must not
+    happen inside a CUDA-graph capture."""
     B = model_pred.shape[0] // 2
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(B, 16, generator=g).to(model_pred.device)
+    key = (B, model_pred.device)
+    if key not in _EMBEDDINGS:
+        g = torch.Generator().manual_seed(0)
+        _EMBEDDINGS[key] = torch.randn(B, 16, generator=g).to(model_pred.device)
+    return _EMBEDDINGS[key]
 
 
 # name -> (function, uses ref_pred, keyword arguments, extra positional inputs built from model_pred)

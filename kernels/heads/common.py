@@ -79,3 +79,14 @@ def pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n):
 def fraction(cond, valid, count):
     """Share of the valid lanes where cond holds."""
     return masked_mean(tl.where(cond, 1.0, 0.0), valid, count)
+
+
+@triton.jit
+def store_loss_acc_mse(loss_ptr, stats_ptr, loss, inside, spt_w, spt_l, srt_w, srt_l, valid, B, inv_n):
+    """The loss, and stats slots 0-3 that several heads share: loss, implicit_acc, model_mse, ref_mse."""
+    model_w, model_l, ref_w, ref_l = pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
+    tl.store(loss_ptr, loss)
+    tl.store(stats_ptr + 0, loss)
+    tl.store(stats_ptr + 1, fraction(inside > 0, valid, B))
+    tl.store(stats_ptr + 2, 0.5 * (model_w + model_l))
+    tl.store(stats_ptr + 3, 0.5 * (ref_w + ref_l))

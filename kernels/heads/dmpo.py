@@ -3,7 +3,7 @@ import triton
 import triton.language as tl
 
 from .._math import sigmoid, softplus
-from .common import fraction, load_pair_sums, masked_mean, pair_means, policy_minus_ref, store_pair_coefs
+from .common import load_pair_sums, masked_mean, policy_minus_ref, store_loss_acc_mse, store_pair_coefs
 
 SCALARS = ("loss", "implicit_acc", "model_mse", "ref_mse")
 
@@ -32,9 +32,4 @@ def dmpo_head(part_ptr, B, splits, inv_n, beta, alpha, loss_ptr, stats_ptr, coef
     loss, mu_w = dmpo_terms(inside, beta, alpha, valid, B)
     a_w = 2.0 * inv_n * mu_w
     store_pair_coefs(coef_ptr, B, a_w, -a_w, NP)
-    model_w, model_l, ref_w, ref_l = pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
-    tl.store(loss_ptr, loss)
-    tl.store(stats_ptr + 0, loss)
-    tl.store(stats_ptr + 1, fraction(inside > 0, valid, B))
-    tl.store(stats_ptr + 2, 0.5 * (model_w + model_l))
-    tl.store(stats_ptr + 3, 0.5 * (ref_w + ref_l))
+    store_loss_acc_mse(loss_ptr, stats_ptr, loss, inside, spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .._math import sigmoid
-from .common import (fraction, load_pair_sums, masked_mean, pair_means, policy_minus_ref, store_pair_b,
+from .common import (load_pair_sums, masked_mean, policy_minus_ref, store_loss_acc_mse, store_pair_b,
                      store_pair_coefs)
 
 VARIANTS = ("sd15", "sdxl")
@@ -49,11 +49,6 @@ def dspo_head(part_ptr, B, splits, inv_n, beta, threshold, loss_ptr, stats_ptr, 
                                                 VARIANT)
     store_pair_coefs(coef_ptr, B, a_w, a_l, NP)
     store_pair_b(coef_ptr, B, b_w, NP)
-    model_w, model_l, ref_w, ref_l = pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
-    tl.store(loss_ptr, loss)
-    tl.store(stats_ptr + 0, loss)
-    tl.store(stats_ptr + 1, fraction(inside > 0, valid, B))
-    tl.store(stats_ptr + 2, 0.5 * (model_w + model_l))
-    tl.store(stats_ptr + 3, 0.5 * (ref_w + ref_l))
+    store_loss_acc_mse(loss_ptr, stats_ptr, loss, inside, spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
     tl.store(stats_ptr + 4, masked_mean(g, valid, B))
     tl.store(ints_ptr, branch)

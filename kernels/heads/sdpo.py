@@ -5,7 +5,7 @@ loss value is the base's exactly; λ is a constant."""
 import triton
 import triton.language as tl
 
-from .common import (fraction, load_pair_sums, load_sum, masked_mean, pair_means, policy_minus_ref,
+from .common import (load_pair_sums, load_sum, masked_mean, policy_minus_ref, store_loss_acc_mse,
                      store_pair_b, store_pair_coefs, store_vector)
 from .dmpo import dmpo_terms
 from .dpo import dpo_terms
@@ -58,12 +58,7 @@ def sdpo_head(part_ptr, B, splits, inv_n, beta, mu, eps, max_scale, threshold, a
         lam = tl.full([], 1.0, ACC)
     store_pair_coefs(coef_ptr, B, a_w, lam * a_l, NP)
 
-    model_w, model_l, ref_w, ref_l = pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
-    tl.store(loss_ptr, loss)
-    tl.store(stats_ptr + 0, loss)
-    tl.store(stats_ptr + 1, fraction(inside > 0, valid, B))
-    tl.store(stats_ptr + 2, 0.5 * (model_w + model_l))
-    tl.store(stats_ptr + 3, 0.5 * (ref_w + ref_l))
+    store_loss_acc_mse(loss_ptr, stats_ptr, loss, inside, spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
     tl.store(stats_ptr + 4, masked_mean(diff_w, valid, B))
     tl.store(stats_ptr + 5, masked_mean(diff_l, valid, B))
     tl.store(stats_ptr + 6, lam)
