@@ -363,3 +363,35 @@ def test_strided_aux_tensors_and_constants_get_no_gradient(device):
     check_against_reference(fastpref.kto_loss, ref.kto, inputs, (labels,), rtol=compute_rtol(inputs, 2000.0),
                             kl_baseline=kl)
     assert kl.grad is None
+
+
+# ---------------------------------------------------------------- float64 fractions
+
+FRACTIONS = [  # (function, extra positional builder, keyword arguments, {metric: denominator as a function of B})
+    ("rpo", lambda B: (), {}, {"implicit_acc": 1, "pair_acc_all": 2}),
+    ("rpo_diagonal", lambda B: (), {}, {"implicit_acc": 1}),
+    ("sspo", lambda B: (), {}, {"implicit_acc": 1, "dpo_fraction": 1}),
+    ("dense_dpo", lambda B: (torch.arange(B) * 97,), {}, {"implicit_acc": 1}),
+    ("kto", lambda B: (torch.arange(2 * B) % 2,), {}, {"acc": "N"}),
+    ("mapo", None, {}, {"margin_acc": 1}),
+    ("sdpo", lambda B: (), {}, {"implicit_acc": 1}),
+    ("dmpo", lambda B: (), {}, {"implicit_acc": 1}),
+]
+
+
+@pytest.mark.parametrize("name,extra,kw,fractions", FRACTIONS, ids=[f[0] for f in FRACTIONS])
+def test_float64_fractions_are_exact(name, extra, kw, fractions, device):
+    """With float64 inputs the compute dtype is float64 (spec §1), so a share k/B of pairs must
+    be k/B to float64 precision, not a float32 rounding of it (2/3 -> 0.6666666865)."""
+    B = 3
+    fn = getattr(fastpref, f"{name}_loss")
+    for seed in range(4):
+        model, refp, target = make_inputs((2 * B, 3, 5, 5), F64, device, seed, 0.01)
+        args = (model, target) if extra is None else (model, refp, target) + tuple(
+            x.to(device) for x in extra(B))
+        _, metrics = fn(*args, **kw)
+        for key, power in fractions.items():
+            count = 2 * B if power == "N" else B ** power
+            value = float(metrics[key])
+            exact = round(value * count) / count
+            assert abs(value - exact) <= 1e-15, f"{key} = {value!r}, expected the float64 value {exact!r}"
