@@ -1,5 +1,7 @@
 """Bad input to the extended losses (spec §2.4-2.10) raises ValueError/TypeError naming the
 argument, before any kernel launch; boundary values the spec allows are accepted."""
+import inspect
+
 import pytest
 import torch
 from triton.runtime.jit import KernelInterface
@@ -126,3 +128,32 @@ def test_boundary_values_are_accepted(device):
     ]
     for loss, metrics in results:
         assert torch.isfinite(loss) and "loss" in metrics
+
+
+SIGNATURES = {   # spec §2.4-2.10, written out: (positional parameters, keyword-only parameters with defaults)
+    "rpo_loss": (("model_pred", "ref_pred", "target"),
+                 dict(emb_w=None, emb_l=None, beta=5000.0, tau=0.5)),
+    "rpo_diagonal_loss": (("model_pred", "ref_pred", "target"), dict(beta=5000.0, diagonal_weight=0.8)),
+    "sspo_loss": (("model_pred", "ref_pred", "target"), dict(beta=5000.0, criterion="indicator")),
+    "dense_dpo_loss": (("model_pred", "ref_pred", "target", "timesteps"),
+                       dict(beta=5000.0, gamma=0.9, num_inference_steps=50, num_train_timesteps=1000,
+                            normalize=True)),
+    "kto_loss": (("model_pred", "ref_pred", "target", "labels"),
+                 dict(beta=1000.0, lambda_d=1.0, lambda_u=1.0, kl_baseline=None)),
+    "mapo_loss": (("model_pred", "target"), dict(beta=0.1, snr_value=0.5, num_train_timesteps=1000)),
+    "sdpo_loss": (("model_pred", "ref_pred", "target"),
+                  dict(beta=5000.0, mu=0.9, base="dpo", safeguard=True, eps=1e-9, max_scale=1.0,
+                       dspo_variant="sd15", sdxl_threshold=0.1, dmpo_alpha=0.01)),
+    "dmpo_loss": (("model_pred", "ref_pred", "target"), dict(beta=2000.0, alpha=0.01)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_signature_and_defaults_match_the_spec(name):
+    params = inspect.signature(getattr(fastpref, name)).parameters.values()
+    positional = tuple(p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    keyword = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert all(p.default is inspect.Parameter.empty for p in params if p.name in positional), name
+    assert (positional, keyword) == SIGNATURES[name]
+    for key, value in keyword.items():        # 5000.0 == 5000, but the types should agree too
+        assert type(value) is type(SIGNATURES[name][1][key]), f"{name}: {key} default {value!r}"
