@@ -1,5 +1,6 @@
-"""Bad input to the extended losses (spec §2.4-2.10) raises ValueError/TypeError naming the
-argument, before any kernel launch; boundary values the spec allows are accepted."""
+"""The API contract of the extended losses (spec §2.4-2.10): bad input raises ValueError/TypeError
+naming the argument, before any kernel launch; boundary values the spec allows are accepted;
+signatures and defaults are the spec's."""
 import inspect
 
 import pytest
