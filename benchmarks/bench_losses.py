@@ -218,11 +218,15 @@ class Run:
     def one(self, method, p, mode, args, tkw, dname, sname, B, one) -> None:
         """Measure one (provider, mode) at one point and write its rows."""
         block = prov.build(method, p)
-        call, reset = measure.make_call(block, args, tkw, mode)
         if p in prov.GRAPHED:
             if self.device != "cuda" or mode == "backward":
                 return  # CUDA only; a backward alone is not captured apart from its forward
-            call, reset = measure.graphed(call, reset)
+            # A fresh leaf: the shared one may still have an AccumulateGrad node from calls on
+            # the default stream, which a capture on the graph's stream cannot use.
+            args = (args[0].detach().clone().requires_grad_(True),) + tuple(args[1:])
+            call, reset = measure.graphed(*measure.make_call(block, args, tkw, mode))
+        else:
+            call, reset = measure.make_call(block, args, tkw, mode)
         measure.warm_up(call, reset, self.device, n=3 if self.device == "cuda" else 1)
         shape = shp.batch_shape(sname, B)
         row = dict(kernel=method.name, provider=p, mode=mode, x_name="B", x_value=B, dtype=dname,
