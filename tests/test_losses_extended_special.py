@@ -395,3 +395,13 @@ def test_float64_fractions_are_exact(name, extra, kw, fractions, device):
             value = float(metrics[key])
             exact = round(value * count) / count
             assert abs(value - exact) <= 1e-15, f"{key} = {value!r}, expected the float64 value {exact!r}"
+
+
+def test_rpo_with_many_pairs(device):
+    """B = 40 (B x B = 1600 logits, past one 1024 tile): every cross-pair term and weight."""
+    B = 40
+    inputs = make_inputs((2 * B, 2, 3, 5), F32, device, 20, 0.05)
+    rtol = compute_rtol(inputs, 50.0)
+    check_against_reference(fastpref.rpo_loss, ref.rpo, inputs, rtol=rtol, beta=50.0,
+                            emb_w=random_embeddings(B, 8, 21, F32, device), tau=0.1)
+    check_against_reference(fastpref.rpo_diagonal_loss, ref.rpo_diagonal, inputs, rtol=rtol, beta=50.0)
