@@ -15,7 +15,6 @@ import datetime as _dt
 import glob
 import os
 import sys
-from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -76,9 +76,10 @@ def pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n):
 
 
 @triton.jit
-def fraction(cond, valid, count):
-    """Share of the valid lanes where cond holds."""
-    return masked_mean(tl.where(cond, 1.0, 0.0), valid, count)
+def fraction(cond, valid, count, like):
+    """Share of the valid lanes where cond holds, in the dtype of `like` (the compute dtype:
+    a float64 batch gets exact float64 fractions)."""
+    return masked_mean(tl.where(cond, 1.0, 0.0).to(like.dtype), valid, count)
 
 
 @triton.jit
@@ -87,6 +88,6 @@ def store_loss_acc_mse(loss_ptr, stats_ptr, loss, inside, spt_w, spt_l, srt_w, s
     model_w, model_l, ref_w, ref_l = pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
     tl.store(loss_ptr, loss)
     tl.store(stats_ptr + 0, loss)
-    tl.store(stats_ptr + 1, fraction(inside > 0, valid, B))
+    tl.store(stats_ptr + 1, fraction(inside > 0, valid, B, inside))
     tl.store(stats_ptr + 2, 0.5 * (model_w + model_l))
     tl.store(stats_ptr + 3, 0.5 * (ref_w + ref_l))

@@ -42,11 +42,11 @@ def dpo_head(part_ptr, B, splits, inv_n, beta, loss_ptr, stats_ptr, coef_ptr,
     store_pair_coefs(coef_ptr, B, a_w, -a_w, NP)
 
     model_w, model_l, ref_w, ref_l = pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
-    wins = fraction(inside > 0, valid, B)
+    wins = fraction(inside > 0, valid, B, inside)
     tl.store(loss_ptr, loss)
     tl.store(stats_ptr + 0, loss)
     tl.store(stats_ptr + 1, wins)
-    tl.store(stats_ptr + 2, wins + 0.5 * fraction(inside == 0, valid, B))
+    tl.store(stats_ptr + 2, wins + 0.5 * fraction(inside == 0, valid, B, inside))
     tl.store(stats_ptr + 3, 0.5 * (model_w + model_l))
     tl.store(stats_ptr + 4, 0.5 * (ref_w + ref_l))
     tl.store(stats_ptr + 5, model_w)
@@ -74,14 +74,14 @@ def dense_dpo_head(part_ptr, B, splits, inv_n, beta, gamma, steps, train_steps, 
     valid = tl.arange(0, NP) < B
     w = step_weights(ts_ptr, ts_stride, B, gamma, steps, train_steps, scale, NP).to(ACC)
     ell = policy_minus_ref(sptr_l, spr_l, inv_n) - policy_minus_ref(sptr_w, spr_w, inv_n)
-    inside = 0.5 * beta * w * ell
-    loss = masked_mean(softplus(-inside), valid, B)
-    a_w = 2.0 * inv_n * beta * w * sigmoid(-inside) / (2 * B)
+    inside = 0.5 * (beta * w) * ell     # with w == 1: dpo_head's operations, bit for bit
+    loss, mu_w = dpo_terms(inside, ell, beta * w, valid, B, 0)
+    a_w = 2.0 * inv_n * mu_w
     store_pair_coefs(coef_ptr, B, a_w, -a_w, NP)
     model_w, model_l, ref_w, ref_l = pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
     tl.store(loss_ptr, loss)
     tl.store(stats_ptr + 0, loss)
-    tl.store(stats_ptr + 1, fraction(inside > 0, valid, B))
+    tl.store(stats_ptr + 1, fraction(inside > 0, valid, B, inside))
     tl.store(stats_ptr + 2, masked_mean(w, valid, B))
     tl.store(stats_ptr + 3, 0.5 * (model_w + model_l))
     tl.store(stats_ptr + 4, 0.5 * (ref_w + ref_l))

@@ -35,5 +35,5 @@ def kto_head(part_ptr, rows, splits, inv_n, beta, lambda_d, lambda_u, kl_value, 
     tl.store(loss_ptr, loss)
     tl.store(stats_ptr + 0, loss)
     tl.store(stats_ptr + 1, z)
-    tl.store(stats_ptr + 2, fraction(x > 0, valid, rows))
+    tl.store(stats_ptr + 2, fraction(x > 0, valid, rows, x))
     tl.store(stats_ptr + 3, masked_mean(spt, valid, rows) * inv_n)

@@ -40,7 +40,7 @@ def mapo_head(part_ptr, B, splits, inv_n, beta, snr, train_steps, loss_ptr, stat
     model_w = masked_mean(m_w, valid, B)
     loss = model_w + or_loss
     pull = beta * train_steps / B * sigmoid(-u)
-    mu_w = 1.0 / B - pull * snr * slope_w
+    mu_w = (1.0 - pull * snr * slope_w * B) / B   # 1/B in the compute dtype
     mu_l = pull * snr * slope_l
     store_pair_coefs(coef_ptr, B, 2.0 * inv_n * mu_w, 2.0 * inv_n * mu_l, NP)
     tl.store(loss_ptr, loss)
@@ -50,4 +50,4 @@ def mapo_head(part_ptr, B, splits, inv_n, beta, snr, train_steps, loss_ptr, stat
     tl.store(stats_ptr + 3, or_loss)
     tl.store(stats_ptr + 4, model_w)
     tl.store(stats_ptr + 5, masked_mean(m_l, valid, B))
-    tl.store(stats_ptr + 6, fraction(f_w > f_l, valid, B))
+    tl.store(stats_ptr + 6, fraction(f_w > f_l, valid, B, f_w))

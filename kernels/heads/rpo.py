@@ -72,9 +72,9 @@ def rpo_head(part_ptr, B, splits, inv_n, beta, tau_or_wd, emb_w_ptr, emb_l_ptr, 
     diag_ell = tl.sum(tl.where(diag, ell, 0.0), axis=1)
     tl.store(loss_ptr, loss)
     tl.store(stats_ptr + 0, loss)
-    tl.store(stats_ptr + 1, fraction(diag_ell > 0, valid, B))
+    tl.store(stats_ptr + 1, fraction(diag_ell > 0, valid, B, diag_ell))
     if not DIAGONAL:
-        pair_wins = tl.sum(tl.sum(tl.where(both & (ell > 0), 1.0, 0.0), axis=1), axis=0) / (B * B)
+        pair_wins = tl.sum(tl.sum(tl.where(both & (ell > 0), 1.0, 0.0).to(ell.dtype), axis=1), axis=0) / (B * B)
         model_w, model_l, ref_w, ref_l = pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
         tl.store(stats_ptr + 2, pair_wins)
         tl.store(stats_ptr + 3, masked_mean(tl.sum(tl.where(diag, weight, 0.0), axis=1), valid, B))
