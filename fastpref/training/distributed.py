@@ -51,7 +51,7 @@ def mean_across_ranks(values: dict[str, float], state: DistState) -> dict[str, f
     """Average scalar metrics over processes (identity alone)."""
     if not state.enabled or not values:
         return values
-    keys = sorted(values)
+    keys = list(values)  # same insertion order on every rank (same metrics dict)
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=state.device)
     dist.all_reduce(tensor)
     tensor /= state.world_size

@@ -15,7 +15,8 @@ class MetricsLogger:
         self.rows: list[dict] = []
         if resume_step and self.csv_path.exists():  # keep the rows up to the resumed step
             with open(self.csv_path) as f:
-                self.rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)
+                self.rows = [{k: int(float(v)) if k == "step" else float(v) for k, v in r.items()}
+                         for r in csv.DictReader(f)
                              if int(float(r["step"])) <= resume_step]
         self.tensorboard = None
         if report_to in ("tensorboard", "all"):
