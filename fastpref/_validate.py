@@ -1,0 +1,92 @@
+"""Input checks that run before any kernel launch. Each error names the argument and the
+expected and actual value. Checks read only metadata (shapes, dtypes, devices, Python
+numbers), never tensor values, so they cost no host sync."""
+import math
+
+import torch
+
+from fastpref.kernels import INTERPRET
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_prediction(name, x):
+    """`x` must be a floating tensor of rank >= 2 with a nonzero leading dim and nonempty rows."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have at least 2 dims [rows, ...], got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must have a nonzero leading dim, got shape {tuple(x.shape)}")
+    if x[0].numel() == 0:
+        raise ValueError(f"{name} must have at least one element per row, got shape {tuple(x.shape)}")
+
+
+def check_like(name, x, ref_name, ref):
+    """`x` must be a prediction of the same shape and device as `ref`."""
+    check_prediction(name, x)
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
+
+
+def check_device(name, x):
+    """CUDA tensors run compiled kernels; CPU tensors need Triton's interpreter."""
+    if x.device.type == "cuda":
+        return
+    if x.device.type == "cpu":
+        if not INTERPRET:
+            raise ValueError(
+                f"{name} is on the CPU but Triton's interpreter is off: pass CUDA tensors, or set "
+                "TRITON_INTERPRET=1 before importing fastpref to run the kernels on the CPU")
+        return
+    raise ValueError(f"{name} must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {x.device}")
+
+
+def check_paired(name, x):
+    """Paired layout: an even, nonzero number of rows (winners then losers)."""
+    if x.shape[0] % 2:
+        raise ValueError(
+            f"{name} must hold 2B rows (B winners then B losers), got an odd leading dim {x.shape[0]} "
+            f"in shape {tuple(x.shape)}")
+
+
+def check_positive_finite(name, value):
+    """A float hyperparameter such as beta: finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def check_finite(name, value):
+    """A float hyperparameter that may take any finite value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return choices.index(value)
+
+
+def check_predictions(paired, model_pred, target, ref_pred=None):
+    """All tensor checks of a loss call, in argument order."""
+    check_prediction("model_pred", model_pred)
+    check_device("model_pred", model_pred)
+    if ref_pred is not None:
+        check_like("ref_pred", ref_pred, "model_pred", model_pred)
+    check_like("target", target, "model_pred", model_pred)
+    if paired:
+        check_paired("model_pred", model_pred)
+
+
+def compute_dtype(*tensors):
+    """float64 if any input is float64, else float32 (spec §1, "Dtypes")."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -1,0 +1,56 @@
+"""Pass 3 of the fused family: the elementwise gradient (spec §3, "Gradient form").
+
+    grad[k] = G * (a_k * (p - t) + b_k * (p - r))      written in model_pred's dtype
+
+`a`, `b` are the per-row coefficients a method's head wrote ([2, R] in ACC, `a` first) and G
+is the incoming gradient of the loss, read from device memory (no host sync, no shortcut for
+G == 1). `ref_pred` is read only where b_k != 0 (DSPO winner rows), a predicated load.
+"""
+import triton
+import triton.language as tl
+
+from . import _runtime
+
+BLOCK = 2048
+
+
+@triton.jit
+def _grad_kernel(
+    p_ptr, r_ptr, t_ptr, coef_ptr, gout_ptr, grad_ptr,
+    n, rows,
+    stride_p, stride_r, stride_t,
+    HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    g = tl.load(gout_ptr).to(ACC)
+    a = tl.load(coef_ptr + row).to(ACC) * g
+    p = tl.load(p_ptr + row * stride_p + idx, mask=mask, other=0.0).to(ACC)
+    t = tl.load(t_ptr + row * stride_t + idx, mask=mask, other=0.0).to(ACC)
+    val = a * (p - t)
+    if HAS_B:
+        b = tl.load(coef_ptr + rows + row).to(ACC) * g
+        # Rows with b == 0 skip the ref_pred read entirely (a predicated-off load).
+        ref_mask = idx < tl.where(b != 0.0, n, 0)
+        r = tl.load(r_ptr + row * stride_r + idx, mask=ref_mask, other=0.0).to(ACC)
+        val = tl.where(ref_mask, val + b * (p - r), val)
+    tl.store(grad_ptr + row * n + idx, val.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def elementwise_grad(p, r, t, coef, grad_output, has_b):
+    """Gradient of the loss w.r.t. the [R, n] view p: a new contiguous [R, n] tensor of p's dtype.
+
+    coef: [2, R] (a, b) in the accumulation dtype; grad_output: 0-dim tensor; r may be None
+    when has_b is False."""
+    rows, n = p.shape
+    grad = _runtime.empty((rows, n), p.dtype, p.device)
+    r_arg = r if r is not None else p
+    _grad_kernel[(rows, triton.cdiv(n, BLOCK))](
+        p, r_arg, t, coef, grad_output, grad,
+        n, rows,
+        p.stride(0), r_arg.stride(0), t.stride(0),
+        HAS_B=has_b, ACC=_runtime.tl_dtype(coef.dtype), BLOCK=BLOCK,
+        num_warps=8,
+    )
+    return grad

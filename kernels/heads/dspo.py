@@ -1,0 +1,53 @@
+"""DSPO head (spec §2.3): sd15 and sdxl variants; the sdxl branch is chosen on the device.
+
+With g = σ(-inside) carrying gradient, sd15 is mean_i (S_pt - 2βg S_ptr + β²g² S_pr)/n on the
+winner rows; sdxl takes mean_i g² S_pr/n (branch 1, q >= threshold) or mean_i g² (branch 2),
+q = mean_i S_pr,i/n. Both branches are computed and one is selected with tl.where, so a
+non-finite value in the unused branch cannot leak."""
+import triton
+import triton.language as tl
+
+from .._math import sigmoid
+from .common import load_pair_sums, masked_mean, store_pair_b, store_pair_coefs
+
+VARIANTS = ("sd15", "sdxl")
+SCALARS = ("loss", "implicit_acc", "model_mse", "ref_mse", "weight_mean")
+VECTORS = ()
+INTS = ("sdxl_branch",)
+
+
+@triton.jit
+def dspo_head(part_ptr, B, splits, inv_n, beta, threshold, loss_ptr, stats_ptr, ints_ptr, coef_ptr,
+              VARIANT: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
+    spt_w, srt_w, spr_w, sptr_w, spt_l, srt_l, spr_l, sptr_l = load_pair_sums(part_ptr, B, splits, NP, SP, ACC)
+    valid = tl.arange(0, NP) < B
+    inside = 0.5 * beta * ((2.0 * sptr_l - spr_l) - (2.0 * sptr_w - spr_w)) * inv_n
+    g = sigmoid(-inside)
+    g_c = sigmoid(inside)          # 1 - g, formed directly
+    if VARIANT == 0:
+        term = (spt_w - 2.0 * beta * g * sptr_w + beta * beta * g * g * spr_w) * inv_n
+        loss = masked_mean(term, valid, B)
+        kappa = beta * beta * inv_n / B * g * g_c * (beta * g * spr_w - sptr_w)
+        a_w = 2.0 * inv_n / B * (1.0 - beta * g) + 2.0 * inv_n * kappa
+        b_w = -2.0 * inv_n / B * beta * g * (1.0 - beta * g)
+        branch = 0
+    else:
+        q = masked_mean(spr_w, valid, B) * inv_n
+        first = q >= threshold
+        loss = tl.where(first, masked_mean(g * g * spr_w, valid, B) * inv_n, masked_mean(g * g, valid, B))
+        kappa = tl.where(first, beta * inv_n / B * g * g * g_c * spr_w, beta * g * g * g_c / B)
+        a_w = 2.0 * inv_n * kappa
+        b_w = tl.where(first, 2.0 * inv_n / B * g * g, 0.0)
+        branch = tl.where(first, 1, 2)
+    store_pair_coefs(coef_ptr, B, a_w, -2.0 * inv_n * kappa, NP)
+    store_pair_b(coef_ptr, B, b_w, NP)
+
+    model_mse = 0.5 * (masked_mean(spt_w, valid, B) + masked_mean(spt_l, valid, B)) * inv_n
+    ref_mse = 0.5 * (masked_mean(srt_w, valid, B) + masked_mean(srt_l, valid, B)) * inv_n
+    tl.store(loss_ptr, loss)
+    tl.store(stats_ptr + 0, loss)
+    tl.store(stats_ptr + 1, masked_mean(tl.where(inside > 0, 1.0, 0.0), valid, B))
+    tl.store(stats_ptr + 2, model_mse)
+    tl.store(stats_ptr + 3, ref_mse)
+    tl.store(stats_ptr + 4, masked_mean(g, valid, B))
+    tl.store(ints_ptr, branch)

@@ -1,0 +1,70 @@
+"""Shared test helpers: random paired inputs, running a loss and its float64 reference."""
+import torch
+
+EPS32 = 2.0 ** -24
+# Output rounding of the gradient store: relative (bf16 truncates under the interpreter, so a
+# full ulp), plus float16's subnormal spacing for tiny gradient entries.
+OUT_RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+OUT_ATOL = {torch.float64: 0.0, torch.float32: 0.0, torch.float16: 2.0 ** -24, torch.bfloat16: 0.0}
+
+
+def make_inputs(shape, dtypes, device, seed, scale=0.05):
+    """Fresh random (model_pred, ref_pred, target): target ~ N(0, 1), the reference off by
+    ~0.5 and the policy off the reference by `scale` (so inside is O(1) for a suitable scale).
+    dtypes: one dtype or a (model, ref, target) triple."""
+    if isinstance(dtypes, torch.dtype):
+        dtypes = (dtypes,) * 3
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(shape, generator=g, dtype=torch.float64)
+    ref = target + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
+    model = ref + scale * torch.randn(shape, generator=g, dtype=torch.float64)
+    return tuple(x.to(dt).to(device) for x, dt in zip((model, ref, target), dtypes))
+
+
+def run(fn, model_pred, *others, grad_scale=None, **kw):
+    """Forward + backward of a loss with a random incoming gradient G (never the G == 1 case).
+    Returns (loss, metrics, grad of model_pred, G)."""
+    leaf = model_pred.detach().clone().requires_grad_(True)
+    loss, metrics = fn(leaf, *others, **kw)
+    G = torch.tensor(0.75 if grad_scale is None else grad_scale, dtype=loss.dtype, device=loss.device)
+    loss.backward(G)
+    return loss.detach(), metrics, leaf.grad, G
+
+
+def run_reference(ref_fn, model_pred, *others, G, **kw):
+    """The float64 reference on the same (already rounded) inputs."""
+    leaf = model_pred.detach().double().cpu().requires_grad_(True)
+    others64 = [o.detach().double().cpu() if isinstance(o, torch.Tensor) else o for o in others]
+    loss, metrics = ref_fn(leaf, *others64, **kw)
+    loss.backward(G.double().cpu())
+    return loss.detach(), {k: v.detach() for k, v in metrics.items()}, leaf.grad
+
+
+def amplification(model_pred, ref_pred, target, beta):
+    """How much β amplifies rounding of the per-row errors (spec §4): 1 + β * max(|m| + |r|)."""
+    m = ((model_pred.double() - target.double()) ** 2).flatten(1).mean(1).cpu()
+    r = ((ref_pred.double() - target.double()) ** 2).flatten(1).mean(1).cpu()
+    return 1.0 + beta * float((m + r).max())
+
+
+def assert_close(name, actual, expected, rtol, atol=0.0):
+    """max |actual - expected| <= rtol * max |expected| + atol (relative to the tensor's scale)."""
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert torch.isfinite(a).all(), f"{name}: non-finite values {a}"
+    err = float((a - e).abs().max()) if a.numel() else 0.0
+    bound = rtol * float(e.abs().max()) + atol if e.numel() else 0.0
+    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e} (rtol {rtol:.1e}); got {a}, expected {e}"
+
+
+def assert_grad_close(grad, expected, dtype, rtol):
+    """Gradient check: the compute error (rtol, relative to the gradient's scale) plus the
+    output rounding of `dtype` element by element."""
+    g = grad.detach().double().cpu()
+    e = expected.double()
+    assert grad.dtype == dtype, f"gradient dtype {grad.dtype} != model_pred dtype {dtype}"
+    assert torch.isfinite(g).all(), "non-finite gradient"
+    bound = OUT_RTOL[dtype] * e.abs() + OUT_ATOL[dtype] + rtol * float(e.abs().max()) + 1e-30
+    worst = float(((g - e).abs() / bound).max())
+    assert worst <= 1.0, f"gradient error {worst:.2f} x the bound (rtol {rtol:.1e}, dtype {dtype})"

@@ -1,0 +1,105 @@
+"""Bad input raises ValueError/TypeError naming the argument, before any kernel launch."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastpref
+import fastpref.kernels.grad as grad_module
+import fastpref.kernels.head as head_module
+import fastpref.kernels.reduce as reduce_module
+from helpers import make_inputs
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Any kernel launch fails the test: validation must come first."""
+    def boom(*a, **k):
+        raise AssertionError("a kernel was launched before validation")
+    for module, name in [(reduce_module, "_row_sums_kernel"), (head_module, "_head_kernel"),
+                         (grad_module, "_grad_kernel")]:
+        monkeypatch.setattr(module, name, type("NoLaunch", (), {"__getitem__": lambda self, grid: boom})())
+
+
+def good(device, shape=(4, 3, 5, 5)):
+    return make_inputs(shape, torch.float32, device, 0)
+
+
+def cases(device):
+    p, r, t = good(device)
+    odd = good(device, (3, 3, 5, 5))
+    ints = p.to(torch.int32)
+    yield "model_pred", TypeError, lambda: fastpref.diffusion_dpo_loss(p.numpy() if p.device.type == "cpu" else 1.0, r, t)
+    yield "model_pred", TypeError, lambda: fastpref.diffusion_dpo_loss(ints, r, t)
+    yield "ref_pred", TypeError, lambda: fastpref.diffusion_dpo_loss(p, r.to(torch.int64), t)
+    yield "target", TypeError, lambda: fastpref.dspo_loss(p, r, t.bool())
+    yield "ref_pred", ValueError, lambda: fastpref.diffusion_dpo_loss(p, r[:, :2], t)
+    yield "target", ValueError, lambda: fastpref.dspo_loss(p, r, t.reshape(4, 75))
+    yield "target", ValueError, lambda: fastpref.sft_loss(p, t[:2])
+    yield "model_pred", ValueError, lambda: fastpref.diffusion_dpo_loss(p[:, 0, 0, 0], r[:, 0, 0, 0], t[:, 0, 0, 0])
+    yield "model_pred", ValueError, lambda: fastpref.diffusion_dpo_loss(*odd)
+    yield "model_pred", ValueError, lambda: fastpref.dspo_loss(*odd)
+    yield "model_pred", ValueError, lambda: fastpref.sft_loss(odd[0], odd[2], winners_only=True)
+    yield "model_pred", ValueError, lambda: fastpref.diffusion_dpo_loss(p[:0], r[:0], t[:0])
+    yield "model_pred", ValueError, lambda: fastpref.diffusion_dpo_loss(p[:, :0], r[:, :0], t[:, :0])
+    yield "loss_type", ValueError, lambda: fastpref.diffusion_dpo_loss(p, r, t, loss_type="cpo")
+    yield "variant", ValueError, lambda: fastpref.dspo_loss(p, r, t, variant="sd3")
+    for bad in (float("nan"), float("inf"), -1.0, 0.0):
+        yield "beta", ValueError, lambda bad=bad: fastpref.diffusion_dpo_loss(p, r, t, beta=bad)
+        yield "beta", ValueError, lambda bad=bad: fastpref.dspo_loss(p, r, t, beta=bad)
+    yield "beta", TypeError, lambda: fastpref.diffusion_dpo_loss(p, r, t, beta=torch.tensor(1.0))
+    yield "sdxl_threshold", ValueError, lambda: fastpref.dspo_loss(p, r, t, sdxl_threshold=float("nan"))
+    yield "method", ValueError, lambda: fastpref.PreferenceLoss("orpo")
+    yield "beta", ValueError, lambda: fastpref.PreferenceLoss("dpo", beta=float("inf"))
+    yield "loss_type", ValueError, lambda: fastpref.PreferenceLoss("dpo", loss_type="cpo")
+    yield "gamma", ValueError, lambda: fastpref.PreferenceLoss("dpo", gamma=0.9)
+    yield "ref_pred", ValueError, lambda: fastpref.PreferenceLoss("dpo")(p, None, t)
+
+
+def case_ids():
+    return [f"{i}-{arg}" for i, (arg, _, _) in enumerate(cases(torch.device("cpu")))]
+
+
+@pytest.mark.parametrize("index", range(len(case_ids())), ids=case_ids())
+def test_bad_input_raises_naming_the_argument(index, device, no_launch):
+    arg, exc, fn = list(cases(device))[index]
+    with pytest.raises(exc) as info:
+        fn()
+    assert arg in str(info.value), f"message does not name {arg!r}: {info.value}"
+
+
+def test_mixed_devices_are_rejected(device, no_launch):
+    if device.type != "cuda":
+        pytest.skip("needs a CUDA device beside the CPU")
+    p, r, t = good(device)
+    with pytest.raises(ValueError, match="ref_pred.*device"):
+        fastpref.diffusion_dpo_loss(p, r.cpu(), t)
+
+
+def test_mixed_devices_are_rejected_on_cpu_with_meta_tensor(no_launch):
+    """Device mismatch is checked on metadata alone: a meta tensor stands in for a second device."""
+    p, r, t = good(torch.device("cpu"))
+    with pytest.raises(ValueError, match="target.*device"):
+        fastpref.diffusion_dpo_loss(p, r, t.to("meta"))
+
+
+def test_cpu_tensors_without_the_interpreter_are_rejected():
+    """With TRITON_INTERPRET=0, CPU tensors get a clear error instead of a crash in Triton."""
+    code = (
+        "import torch, fastpref\n"
+        "x = torch.randn(4, 3, 5)\n"
+        "try:\n"
+        "    fastpref.diffusion_dpo_loss(x, x, x)\n"
+        "except ValueError as e:\n"
+        "    assert 'model_pred' in str(e) and 'TRITON_INTERPRET' in str(e), e\n"
+        "    print('REJECTED')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**_env(), "TRITON_INTERPRET": "0"},
+                         capture_output=True, text=True, timeout=120)
+    assert "REJECTED" in out.stdout, out.stdout + out.stderr
+
+
+def _env():
+    import os
+    return dict(os.environ)
