@@ -11,8 +11,9 @@ import argparse
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
-import torch
+import transformers
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -21,6 +22,10 @@ from fastpref.tiny.reward import colourfulness
 from fastpref.tiny.sampling import sample_images
 from fastpref.tiny.shapes import random_prompts
 from fastpref.training.args import DEFAULT_MODEL
+
+# trainer settings of the demo; any trainer flag given to fastpref-demo overrides them
+DEMO_TRAIN_DEFAULTS = ["--train_batch_size", "16", "--learning_rate", "1e-3", "--rank", "8",
+                       "--report_to", "csv"]
 
 
 def win_rate(trained: np.ndarray, reference: np.ndarray) -> float:
@@ -50,12 +55,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval_seed", type=int, default=12345)
     p.add_argument("--guidance_scale", type=float, default=3.0)
     args, train_args = p.parse_known_args(argv)
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
     if args.num_samples < 1:
         raise ValueError(f"--num_samples: expected >= 1, got {args.num_samples}")
     output_dir = Path(args.output_dir)
 
     start = time.time()
-    train.main(["--output_dir", str(output_dir), "--max_train_steps", str(args.max_train_steps),
+    train.main([*DEMO_TRAIN_DEFAULTS, "--output_dir", str(output_dir),
+                "--max_train_steps", str(args.max_train_steps),
                 "--checkpointing_steps", str(10**9), *train_args])
     train_seconds = time.time() - start
 

@@ -58,7 +58,7 @@ def pair_generator(seed: int, position: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + position)
 
 
-def micro_batch(pairs, positions, args, vae, tokenizer, text_encoder, device, weight_dtype):
+def micro_batch(pairs, positions, args, vae, tokenizer, text_encoder, num_timesteps, device, weight_dtype):
     """Latents ``[2B, C, h, w]`` (winners first), text embeddings ``[B, L, D]``, noise
     ``[B, C, h, w]`` and timesteps ``[B]`` for the pairs at stream ``positions``."""
     indices = pair_indices(positions[0], len(positions), len(pairs), args.seed)
@@ -75,7 +75,6 @@ def micro_batch(pairs, positions, args, vae, tokenizer, text_encoder, device, we
     with torch.no_grad():
         dist = vae.encode(pixels).latent_dist
     shape = dist.mean.shape[1:]
-    num_timesteps = args.noise_scheduler.config.num_train_timesteps
     draws = [(torch.randn((2, *shape), generator=g), torch.randn(shape, generator=g),
               torch.randint(0, num_timesteps, (), generator=g)) for g in generators]
     latent_eps = torch.cat([torch.stack([d[0][0] for d in draws]), torch.stack([d[0][1] for d in draws])])
@@ -97,7 +96,6 @@ def main(argv: list[str] | None = None) -> Path:
 
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(
         args.pretrained_model_name_or_path, device, weight_dtype)
-    args.noise_scheduler = noise_scheduler
     set_attention(unet, args.enable_xformers_memory_efficient_attention)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -145,8 +143,7 @@ def main(argv: list[str] | None = None) -> Path:
     logger = None
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        saved = {k: v for k, v in vars(args).items() if k != "noise_scheduler"}
-        (output_dir / "args.json").write_text(json.dumps(saved, indent=1))
+        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
         logger = MetricsLogger(output_dir, args.report_to, resume_step=step)
     barrier(dist)
 
@@ -156,7 +153,8 @@ def main(argv: list[str] | None = None) -> Path:
         for micro in range(args.gradient_accumulation_steps):
             start = position + (micro * dist.world_size + dist.rank) * args.train_batch_size
             batch = micro_batch(pairs, list(range(start, start + args.train_batch_size)), args, vae,
-                                tokenizer, text_encoder, device, weight_dtype)
+                                tokenizer, text_encoder, noise_scheduler.config.num_train_timesteps,
+                                device, weight_dtype)
             sync = nullcontext() if not dist.enabled or micro == args.gradient_accumulation_steps - 1 \
                 else model.no_sync()
             with sync:
