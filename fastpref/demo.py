@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the demo; returns the measured figures."""
     p = argparse.ArgumentParser(prog="fastpref-demo", description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", default="fastpref-demo")
-    p.add_argument("--max_train_steps", type=int, default=200)
+    p.add_argument("--max_train_steps", type=int, default=100)
     p.add_argument("--num_samples", type=int, default=128, help="evaluation prompts (>= 64)")
     p.add_argument("--eval_seed", type=int, default=12345)
     p.add_argument("--guidance_scale", type=float, default=3.0)

@@ -64,12 +64,16 @@ class MetricsLogger:
         import matplotlib.pyplot as plt
 
         names = [k for k in keys if k != "step"]
-        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+        columns = min(4, len(names))
+        rows = -(-len(names) // columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
         steps = [r["step"] for r in self.rows]
-        for ax, name in zip(axes[0], names):
+        for ax, name in zip(axes.flat, names):
             ax.plot(steps, [r.get(name, float("nan")) for r in self.rows])
             ax.set_title(name)
             ax.set_xlabel("step")
+        for ax in list(axes.flat)[len(names):]:
+            ax.axis("off")
         fig.tight_layout()
         fig.savefig(self.dir / "curves.png", dpi=80)
         plt.close(fig)
