@@ -107,7 +107,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = tmp_path / "two"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", "29517", "-m", "fastpref.train", *common, "--train_batch_size", "1",
+                    "--standalone", "-m", "fastpref.train", *common, "--train_batch_size", "1",
                     "--output_dir", str(two)], check=True, env=env, capture_output=True)
     one = tmp_path / "one"
     train.main([*common, "--train_batch_size", "2", "--output_dir", str(one)])
