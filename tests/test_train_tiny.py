@@ -24,9 +24,11 @@ def test_tokenizer_round_trip_one_token_per_word(tmp_path):
 def test_colourfulness_orders_grey_pastel_vivid():
     grey = np.full((4, 4, 3), 128, np.uint8)
     pastel = np.full((4, 4, 3), (230, 180, 180), np.uint8)
+    dark_tint = np.full((4, 4, 3), (0, 40, 0), np.uint8)
     vivid = np.full((4, 4, 3), (230, 0, 0), np.uint8)
-    scores = colourfulness(np.stack([grey, pastel, vivid]))
-    assert scores[0] == 0.0 and 0 < scores[1] < scores[2] == 1.0
+    scores = colourfulness(np.stack([grey, pastel, vivid, dark_tint]))
+    assert scores[0] == 0.0 and 0 < scores[1] < scores[2] and scores[2] == 230 / 255
+    assert scores[3] < scores[1]  # a dark tinted background is not vivid
 
 
 def test_procedural_images_are_reproducible_and_varied():

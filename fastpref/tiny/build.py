@@ -99,6 +99,15 @@ def encode_jpeg(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def preference_labels(jpg_0: list[bytes], jpg_1: list[bytes]) -> np.ndarray:
+    """Pick-a-Pic ``label_0`` of each pair from the ``colourfulness`` of the stored JPEGs
+    (what the trainer reads): 1.0 when image 0 scores higher, 0.0 when lower, 0.5 on a tie."""
+    def scores(blobs):
+        return colourfulness(np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]))
+    s0, s1 = scores(jpg_0), scores(jpg_1)
+    return np.where(s0 > s1, 1.0, np.where(s0 < s1, 0.0, 0.5))
+
+
 def build_preference_table(pipe, num_pairs: int, seed: int) -> pa.Table:
     """``num_pairs`` pairs of pipeline samples labelled by ``colourfulness``.
 
@@ -110,10 +119,7 @@ def build_preference_table(pipe, num_pairs: int, seed: int) -> pa.Table:
     seeds = rng.choice(2**31 - 1, size=2 * num_pairs, replace=False).tolist()
     images = sample_images(pipe, prompts + prompts, seeds)
     jpegs = [encode_jpeg(im) for im in images]
-    # score what the trainer will read: the decoded JPEGs
-    scores = colourfulness(np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs]))
-    s0, s1 = scores[:num_pairs], scores[num_pairs:]
-    labels = np.where(s0 > s1, 1.0, np.where(s0 < s1, 0.0, 0.5))
+    labels = preference_labels(jpegs[:num_pairs], jpegs[num_pairs:])
     return pa.table({
         "jpg_0": pa.array(jpegs[:num_pairs], pa.binary()),
         "jpg_1": pa.array(jpegs[num_pairs:], pa.binary()),

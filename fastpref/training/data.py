@@ -26,7 +26,8 @@ def parquet_files(path: str | Path, argument: str = "--train_data_dir") -> list[
                              f"got directory {str(path)!r} with no *.parquet file")
         return files
     if not path.is_file():
-        raise ValueError(f"{argument}: expected a parquet file or a directory of them, "
+        raise ValueError(f"{argument}: expected a local parquet file or a directory of them "
+                         f"(hub names are not fetched; download the dataset first), "
                          f"got {str(path)!r}, which does not exist")
     return [path]
 
