@@ -4,13 +4,18 @@ On a machine without CUDA the kernels run under Triton's interpreter (TRITON_INT
 set on import unless the variable is already set), so CPU tensors work there.
 """
 from fastpref import kernels  # noqa: F401  (first: decides interpreter vs compiled kernels)
-from fastpref.functions import DiffusionDPOFunction, DSPOFunction, SFTFunction
-from fastpref.losses import diffusion_dpo_loss, dspo_loss, sft_loss
-from fastpref.module import PreferenceLoss
+from fastpref.functions import (DenseDPOFunction, DiffusionDPOFunction, DMPOFunction, DSPOFunction, KTOFunction,
+                                MaPOFunction, RPODiagonalFunction, RPOFunction, SDPOFunction, SFTFunction,
+                                SSPOFunction)
+from fastpref.losses import (dense_dpo_loss, diffusion_dpo_loss, dmpo_loss, dspo_loss, kto_loss, mapo_loss,
+                             rpo_diagonal_loss, rpo_loss, sdpo_loss, sft_loss, sspo_loss)
+from fastpref.module import METHODS, PreferenceLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DSPOFunction", "DiffusionDPOFunction", "PreferenceLoss", "SFTFunction",
-    "diffusion_dpo_loss", "dspo_loss", "sft_loss",
+    "DMPOFunction", "DSPOFunction", "DenseDPOFunction", "DiffusionDPOFunction", "KTOFunction", "METHODS",
+    "MaPOFunction", "PreferenceLoss", "RPODiagonalFunction", "RPOFunction", "SDPOFunction", "SFTFunction",
+    "SSPOFunction", "dense_dpo_loss", "diffusion_dpo_loss", "dmpo_loss", "dspo_loss", "kto_loss", "mapo_loss",
+    "rpo_diagonal_loss", "rpo_loss", "sdpo_loss", "sft_loss", "sspo_loss",
 ]

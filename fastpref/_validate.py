@@ -20,7 +20,7 @@ def check_prediction(name, x):
         raise ValueError(f"{name} must have at least 2 dims [rows, ...], got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} must have a nonzero leading dim, got shape {tuple(x.shape)}")
-    if x[0].numel() == 0:
+    if x.numel() == 0:
         raise ValueError(f"{name} must have at least one element per row, got shape {tuple(x.shape)}")
 
 
@@ -76,8 +76,19 @@ def check_choice(name, value, choices):
     return choices.index(value)
 
 
+class HyperparametersOnly:
+    """Pass as model_pred to run only a loss's hyperparameter checks (PreferenceLoss.__init__):
+    every loss checks its hyperparameters first, then `check_predictions` stops it here."""
+
+
+class HyperparametersChecked(Exception):
+    """Raised by `check_predictions` for the `HyperparametersOnly` stand-in."""
+
+
 def check_predictions(paired, model_pred, target, ref_pred=None):
     """All tensor checks of a loss call, in argument order."""
+    if model_pred is HyperparametersOnly:
+        raise HyperparametersChecked
     check_prediction("model_pred", model_pred)
     check_device("model_pred", model_pred)
     if ref_pred is not None:
@@ -90,3 +101,40 @@ def check_predictions(paired, model_pred, target, ref_pred=None):
 def compute_dtype(*tensors):
     """float64 if any input is float64, else float32 (spec §1, "Dtypes")."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_range(name, value, low, high, low_open=False):
+    """A float hyperparameter in [low, high] ((low, high] with low_open)."""
+    check_finite(name, value)
+    if (value <= low if low_open else value < low) or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+
+def check_nonnegative(name, value):
+    check_finite(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_aux_tensor(name, x, device, shape_text, ok_shape):
+    """An extra input (embeddings, labels, timesteps): a real tensor on `device` whose shape
+    passes ok_shape(shape); shape_text describes the expected shape in the message."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"{name} must be real, got {x.dtype}")
+    if not ok_shape(tuple(x.shape)):
+        raise ValueError(f"{name} must have shape {shape_text}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on the device of model_pred ({device}), got {x.device}")
+
+
+def check_float_tensor(name, x):
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")

@@ -3,19 +3,28 @@ import inspect
 
 import torch
 
-from fastpref import losses
+from fastpref import _validate, losses
 
 METHODS = {
     "dpo": losses.diffusion_dpo_loss,
     "sft": losses.sft_loss,
     "dspo": losses.dspo_loss,
+    "rpo": losses.rpo_loss,
+    "rpo_diagonal": losses.rpo_diagonal_loss,
+    "sspo": losses.sspo_loss,
+    "dense_dpo": losses.dense_dpo_loss,
+    "kto": losses.kto_loss,
+    "mapo": losses.mapo_loss,
+    "sdpo": losses.sdpo_loss,
+    "dmpo": losses.dmpo_loss,
 }
 
 
 class PreferenceLoss(torch.nn.Module):
     """PreferenceLoss(method="dpo", **hyperparameters)(model_pred, ref_pred, target, **inputs)
-    -> (loss, metrics). `method` is one of METHODS; hyperparameters are the keyword arguments
-    of that loss function (e.g. beta, loss_type). ref_pred is None for reference-free methods."""
+    -> (loss, metrics). `method` is a key of METHODS; hyperparameters are that loss's keyword
+    arguments (beta, loss_type, ...); `inputs` its per-batch tensors (timesteps, labels,
+    emb_w/emb_l). ref_pred is None for reference-free methods (sft, mapo)."""
 
     def __init__(self, method="dpo", **hyperparameters):
         super().__init__()
@@ -31,33 +40,32 @@ class PreferenceLoss(torch.nn.Module):
         self.hyperparameters = dict(hyperparameters)
         self._fn = fn
         self._uses_ref = "ref_pred" in params
-        _check_hyperparameters(fn, self.hyperparameters)
+        _check_hyperparameters(method, self.hyperparameters)
 
-    def forward(self, model_pred, ref_pred=None, target=None, **inputs):
+    def forward(self, model_pred, ref_pred=None, target=None, *args, **inputs):
         if target is None:
             raise ValueError("target is required")
         if self._uses_ref:
             if ref_pred is None:
                 raise ValueError(f"ref_pred is required for method {self.method!r}")
-            return self._fn(model_pred, ref_pred, target, **inputs, **self.hyperparameters)
+            return self._fn(model_pred, ref_pred, target, *args, **inputs, **self.hyperparameters)
         if ref_pred is not None:
             raise ValueError(f"method {self.method!r} takes no ref_pred; pass ref_pred=None")
-        return self._fn(model_pred, target, **inputs, **self.hyperparameters)
+        return self._fn(model_pred, target, *args, **inputs, **self.hyperparameters)
 
     def extra_repr(self):
         return ", ".join([repr(self.method)] + [f"{k}={v!r}" for k, v in self.hyperparameters.items()])
 
 
-def _check_hyperparameters(fn, hyperparameters):
-    """Validate hyperparameter values now, with the loss's own checks, on a tiny CPU batch
-    shape: the checks read only metadata, so nothing runs on the device."""
-    from fastpref import _validate as v
-    for name, value in hyperparameters.items():
-        if name in ("beta",):
-            v.check_positive_finite(name, value)
-        elif name == "sdxl_threshold":
-            v.check_finite(name, value)
-        elif name == "loss_type":
-            v.check_choice(name, value, losses.dpo.LOSS_TYPES)
-        elif name == "variant":
-            v.check_choice(name, value, losses.dspo.VARIANTS)
+def _check_hyperparameters(method, hyperparameters):
+    """Validate hyperparameter values now, with the loss's own checks (each loss checks its
+    hyperparameters before its tensors, and stops at the stand-in model_pred)."""
+    fn = METHODS[method]
+    stand_in = _validate.HyperparametersOnly
+    n_tensors = sum(1 for p in inspect.signature(fn).parameters.values()
+                    if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    try:
+        fn(stand_in, *([None] * (n_tensors - 1)), **hyperparameters)
+    except _validate.HyperparametersChecked:
+        return
+    raise AssertionError(f"{method}: hyperparameter validation did not reach the tensor checks")

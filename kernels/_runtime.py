@@ -17,6 +17,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+import triton.language as tl  # noqa: E402  (after the interpreter decision)
+
 # Programs the row reduction aims to launch per row-set under the interpreter. Small, so
 # that CPU tests still split rows across programs without running thousands of them.
 INTERPRETER_PROGRAMS = 6
@@ -76,6 +78,7 @@ def next_pow2(x):
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=1024)
 def f64_pair(x):
     """Split a Python float into two float32 values whose sum is `x` to ~2^-48 relative.
 
@@ -88,5 +91,7 @@ def f64_pair(x):
 
 def tl_dtype(torch_dtype):
     """The Triton dtype of an accumulation dtype (float32 or float64)."""
-    import triton.language as tl
-    return {torch.float32: tl.float32, torch.float64: tl.float64}[torch_dtype]
+    return _TL_DTYPES[torch_dtype]
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}

@@ -4,6 +4,10 @@ For every row k of the [R, n] views of model_pred (p), ref_pred (r) and target (
 
     S_pt = Σ (p - t)^2    S_rt = Σ (r - t)^2    S_pr = Σ (p - r)^2    S_ptr = Σ (p - t)(p - r)
 
+and, in the paired CROSS mode (Diffusion-SDPO), per pair i the winner-row x loser-row product
+S_wl = Σ (p_w - t_w)(p_l - t_l): there one program reads both rows of a pair, so nothing is
+read twice.
+
 Each row is split into `splits` chunks handled by separate programs, so that a small batch
 still fills the GPU; each program writes its partial sums to its own slot of a
 [NUM_SUMS, R, splits] buffer and the head adds them in a fixed order (deterministic: no
@@ -15,46 +19,30 @@ import triton.language as tl
 
 from . import _runtime
 
-SUM_NAMES = ("S_pt", "S_rt", "S_pr", "S_ptr")
+SUM_NAMES = ("S_pt", "S_rt", "S_pr", "S_ptr", "S_wl")
 BLOCK = 1024
 
 
 @triton.jit
-def _row_sums_kernel(
-    p_ptr, r_ptr, t_ptr, part_ptr,
-    n, chunk, rows, splits,
-    stride_p, stride_r, stride_t,
-    HAS_REF: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    start = split * chunk
-    end = tl.minimum(start + chunk, n)
-    p_row = p_ptr + row * stride_p
-    t_row = t_ptr + row * stride_t
-    r_row = r_ptr + row * stride_r
+def _accumulate(p_row, r_row, t_row, idx, mask, acc_pt, acc_rt, acc_pr, acc_ptr,
+                HAS_REF: tl.constexpr, ACC: tl.constexpr):
+    p = tl.load(p_row + idx, mask=mask, other=0.0).to(ACC)
+    t = tl.load(t_row + idx, mask=mask, other=0.0).to(ACC)
+    e = p - t
+    acc_pt += e * e
+    if HAS_REF:
+        r = tl.load(r_row + idx, mask=mask, other=0.0).to(ACC)
+        f = r - t
+        d = p - r
+        acc_rt += f * f
+        acc_pr += d * d
+        acc_ptr += e * d
+    return e, acc_pt, acc_rt, acc_pr, acc_ptr
 
-    acc_pt = tl.zeros([BLOCK], ACC)
-    acc_rt = tl.zeros([BLOCK], ACC)
-    acc_pr = tl.zeros([BLOCK], ACC)
-    acc_ptr = tl.zeros([BLOCK], ACC)
-    for off in tl.range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        mask = idx < end
-        p = tl.load(p_row + idx, mask=mask, other=0.0).to(ACC)
-        t = tl.load(t_row + idx, mask=mask, other=0.0).to(ACC)
-        e = p - t
-        acc_pt += e * e
-        if HAS_REF:
-            r = tl.load(r_row + idx, mask=mask, other=0.0).to(ACC)
-            f = r - t
-            d = p - r
-            acc_rt += f * f
-            acc_pr += d * d
-            acc_ptr += e * d
 
+@triton.jit
+def _store_sums(part_ptr, row, split, plane, splits, acc_pt, acc_rt, acc_pr, acc_ptr, HAS_REF: tl.constexpr):
     slot = part_ptr + row * splits + split
-    plane = rows * splits
     tl.store(slot, tl.sum(acc_pt, axis=0))
     if HAS_REF:
         tl.store(slot + plane, tl.sum(acc_rt, axis=0))
@@ -62,20 +50,56 @@ def _row_sums_kernel(
         tl.store(slot + 3 * plane, tl.sum(acc_ptr, axis=0))
 
 
-def row_sums(p, r, t, acc_dtype):
+@triton.jit
+def _row_sums_kernel(
+    p_ptr, r_ptr, t_ptr, part_ptr,
+    n, chunk, rows, splits,
+    stride_p, stride_r, stride_t,
+    HAS_REF: tl.constexpr, CROSS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    start = split * chunk
+    end = tl.minimum(start + chunk, n)
+    plane = rows * splits
+    zero = tl.zeros([BLOCK], ACC)
+    acc_pt, acc_rt, acc_pr, acc_ptr = zero, zero, zero, zero
+    if CROSS:
+        loser = row + rows // 2
+        lacc_pt, lacc_rt, lacc_pr, lacc_ptr, acc_wl = zero, zero, zero, zero, zero
+    for off in tl.range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        mask = idx < end
+        e, acc_pt, acc_rt, acc_pr, acc_ptr = _accumulate(
+            p_ptr + row * stride_p, r_ptr + row * stride_r, t_ptr + row * stride_t, idx, mask,
+            acc_pt, acc_rt, acc_pr, acc_ptr, HAS_REF, ACC)
+        if CROSS:
+            e_l, lacc_pt, lacc_rt, lacc_pr, lacc_ptr = _accumulate(
+                p_ptr + loser * stride_p, r_ptr + loser * stride_r, t_ptr + loser * stride_t, idx, mask,
+                lacc_pt, lacc_rt, lacc_pr, lacc_ptr, HAS_REF, ACC)
+            acc_wl += e * e_l
+    _store_sums(part_ptr, row, split, plane, splits, acc_pt, acc_rt, acc_pr, acc_ptr, HAS_REF)
+    if CROSS:
+        _store_sums(part_ptr, loser, split, plane, splits, lacc_pt, lacc_rt, lacc_pr, lacc_ptr, HAS_REF)
+        tl.store(part_ptr + 4 * plane + row * splits + split, tl.sum(acc_wl, axis=0))
+
+
+def row_sums(p, r, t, acc_dtype, cross=False):
     """Partial per-row sums of 2-D views p, r, t ([R, n], unit stride along n; r may be None).
 
-    Returns (partials [4 or 1, R, splits] in acc_dtype, splits)."""
+    cross=True (paired [2B, n] input, r given) adds the per-pair S_wl plane (rows 0..B-1).
+    Returns (partials [5 (cross), 4 or 1 (no ref), R, splits] in acc_dtype, splits)."""
     rows, n = p.shape
     has_ref = r is not None
-    splits, chunk = _runtime.row_split(rows, n, BLOCK, p.device)
-    partials = _runtime.empty((4 if has_ref else 1, rows, splits), acc_dtype, p.device)
+    programs_per_split = rows // 2 if cross else rows
+    splits, chunk = _runtime.row_split(programs_per_split, n, BLOCK, p.device)
+    partials = _runtime.empty((5 if cross else 4 if has_ref else 1, rows, splits), acc_dtype, p.device)
     r_arg = r if has_ref else p
-    _row_sums_kernel[(rows, splits)](
+    _row_sums_kernel[(programs_per_split, splits)](
         p, r_arg, t, partials,
         n, chunk, rows, splits,
         p.stride(0), r_arg.stride(0), t.stride(0),
-        HAS_REF=has_ref, ACC=_runtime.tl_dtype(acc_dtype), BLOCK=BLOCK,
+        HAS_REF=has_ref, CROSS=cross, ACC=_runtime.tl_dtype(acc_dtype), BLOCK=BLOCK,
         num_warps=4,
     )
     return partials, splits

@@ -62,7 +62,7 @@ def assert_grad_close(grad, expected, dtype, rtol):
     """Gradient check: the compute error (rtol, relative to the gradient's scale) plus the
     output rounding of `dtype` element by element."""
     g = grad.detach().double().cpu()
-    e = expected.double()
+    e = expected.detach().double().cpu()
     assert grad.dtype == dtype, f"gradient dtype {grad.dtype} != model_pred dtype {dtype}"
     assert torch.isfinite(g).all(), "non-finite gradient"
     bound = OUT_RTOL[dtype] * e.abs() + OUT_ATOL[dtype] + rtol * float(e.abs().max()) + 1e-30

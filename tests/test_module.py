@@ -33,3 +33,29 @@ def test_reference_free_method_refuses_ref_pred(device):
     p, r, t = make_inputs((4, 3, 6, 6), torch.float32, device, 8, 0.1)
     with pytest.raises(ValueError, match="ref_pred"):
         fastpref.PreferenceLoss("sft")(p, r, t)
+
+
+@pytest.mark.parametrize("name", ["dense-dpo", "kto", "mapo", "rpo-emb", "sdpo-dspo-sdxl"])
+def test_module_runs_every_method_with_its_inputs(name, device):
+    from loss_calls import CALLS, _emb, _labels, _timesteps
+    fn, uses_ref, kw, extras = CALLS[name]
+    method = next(m for m, f in fastpref.METHODS.items() if f is fn)
+    p, r, t = make_inputs((4, 3, 6, 6), torch.float32, device, 8, 0.1)
+    inputs = {"timesteps": _timesteps(p)} if "timesteps" in extras else {}
+    if "labels" in extras:
+        inputs["labels"] = _labels(p)
+    if "emb" in extras:
+        inputs["emb_w"] = _emb(p)
+    loss1, m1 = fastpref.PreferenceLoss(method, **kw)(p, r if uses_ref else None, t, **inputs)
+    loss2, m2 = fn(p, *([r] if uses_ref else []), t, **inputs, **kw)
+    assert torch.equal(loss1, loss2) and m1.keys() == m2.keys()
+
+
+@pytest.mark.parametrize("method,kw,arg", [
+    ("sdpo", dict(mu=1.5), "mu"), ("sdpo", dict(base="orpo"), "base"), ("dense_dpo", dict(gamma=0.0), "gamma"),
+    ("kto", dict(lambda_u=-1.0), "lambda_u"), ("rpo", dict(tau=0.0), "tau"), ("mapo", dict(snr_value=-1.0), "snr_value"),
+    ("rpo_diagonal", dict(diagonal_weight=8.0), "diagonal_weight"), ("sspo", dict(criterion="max"), "criterion"),
+])
+def test_module_checks_hyperparameters_in_init(method, kw, arg):
+    with pytest.raises(ValueError, match=arg):
+        fastpref.PreferenceLoss(method, **kw)

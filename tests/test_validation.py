@@ -77,9 +77,9 @@ def test_mixed_devices_are_rejected(device, no_launch):
         fastpref.diffusion_dpo_loss(p, r.cpu(), t)
 
 
-def test_mixed_devices_are_rejected_on_cpu_with_meta_tensor(no_launch):
+def test_mixed_devices_are_rejected_with_a_meta_tensor(device, no_launch):
     """Device mismatch is checked on metadata alone: a meta tensor stands in for a second device."""
-    p, r, t = good(torch.device("cpu"))
+    p, r, t = good(device)
     with pytest.raises(ValueError, match="target.*device"):
         fastpref.diffusion_dpo_loss(p, r, t.to("meta"))
 

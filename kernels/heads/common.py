@@ -60,3 +60,34 @@ def store_vector(stats_ptr, slot, B, x, NP: tl.constexpr):
     """A [B] metric vector at stats[slot : slot + B]."""
     offs = tl.arange(0, NP)
     tl.store(stats_ptr + slot + offs, x, mask=offs < B)
+
+
+@triton.jit
+def policy_minus_ref(sptr, spr, inv_n):
+    """m - r per row, cancellation-free: (S_pt - S_rt)/n = (2 S_ptr - S_pr)/n exactly (spec §3)."""
+    return (2.0 * sptr - spr) * inv_n
+
+
+@triton.jit
+def pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n):
+    """(mean m_w, mean m_l, mean r_w, mean r_l) over the B pairs."""
+    return (masked_mean(spt_w, valid, B) * inv_n, masked_mean(spt_l, valid, B) * inv_n,
+            masked_mean(srt_w, valid, B) * inv_n, masked_mean(srt_l, valid, B) * inv_n)
+
+
+@triton.jit
+def fraction(cond, valid, count, like):
+    """Share of the valid lanes where cond holds, in the dtype of `like` (the compute dtype:
+    a float64 batch gets exact float64 fractions)."""
+    return masked_mean(tl.where(cond, 1.0, 0.0).to(like.dtype), valid, count)
+
+
+@triton.jit
+def store_loss_acc_mse(loss_ptr, stats_ptr, loss, inside, spt_w, spt_l, srt_w, srt_l, valid, B, inv_n):
+    """The loss, and stats slots 0-3 that several heads share: loss, implicit_acc, model_mse, ref_mse."""
+    model_w, model_l, ref_w, ref_l = pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
+    tl.store(loss_ptr, loss)
+    tl.store(stats_ptr + 0, loss)
+    tl.store(stats_ptr + 1, fraction(inside > 0, valid, B, inside))
+    tl.store(stats_ptr + 2, 0.5 * (model_w + model_l))
+    tl.store(stats_ptr + 3, 0.5 * (ref_w + ref_l))

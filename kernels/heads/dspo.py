@@ -8,20 +8,17 @@ import triton
 import triton.language as tl
 
 from .._math import sigmoid
-from .common import load_pair_sums, masked_mean, store_pair_b, store_pair_coefs
+from .common import (load_pair_sums, masked_mean, policy_minus_ref, store_loss_acc_mse, store_pair_b,
+                     store_pair_coefs)
 
 VARIANTS = ("sd15", "sdxl")
 SCALARS = ("loss", "implicit_acc", "model_mse", "ref_mse", "weight_mean")
-VECTORS = ()
 INTS = ("sdxl_branch",)
 
 
 @triton.jit
-def dspo_head(part_ptr, B, splits, inv_n, beta, threshold, loss_ptr, stats_ptr, ints_ptr, coef_ptr,
-              VARIANT: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
-    spt_w, srt_w, spr_w, sptr_w, spt_l, srt_l, spr_l, sptr_l = load_pair_sums(part_ptr, B, splits, NP, SP, ACC)
-    valid = tl.arange(0, NP) < B
-    inside = 0.5 * beta * ((2.0 * sptr_l - spr_l) - (2.0 * sptr_w - spr_w)) * inv_n
+def dspo_terms(inside, spt_w, spr_w, sptr_w, beta, threshold, inv_n, valid, B, VARIANT: tl.constexpr):
+    """(loss, a_w, a_l, b_w, branch, g) of DSPO: row coefficients of winners and losers."""
     g = sigmoid(-inside)
     g_c = sigmoid(inside)          # 1 - g, formed directly
     if VARIANT == 0:
@@ -39,15 +36,19 @@ def dspo_head(part_ptr, B, splits, inv_n, beta, threshold, loss_ptr, stats_ptr, 
         a_w = 2.0 * inv_n * kappa
         b_w = tl.where(first, 2.0 * inv_n / B * g * g, 0.0)
         branch = tl.where(first, 1, 2)
-    store_pair_coefs(coef_ptr, B, a_w, -2.0 * inv_n * kappa, NP)
-    store_pair_b(coef_ptr, B, b_w, NP)
+    return loss, a_w, -2.0 * inv_n * kappa, b_w, branch, g
 
-    model_mse = 0.5 * (masked_mean(spt_w, valid, B) + masked_mean(spt_l, valid, B)) * inv_n
-    ref_mse = 0.5 * (masked_mean(srt_w, valid, B) + masked_mean(srt_l, valid, B)) * inv_n
-    tl.store(loss_ptr, loss)
-    tl.store(stats_ptr + 0, loss)
-    tl.store(stats_ptr + 1, masked_mean(tl.where(inside > 0, 1.0, 0.0), valid, B))
-    tl.store(stats_ptr + 2, model_mse)
-    tl.store(stats_ptr + 3, ref_mse)
+
+@triton.jit
+def dspo_head(part_ptr, B, splits, inv_n, beta, threshold, loss_ptr, stats_ptr, ints_ptr, coef_ptr,
+              VARIANT: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
+    spt_w, srt_w, spr_w, sptr_w, spt_l, srt_l, spr_l, sptr_l = load_pair_sums(part_ptr, B, splits, NP, SP, ACC)
+    valid = tl.arange(0, NP) < B
+    inside = 0.5 * beta * (policy_minus_ref(sptr_l, spr_l, inv_n) - policy_minus_ref(sptr_w, spr_w, inv_n))
+    loss, a_w, a_l, b_w, branch, g = dspo_terms(inside, spt_w, spr_w, sptr_w, beta, threshold, inv_n, valid, B,
+                                                VARIANT)
+    store_pair_coefs(coef_ptr, B, a_w, a_l, NP)
+    store_pair_b(coef_ptr, B, b_w, NP)
+    store_loss_acc_mse(loss_ptr, stats_ptr, loss, inside, spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
     tl.store(stats_ptr + 4, masked_mean(g, valid, B))
     tl.store(ints_ptr, branch)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Run one benchmark job on the GPU machine, unattended, from the repository root.
+#
+#   bash benchmarks/run_gpu.sh quick        # loss blocks, headline subset        (~2-3 min)
+#   bash benchmarks/run_gpu.sh dpo          # full sweep, Diffusion-DPO sigmoid    (~4 min)
+#   bash benchmarks/run_gpu.sh dspo         # full sweep, DSPO sd15                (~4 min)
+#   bash benchmarks/run_gpu.sh full         # both default methods in one run (may hit --budget-s)
+#   bash benchmarks/run_gpu.sh more         # every other method: bf16, SD1.5-512 + SDXL, B=8, fwd+bwd (~3 min)
+#   bash benchmarks/run_gpu.sh train-quick  # training step, B = 4                (~1-2 min)
+#   bash benchmarks/run_gpu.sh train        # training step, B = 1,4,8             (~2-4 min)
+#   bash benchmarks/run_gpu.sh pytest       # pytest-benchmark file               (~1-2 min)
+#
+# Results go to $OUT (the device tool's return folder) if set, else benchmarks/results/.
+# Copy them into benchmarks/results/ and run `python benchmarks/make_results.py` afterwards.
+# Times above are estimates until a first run records them (elapsed_s in each .meta.json).
+set -euo pipefail
+job="${1:-quick}"
+dest="${OUT:-benchmarks/results}"
+mkdir -p "$dest"
+PY="${PYTHON:-python3}"
+export FASTPREF_BENCH_VIA="bash benchmarks/run_gpu.sh $job"
+
+# fastpref must be installed (its kernels package is mapped by setuptools); no network needed
+if ! "$PY" -c "import fastpref" >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-build-isolation --no-deps -e . || {
+        echo "could not install fastpref from this checkout" >&2; exit 2; }
+fi
+"$PY" -c "import torch, triton, fastpref; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'fastpref', fastpref.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv > "$dest/nvidia-smi-$job.txt" 2>&1 || true
+
+case "$job" in
+    quick) "$PY" benchmarks/bench_losses.py --quick --out "$dest/losses_quick.csv" ;;
+    dpo)   "$PY" benchmarks/bench_losses.py --methods dpo_sigmoid --out "$dest/losses_dpo.csv" ;;
+    dspo)  "$PY" benchmarks/bench_losses.py --methods dspo_sd15 --out "$dest/losses_dspo.csv" ;;
+    full)  "$PY" benchmarks/bench_losses.py --out "$dest/losses.csv" ;;
+    more)  "$PY" benchmarks/bench_losses.py \
+               --methods dpo_hinge,dpo_ipo,sft,dspo_sdxl,rpo,rpo_diagonal,sspo,dense_dpo,kto,mapo,sdpo,dmpo \
+               --dtypes bf16 --shapes sd15_512,sdxl_1024 --batches 8 --modes full \
+               --providers fastpref,eager-diffusers,eager-official,eager-spec,compile \
+               --out "$dest/losses_more.csv" ;;
+    train-quick) "$PY" benchmarks/bench_train_step.py --quick --out "$dest/train_step_quick.csv" ;;
+    train) "$PY" benchmarks/bench_train_step.py --out "$dest/train_step.csv" ;;
+    pytest) "$PY" -m pytest benchmarks/test_bench_losses.py --benchmark-only -q -p no:cacheprovider \
+               --benchmark-json="$dest/pytest_benchmark.json" ;;
+    *) echo "unknown job '$job'" >&2; exit 2 ;;
+esac

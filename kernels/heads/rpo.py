@@ -1,0 +1,83 @@
+"""Diffusion-RPO heads (spec §2.4): every winner i against every loser j, ℓ_ij = ρ_w,i - ρ_l,j
+with ρ = -(m - r). `rpo`: weights W_ij (softmax over j of the prompt-embedding cosine / τ, or
+all ones) inside the sigmoid, mean over all B² pairs. `rpo_diagonal`: weight w_d on the
+diagonal and (1 - w_d) on the mean of the off-diagonal terms, outside the sigmoid.
+
+Both are loss = Σ_ij Ω_ij softplus(-u_ij) / B with u_ij = 0.5 β V_ij ℓ_ij, so
+μ_w,i = (β/2B) Σ_j Ω_ij V_ij σ(-u_ij) and μ_l,j = -(β/2B) Σ_i Ω_ij V_ij σ(-u_ij)."""
+import triton
+import triton.language as tl
+
+from .._math import sigmoid, softplus
+from .common import fraction, load_pair_sums, masked_mean, pair_means, policy_minus_ref, store_pair_coefs
+
+SCALARS = ("loss", "implicit_acc", "pair_acc_all", "diag_weight_mean", "model_mse", "ref_mse")
+MATRICES = ("weights",)
+DIAGONAL_SCALARS = ("loss", "implicit_acc")
+
+
+@triton.jit
+def embedding_weights(emb_w_ptr, emb_l_ptr, D, sw0, sw1, sl0, sl1, B, tau,
+                      ACC: tl.constexpr, NP: tl.constexpr, DC: tl.constexpr):
+    """W_ij = softmax_j(cos(emb_w[i], emb_l[j]) / τ) over the valid j; norms clamped at 1e-12."""
+    offs = tl.arange(0, NP)
+    valid = offs < B
+    dot = tl.zeros([NP, NP], ACC)
+    norm_w = tl.zeros([NP], ACC)
+    norm_l = tl.zeros([NP], ACC)
+    for d0 in range(0, D, DC):
+        dd = d0 + tl.arange(0, DC)
+        mask = valid[:, None] & (dd < D)[None, :]
+        w = tl.load(emb_w_ptr + offs[:, None] * sw0 + dd[None, :] * sw1, mask=mask, other=0.0).to(ACC)
+        l = tl.load(emb_l_ptr + offs[:, None] * sl0 + dd[None, :] * sl1, mask=mask, other=0.0).to(ACC)
+        dot += tl.sum(w[:, None, :] * l[None, :, :], axis=2)
+        norm_w += tl.sum(w * w, axis=1)
+        norm_l += tl.sum(l * l, axis=1)
+    cos = dot / (tl.maximum(tl.sqrt(norm_w), 1e-12)[:, None] * tl.maximum(tl.sqrt(norm_l), 1e-12)[None, :])
+    logits = tl.where(valid[None, :], cos / tau, -float("inf"))
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def rpo_head(part_ptr, B, splits, inv_n, beta, tau_or_wd, emb_w_ptr, emb_l_ptr, D, sw0, sw1, sl0, sl1,
+             loss_ptr, stats_ptr, coef_ptr,
+             DIAGONAL: tl.constexpr, HAS_EMB: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr,
+             SP: tl.constexpr, DC: tl.constexpr):
+    spt_w, srt_w, spr_w, sptr_w, spt_l, srt_l, spr_l, sptr_l = load_pair_sums(part_ptr, B, splits, NP, SP, ACC)
+    offs = tl.arange(0, NP)
+    valid = offs < B
+    both = valid[:, None] & valid[None, :]
+    diag = offs[:, None] == offs[None, :]
+    rho_w = -policy_minus_ref(sptr_w, spr_w, inv_n)
+    rho_l = -policy_minus_ref(sptr_l, spr_l, inv_n)
+    ell = rho_w[:, None] - rho_l[None, :]
+    ones = tl.full([NP, NP], 1.0, ACC)
+    if DIAGONAL:
+        weight = ones
+        omega = tl.where(diag, tau_or_wd, (1.0 - tau_or_wd) / (B - 1))
+    else:
+        if HAS_EMB:
+            weight = embedding_weights(emb_w_ptr, emb_l_ptr, D, sw0, sw1, sl0, sl1, B, tau_or_wd, ACC, NP, DC)
+        else:
+            weight = ones
+        omega = ones / B
+    weight = tl.where(both, weight, 0.0)
+    omega = tl.where(both, omega, 0.0)
+    u = 0.5 * beta * weight * ell
+    loss = tl.sum(tl.sum(omega * softplus(-u), axis=1), axis=0) / B
+    slope = omega * weight * sigmoid(-u) * (beta / (2 * B))
+    store_pair_coefs(coef_ptr, B, 2.0 * inv_n * tl.sum(slope, axis=1), -2.0 * inv_n * tl.sum(slope, axis=0), NP)
+
+    diag_ell = tl.sum(tl.where(diag, ell, 0.0), axis=1)
+    tl.store(loss_ptr, loss)
+    tl.store(stats_ptr + 0, loss)
+    tl.store(stats_ptr + 1, fraction(diag_ell > 0, valid, B, diag_ell))
+    if not DIAGONAL:
+        pair_wins = tl.sum(tl.sum(tl.where(both & (ell > 0), 1.0, 0.0).to(ell.dtype), axis=1), axis=0) / (B * B)
+        model_w, model_l, ref_w, ref_l = pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
+        tl.store(stats_ptr + 2, pair_wins)
+        tl.store(stats_ptr + 3, masked_mean(tl.sum(tl.where(diag, weight, 0.0), axis=1), valid, B))
+        tl.store(stats_ptr + 4, 0.5 * (model_w + model_l))
+        tl.store(stats_ptr + 5, 0.5 * (ref_w + ref_l))
+        tl.store(stats_ptr + 6 + offs[:, None] * B + offs[None, :], weight, mask=both)
