@@ -38,6 +38,9 @@ def validate(args):
     """Every check that needs files, before anything is written: returns (loss_type, pairs,
     resolution, resume checkpoint or None)."""
     loss_type = get_loss_type(args.loss_type)
+    if args.train_batch_size < loss_type.min_pairs:
+        raise ValueError(f"--train_batch_size: --loss_type {args.loss_type} needs at least "
+                         f"{loss_type.min_pairs} pairs per process, got {args.train_batch_size}")
     vae_factor = check_pipeline_dir(args.pretrained_model_name_or_path)
     args.resolution = args.resolution or vae_sample_size(args.pretrained_model_name_or_path)
     if args.resolution % vae_factor:

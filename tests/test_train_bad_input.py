@@ -82,3 +82,8 @@ def test_cli_prints_one_error_line(tmp_path, capsys):
         sys.argv = argv
     assert exit_info.value.code == 2
     assert "fastpref-train: error: --loss_type" in capsys.readouterr().err
+
+
+def test_batch_too_small_for_loss_type(tmp_path):
+    _fails(tmp_path, ["--loss_type", "rpo_diagonal", "--train_batch_size", "1"],
+           "--train_batch_size: --loss_type rpo_diagonal needs at least 2 pairs per process, got 1")

@@ -21,17 +21,21 @@ class LossType:
     default_beta: float | None          # spec default; None: the loss takes no β
     options: dict = field(default_factory=dict)  # fixed keyword arguments
     description: str = ""
+    needs_timesteps: bool = False       # whether the [B] timesteps follow target
+    min_pairs: int = 1                  # smallest per-process micro-batch the loss accepts
 
     def __call__(self, model_pred: torch.Tensor, ref_pred: torch.Tensor | None, target: torch.Tensor,
-                 beta: float | None) -> tuple[torch.Tensor, dict]:
-        """Evaluate on ``[2B, C, H, W]`` predictions; returns fastpref's ``(loss, metrics)``."""
+                 beta: float | None, timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Evaluate on ``[2B, C, H, W]`` predictions (``timesteps``: ``[B]``, a pair's shared t);
+        returns fastpref's ``(loss, metrics)``."""
         fn = getattr(fastpref, self.function)
         kwargs = dict(self.options)
         if self.default_beta is not None:
             kwargs["beta"] = self.default_beta if beta is None else beta
-        if self.needs_reference:
-            return fn(model_pred, ref_pred, target, **kwargs)
-        return fn(model_pred, target, **kwargs)
+        inputs = (model_pred, ref_pred, target) if self.needs_reference else (model_pred, target)
+        if self.needs_timesteps:
+            inputs += (timesteps,)
+        return fn(*inputs, **kwargs)
 
 
 LOSS_TYPES: dict[str, LossType] = {
@@ -46,6 +50,14 @@ LOSS_TYPES: dict[str, LossType] = {
     "dspo": LossType("dspo_loss", True, 0.001, {"variant": "sd15"}, "DSPO, SD1.5 variant"),
     "dspo_sdxl": LossType("dspo_loss", True, 0.001, {"variant": "sdxl"},
                           "DSPO, SDXL variant (the official SDXL launcher passes --beta 5000)"),
+    "dense_dpo": LossType("dense_dpo_loss", True, 5000.0, {}, "Diffusion-DPO with the dense-reward "
+                          "temporal discount (gamma 0.9, 50 sampler steps)", needs_timesteps=True),
+    "rpo": LossType("rpo_loss", True, 5000.0, {}, "Diffusion-RPO, all winner x loser pairs, uniform weights"),
+    "rpo_diagonal": LossType("rpo_diagonal_loss", True, 5000.0, {}, "Diffusion-RPO, diagonal weight 0.8",
+                             min_pairs=2),
+    "mapo": LossType("mapo_loss", False, 0.1, {}, "MaPO (reference-free)"),
+    "sdpo": LossType("sdpo_loss", True, 5000.0, {}, "Diffusion-SDPO: DPO with the safeguarded loser gradient"),
+    "dmpo": LossType("dmpo_loss", True, 2000.0, {}, "DMPO"),
 }
 
 

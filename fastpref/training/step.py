@@ -46,4 +46,4 @@ def preference_loss(unet: Callable, reference: Callable | None, scheduler, loss_
     if loss_type.needs_reference:
         with torch.no_grad():
             ref_pred = reference(noisy, t2, emb2)
-    return loss_type(model_pred, ref_pred, target, beta)
+    return loss_type(model_pred, ref_pred, target, beta, timesteps)
