@@ -2,8 +2,8 @@
 
 Each function replaces the code between a trainer's model/reference forward and its
 `backward()`: it takes the trainer's own tensors and flags, and returns `(loss, logs)` where
-`logs` maps the trainer's OWN log keys to detached 0-dim tensors (no host sync; call `.item()`
-or gather them where the trainer did). The trainer keeps its data pipeline (winners in rows
+`logs` maps the trainer's OWN log keys to detached 0-dim tensors (no host sync: read them
+back, or gather them, where the trainer did). The trainer keeps its data pipeline (winners in rows
 0..B-1, losers in B..2B-1, shared noise and timestep per pair, reference forward without
 gradient) and its logging/accumulation code.
 
