@@ -1,0 +1,1 @@
+"""Helpers of the preference-alignment trainer ``fastpref.train``."""

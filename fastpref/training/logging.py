@@ -1,0 +1,79 @@
+"""Training metrics: CSV (always), TensorBoard (when installed) and a PNG of the curves."""
+
+import csv
+import warnings
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Appends one row of scalars per optimizer step; rank 0 only."""
+
+    def __init__(self, output_dir: str | Path, report_to: str, resume_step: int = 0):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.dir / "metrics.csv"
+        self.rows: list[dict] = []
+        if resume_step and self.csv_path.exists():  # keep the rows up to the resumed step
+            with open(self.csv_path) as f:
+                self.rows = [{k: int(float(v)) if k == "step" else float(v) for k, v in r.items()}
+                         for r in csv.DictReader(f)
+                             if int(float(r["step"])) <= resume_step]
+        self.tensorboard = None
+        if report_to in ("tensorboard", "all"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(str(self.dir / "logs"))
+            except ImportError:
+                warnings.warn("--report_to tensorboard: tensorboard is not installed; "
+                              "logging to metrics.csv only")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        """Record ``values`` at optimizer step ``step``."""
+        self.rows.append({"step": step, **values})
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(f"train/{key}", value, step)
+
+    def flush(self) -> None:
+        """Rewrite metrics.csv with every row so far (called at checkpoints and at the end)."""
+        if not self.rows:
+            return
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.csv_path)
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        """Write metrics.csv and curves.png and close TensorBoard."""
+        self.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if not self.rows:
+            return
+        self.plot(list(dict.fromkeys(k for r in self.rows for k in r)))
+
+    def plot(self, keys: list[str]) -> None:
+        """One panel per metric against step, saved as curves.png."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [k for k in keys if k != "step"]
+        columns = min(4, len(names))
+        rows = -(-len(names) // columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+        steps = [r["step"] for r in self.rows]
+        for ax, name in zip(axes.flat, names):
+            ax.plot(steps, [r.get(name, float("nan")) for r in self.rows])
+            ax.set_title(name)
+            ax.set_xlabel("step")
+        for ax in list(axes.flat)[len(names):]:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(self.dir / "curves.png", dpi=80)
+        plt.close(fig)

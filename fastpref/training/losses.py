@@ -1,0 +1,72 @@
+"""``--loss_type`` dispatch: one table entry per training objective, on top of fastpref's losses.
+
+Adding a method is one entry: the fastpref function it calls, its default β and whether it
+needs a reference prediction. Rows ``0..B-1`` of every batch are winners, ``B..2B-1`` losers.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import fastpref
+
+
+@dataclass(frozen=True)
+class LossType:
+    """How one ``--loss_type`` turns (model_pred, ref_pred, target) into ``(loss, metrics)``."""
+
+    function: str                       # name of the fastpref function
+    needs_reference: bool               # whether ref_pred is computed and passed
+    default_beta: float | None          # spec default; None: the loss takes no β
+    options: dict = field(default_factory=dict)  # fixed keyword arguments
+    description: str = ""
+    needs_timesteps: bool = False       # whether the [B] timesteps follow target
+    min_pairs: int = 1                  # smallest per-process micro-batch the loss accepts
+
+    def __call__(self, model_pred: torch.Tensor, ref_pred: torch.Tensor | None, target: torch.Tensor,
+                 beta: float | None, timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Evaluate on ``[2B, C, H, W]`` predictions (``timesteps``: ``[B]``, a pair's shared t);
+        returns fastpref's ``(loss, metrics)``."""
+        fn = getattr(fastpref, self.function)
+        kwargs = dict(self.options)
+        if self.default_beta is not None:
+            kwargs["beta"] = self.default_beta if beta is None else beta
+        inputs = (model_pred, ref_pred, target) if self.needs_reference else (model_pred, target)
+        if self.needs_timesteps:
+            inputs += (timesteps,)
+        return fn(*inputs, **kwargs)
+
+
+LOSS_TYPES: dict[str, LossType] = {
+    "dpo": LossType("diffusion_dpo_loss", True, 5000.0, {"loss_type": "sigmoid"},
+                    "Diffusion-DPO, sigmoid (the paper's loss)"),
+    "dpo_hinge": LossType("diffusion_dpo_loss", True, 5000.0, {"loss_type": "hinge"},
+                          "Diffusion-DPO, hinge"),
+    "dpo_ipo": LossType("diffusion_dpo_loss", True, 5000.0, {"loss_type": "ipo"},
+                        "Diffusion-DPO, IPO"),
+    "sft": LossType("sft_loss", False, None, {"winners_only": True},
+                    "supervised fine-tuning on the winners (no reference)"),
+    "dspo": LossType("dspo_loss", True, 0.001, {"variant": "sd15"}, "DSPO, SD1.5 variant"),
+    "dspo_sdxl": LossType("dspo_loss", True, 0.001, {"variant": "sdxl"},
+                          "DSPO, SDXL variant (the official SDXL launcher passes --beta 5000)"),
+    "dense_dpo": LossType("dense_dpo_loss", True, 5000.0, {}, "Diffusion-DPO with the dense-reward "
+                          "temporal discount (gamma 0.9, 50 sampler steps)", needs_timesteps=True),
+    "rpo": LossType("rpo_loss", True, 5000.0, {}, "Diffusion-RPO, all winner x loser pairs, uniform weights"),
+    "rpo_diagonal": LossType("rpo_diagonal_loss", True, 5000.0, {}, "Diffusion-RPO, diagonal weight 0.8",
+                             min_pairs=2),
+    "mapo": LossType("mapo_loss", False, 0.1, {}, "MaPO (reference-free)"),
+    "sdpo": LossType("sdpo_loss", True, 5000.0, {}, "Diffusion-SDPO: DPO with the safeguarded loser gradient"),
+    "dmpo": LossType("dmpo_loss", True, 2000.0, {}, "DMPO"),
+}
+
+
+def get_loss_type(name: str) -> LossType:
+    """The table entry of ``--loss_type name``; ValueError naming the choices otherwise."""
+    if name not in LOSS_TYPES:
+        raise ValueError(f"--loss_type: expected one of {sorted(LOSS_TYPES)}, got {name!r}")
+    entry = LOSS_TYPES[name]
+    if not callable(getattr(fastpref, entry.function, None)):
+        raise ValueError(f"--loss_type {name!r} needs fastpref.{entry.function}, which this "
+                         f"fastpref installation does not provide")
+    return entry

@@ -1,0 +1,121 @@
+"""End-to-end trainer runs on the bundled tiny model: both reference modes, exact resume
+after a kill, 2-process torchrun (gloo) against 1 process, and loading the results."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from fastpref import train
+from fastpref.training.args import DEFAULT_MODEL
+from train_helpers import FAST
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def _rows(out):
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _unet_output(pipe):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    emb = torch.randn(1, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size, generator=g)
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([500]), emb).sample
+
+
+def test_bundled_pipeline_loads_and_samples():
+    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None)
+    assert pipe.unet.config.sample_size * 4 == pipe.vae.config.sample_size == 32
+    image = pipe("a red circle", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3)
+    size_mb = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file()) / 2**20
+    assert size_mb < 8
+
+
+def test_lora_run_writes_loadable_lora_and_logs(tmp_path):
+    out = tmp_path / "lora"
+    train.main([*FAST, "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
+                "--report_to", "tensorboard"])
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == ["1", "2"]
+    for key in ("loss", "implicit_acc", "model_mse", "ref_mse", "lr"):
+        assert key in rows[0]
+    assert float(rows[0]["model_mse"]) == pytest.approx(float(rows[0]["ref_mse"]), rel=1e-5)  # adapters start at zero
+    assert (out / "curves.png").stat().st_size > 0 and any((out / "logs").iterdir())
+    assert (out / "checkpoint-2" / "trainable.safetensors").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None)
+    before = _unet_output(pipe)
+    pipe.load_lora_weights(out)
+    after = _unet_output(pipe)
+    assert not torch.equal(before, after)
+
+
+def test_copy_run_writes_full_unet(tmp_path):
+    out = tmp_path / "copy"
+    train.main([*FAST, "--output_dir", str(out), "--max_train_steps", "2", "--reference", "copy",
+                "--loss_type", "dspo", "--learning_rate", "1e-4"])
+    trained = UNet2DConditionModel.from_pretrained(out / "unet")
+    base = UNet2DConditionModel.from_pretrained(DEFAULT_MODEL, subfolder="unet")
+    changed = [n for n, p in trained.named_parameters()
+               if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert changed
+    assert len(_rows(out)) == 2
+
+
+def test_resume_after_kill_is_bitwise_identical(tmp_path):
+    killed = tmp_path / "killed"
+    args = [*FAST, "--train_batch_size", "2", "--checkpointing_steps", "1", "--random_crop"]
+    proc = subprocess.Popen([sys.executable, "-m", "fastpref.train", *args, "--output_dir", str(killed),
+                             "--max_train_steps", "1000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (killed / "checkpoint-1" / "state.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "trainer exited before checkpoint-1"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_from = max(int(p.name.split("-")[1]) for p in killed.glob("checkpoint-*"))
+    total = resumed_from + 2
+    train.main([*args, "--output_dir", str(killed), "--max_train_steps", str(total),
+                "--resume_from_checkpoint", "latest"])
+    straight = tmp_path / "straight"
+    train.main([*args, "--output_dir", str(straight), "--max_train_steps", str(total)])
+    a = load_file(killed / f"checkpoint-{total}" / "trainable.safetensors")
+    b = load_file(straight / f"checkpoint-{total}" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_file(killed / "pytorch_lora_weights.safetensors").keys() == \
+        load_file(straight / "pytorch_lora_weights.safetensors").keys()
+    assert [r["loss"] for r in _rows(killed)] == [r["loss"] for r in _rows(straight)]
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    common = [*FAST, "--max_train_steps", "2", "--checkpointing_steps", "2",
+              "--gradient_accumulation_steps", "2", "--adam_epsilon", "1e-2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--standalone", "-m", "fastpref.train", *common, "--train_batch_size", "1",
+                    "--output_dir", str(two)], check=True, env=env, capture_output=True)
+    one = tmp_path / "one"
+    train.main([*common, "--train_batch_size", "2", "--output_dir", str(one)])
+    for r1, r2 in zip(_rows(one), _rows(two), strict=True):
+        for key in ("loss", "model_mse", "ref_mse", "implicit_acc"):
+            assert float(r1[key]) == pytest.approx(float(r2[key]), rel=1e-4, abs=1e-6)
+    a = load_file(one / "checkpoint-2" / "trainable.safetensors")
+    b = load_file(two / "checkpoint-2" / "trainable.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    assert not any(p.name.startswith(".tmp") for p in two.iterdir())
