@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "triton==3.6.*"
 	$(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || $(PY) -m pip install -q "numpy<2.4"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,train]" || $(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m fastpref.example
+	$(PY) -m fastpref.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,5 +1,9 @@
 """Preference-pair loading: tie drop, winner-first order, transforms, data-stream positions."""
 import pytest
+
+pytest.importorskip("diffusers", reason="the training tests need the train extra (diffusers), which `make test` installs where a package index is reachable")
+
+import pytest
 import torch
 
 from fastpref.training.data import PreferencePairs, decode_image, pair_indices, pair_pixels, parquet_files

@@ -1,5 +1,9 @@
 """Every ``--loss_type`` table entry calls its fastpref loss on a paired batch."""
 import pytest
+
+pytest.importorskip("diffusers", reason="the training tests need the train extra (diffusers), which `make test` installs where a package index is reachable")
+
+import pytest
 import torch
 
 from fastpref.training.losses import LOSS_TYPES, get_loss_type

@@ -1,4 +1,8 @@
 """The tiny model's builders: tokenizer, procedural images, reward, bundled preference set."""
+import pytest
+
+pytest.importorskip("diffusers", reason="the training tests need the train extra (diffusers), which `make test` installs where a package index is reachable")
+
 import io
 
 import numpy as np

@@ -49,3 +49,11 @@ def write_sd15_pipeline(path: str | Path) -> Path:
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m fastpref.tiny.sd15 DIR   (writes a random-weight SD1.5 pipeline to DIR)")
+    print(f"wrote {write_sd15_pipeline(sys.argv[1])}")

@@ -1,5 +1,5 @@
 """One preference forward: shared noise and timestep per pair, policy and reference
-predictions, and the fastpref loss. Shared by ``fastpref.train`` and ``benchmarks/train_step.py``."""
+predictions, and the fastpref loss. Used by ``fastpref.train``."""
 
 from typing import Callable
 
