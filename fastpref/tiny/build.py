@@ -52,11 +52,11 @@ def train_vae(steps: int, batch_size: int, seed: int, log_every: int = 100):
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
-            print(f"vae step {step}: loss {loss.item():.4f}", flush=True)
+            print(f"vae step {step}: loss {loss.item():.4f}", flush=True)  # host-ok: offline build script, progress print
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         x = to_pixels(random_dataset(512, seed=seed + 7)[0])
-        std = vae.encode(x).latent_dist.sample().std().item()
+        std = vae.encode(x).latent_dist.sample().std().item()  # host-ok: offline build script, one-time latent scale
     vae.register_to_config(scaling_factor=1.0 / std)
     return vae
 
@@ -88,7 +88,7 @@ def train_unet(vae, tokenizer, text_encoder, steps: int, batch_size: int, seed: 
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
-            print(f"unet step {step}: loss {loss.item():.4f}", flush=True)
+            print(f"unet step {step}: loss {loss.item():.4f}", flush=True)  # host-ok: offline build script, progress print
     return unet.eval().requires_grad_(False)
 
 
