@@ -116,7 +116,7 @@ def build_preference_table(pipe, num_pairs: int, seed: int) -> pa.Table:
     """
     rng = np.random.default_rng(seed)
     prompts = random_prompts(num_pairs, rng)
-    seeds = rng.choice(2**31 - 1, size=2 * num_pairs, replace=False).tolist()
+    seeds = rng.choice(2**31 - 1, size=2 * num_pairs, replace=False).tolist()  # host-ok: numpy seeds in the offline build script
     images = sample_images(pipe, prompts + prompts, seeds)
     jpegs = [encode_jpeg(im) for im in images]
     labels = preference_labels(jpegs[:num_pairs], jpegs[num_pairs:])
