@@ -10,7 +10,6 @@ the data stream, so a run is independent of the process count and resumes exactl
 """
 
 import json
-import sys
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path

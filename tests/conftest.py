@@ -21,6 +21,17 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Any Triton kernel launch (`kernel[grid](...)`, whichever kernel) fails the test: bad input
+    must be rejected before anything runs."""
+    from triton.runtime.jit import KernelInterface
+
+    def launch(self, grid):
+        raise AssertionError(f"a kernel was launched before validation: {getattr(self, '__name__', self)}")
+    monkeypatch.setattr(KernelInterface, "__getitem__", launch)
+
+
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs():
     """Every kernel output starts as NaN/INT_MIN, so an unwritten value cannot pass."""

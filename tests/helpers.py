@@ -68,3 +68,30 @@ def assert_grad_close(grad, expected, dtype, rtol):
     bound = OUT_RTOL[dtype] * e.abs() + OUT_ATOL[dtype] + rtol * float(e.abs().max()) + 1e-30
     worst = float(((g - e).abs() / bound).max())
     assert worst <= 1.0, f"gradient error {worst:.2f} x the bound (rtol {rtol:.1e}, dtype {dtype})"
+
+
+def case_id(shape, dtypes):
+    """Test id of a (shape, dtypes) case, e.g. 6x3x25x41-float32/float16/float16."""
+    d = dtypes if isinstance(dtypes, torch.dtype) else "/".join(map(str, dtypes))
+    return f"{'x'.join(map(str, shape))}-{d}".replace("torch.", "")
+
+
+def compute_dtype(inputs):
+    """float64 if any tensor input is float64, else float32 (spec §1)."""
+    return torch.float64 if any(isinstance(x, torch.Tensor) and x.dtype == torch.float64 for x in inputs) \
+        else torch.float32
+
+
+def compute_rtol(inputs, beta):
+    """Compute-error budget (spec §4): fp32 (or fp64) rounding of the per-row errors, amplified
+    by β (the factor on the error differences inside the sigmoid)."""
+    base = 1e-12 if compute_dtype(inputs) == torch.float64 else 4e-6
+    return base * amplification(*inputs, beta)
+
+
+def check_accuracy(name, value, decision, tol):
+    """mean 1[decision > 0] equals the reference's up to entries within tol of 0."""
+    exp = (decision > 0).double().mean()
+    ambiguous = int((decision.abs() <= tol).sum())
+    assert abs(float(value) - float(exp)) <= ambiguous / decision.numel() + 1e-6, \
+        f"{name}: {float(value)} vs reference {float(exp)} ({ambiguous} ambiguous)"

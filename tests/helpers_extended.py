@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from helpers import amplification, assert_close, assert_grad_close, run, run_reference
+from helpers import assert_close, assert_grad_close, check_accuracy, compute_dtype, run, run_reference
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -28,20 +28,10 @@ UNPAIRED_CASES = [
 ]
 
 
-def case_id(shape, dtypes):
-    d = dtypes if isinstance(dtypes, torch.dtype) else "/".join(map(str, dtypes))
-    return f"{'x'.join(map(str, shape))}-{d}".replace("torch.", "")
 
 
-def compute_dtype(inputs):
-    return F64 if any(isinstance(x, torch.Tensor) and x.dtype == F64 for x in inputs) else F32
 
 
-def compute_rtol(inputs, beta):
-    """Compute-error budget (spec §4): fp32 (or fp64) rounding of the per-row errors, amplified
-    by β (the factor on the error differences inside the sigmoid)."""
-    base = 1e-12 if compute_dtype(inputs) == F64 else 4e-6
-    return base * amplification(*inputs, beta)
 
 
 def mapo_rtol(model_pred, target, beta, snr_value, T):
@@ -112,12 +102,6 @@ def check_metrics(metrics, expected, rtol, compute, tie_tol):
             assert torch.equal(value.cpu(), expected[name].to(value.dtype)), f"{name}: {value} != {expected[name]}"
 
 
-def check_accuracy(name, value, decision, tol):
-    """mean 1[decision > 0] equals the reference's up to entries within tol of 0."""
-    exp = (decision > 0).double().mean()
-    ambiguous = int((decision.abs() <= tol).sum())
-    assert abs(float(value) - float(exp)) <= ambiguous / decision.numel() + 1e-6, \
-        f"{name}: {float(value)} vs reference {float(exp)} ({ambiguous} ambiguous)"
 
 
 def check_against_reference(fn, ref_fn, inputs, extra=(), *, rtol, grad_rtol=None, **kw):

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpref import compat
-from helpers import OUT_RTOL, assert_close, assert_grad_close, make_inputs
-from helpers_extended import compute_rtol
+from helpers import OUT_RTOL, assert_close, assert_grad_close, compute_rtol, make_inputs
 
 F16, F32 = torch.float16, torch.float32
 DPO_KEYS = {"step_loss", "model_mse_unaccumulated", "ref_mse_unaccumulated", "implicit_acc"}

@@ -6,7 +6,8 @@ import torch
 
 import fastpref
 import reference
-from helpers import amplification, assert_close, assert_grad_close, make_inputs, run, run_reference
+from helpers import (assert_close, assert_grad_close, case_id, check_accuracy, compute_rtol, make_inputs, run,
+                     run_reference)
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 # (shape, dtypes): every dtype mix on a 4-D batch whose rows span several programs and end in
@@ -18,17 +19,11 @@ CASES = [
     ((2, 4, 8, 8), F32), ((2, 4, 8, 8), BF16),
     ((4, 2, 3, 5, 7), F32), ((4, 2, 3, 5, 7), (F16, BF16, F32)),
 ]
-CASE_IDS = [f"{'x'.join(map(str, s))}-{d if isinstance(d, torch.dtype) else '/'.join(map(str, d))}"
-            .replace("torch.", "") for s, d in CASES]
+CASE_IDS = [case_id(s, d) for s, d in CASES]
 # β and a policy offset that keeps inside = O(1) at that β.
 BETAS = [(0.5, 0.5), (50.0, 0.1), (5000.0, 0.01)]
 
 
-def compute_rtol(inputs, beta):
-    """Compute-error budget relative to the output's scale: fp32 (or fp64) rounding of the
-    per-row errors, amplified by β as the spec's §4 describes."""
-    base = 1e-12 if any(x.dtype == F64 for x in inputs) else 4e-6
-    return base * amplification(*inputs, beta)
 
 
 def check_metrics(metrics, expected, rtol, skip=()):
@@ -43,11 +38,6 @@ def check_metrics(metrics, expected, rtol, skip=()):
             assert int(value) == int(expected[name]), f"{name}: {int(value)} != {int(expected[name])}"
 
 
-def check_accuracy(name, value, inside_ref, tol):
-    """An accuracy equals the reference's, up to pairs whose inside is within rounding of 0."""
-    exp = (inside_ref > 0).double().mean()
-    ambiguous = int((inside_ref.abs() <= tol).sum())
-    assert abs(float(value) - float(exp)) <= ambiguous / inside_ref.numel() + 1e-6, f"{name}: {value} vs {exp}"
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -7,9 +7,9 @@ import torch
 
 import fastpref
 import reference_extended as ref
-from helpers import make_inputs
-from helpers_extended import (BF16, CASES, F32, F64, UNPAIRED_CASES, case_id, check_against_reference,
-                              compute_dtype, compute_rtol, correlated_inputs, mapo_rtol, random_embeddings, random_labels)
+from helpers import case_id, compute_dtype, compute_rtol, make_inputs
+from helpers_extended import (BF16, CASES, F32, F64, UNPAIRED_CASES, check_against_reference, correlated_inputs,
+                              mapo_rtol, random_embeddings, random_labels)
 
 IDS = [case_id(s, d) for s, d in CASES]
 PAIRED_B2 = [(s, d) for s, d in CASES if s[0] >= 4]           # B >= 2 (rpo_diagonal)

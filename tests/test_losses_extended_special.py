@@ -9,9 +9,8 @@ import torch
 
 import fastpref
 import reference_extended as ref
-from helpers import assert_close, assert_grad_close, make_inputs, run
-from helpers_extended import (F32, F64, check_against_reference, compute_rtol, correlated_inputs, mapo_rtol,
-                              random_embeddings)
+from helpers import assert_close, assert_grad_close, compute_rtol, make_inputs, run
+from helpers_extended import (F32, F64, check_against_reference, correlated_inputs, mapo_rtol, random_embeddings)
 
 G_SCALE = 0.75
 

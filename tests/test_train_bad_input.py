@@ -6,7 +6,6 @@ pytest.importorskip("diffusers", reason="the training tests need the train extra
 import pytest
 
 from fastpref import train
-from fastpref.training.args import DEFAULT_MODEL
 from train_helpers import FAST, write_pairs
 
 

@@ -22,7 +22,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from .models import RESOLUTION, tiny_scheduler, tiny_text_encoder, tiny_unet, tiny_vae
+from .models import tiny_scheduler, tiny_text_encoder, tiny_unet, tiny_vae
 from .reward import colourfulness
 from .sampling import sample_images
 from .shapes import CAPTION_WORDS, random_dataset, random_prompts

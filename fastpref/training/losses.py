@@ -1,11 +1,12 @@
 """``--loss_type`` dispatch: one table entry per training objective, on top of fastpref's losses.
 
-Adding a method is one entry: the fastpref function it calls, its default β and whether it
-needs a reference prediction. Rows ``0..B-1`` of every batch are winners, ``B..2B-1`` losers.
+Adding a method is one entry: the fastpref function it calls and whether it needs a reference
+prediction; β defaults to that function's own default. Rows ``0..B-1`` of every batch are
+winners, ``B..2B-1`` losers.
 """
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -18,11 +19,16 @@ class LossType:
 
     function: str                       # name of the fastpref function
     needs_reference: bool               # whether ref_pred is computed and passed
-    default_beta: float | None          # spec default; None: the loss takes no β
     options: dict = field(default_factory=dict)  # fixed keyword arguments
     description: str = ""
     needs_timesteps: bool = False       # whether the [B] timesteps follow target
     min_pairs: int = 1                  # smallest per-process micro-batch the loss accepts
+
+    @property
+    def default_beta(self) -> float | None:
+        """The fastpref function's own default β (the spec's); None if it takes no β."""
+        param = inspect.signature(getattr(fastpref, self.function)).parameters.get("beta")
+        return None if param is None else param.default
 
     def __call__(self, model_pred: torch.Tensor, ref_pred: torch.Tensor | None, target: torch.Tensor,
                  beta: float | None, timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -30,8 +36,8 @@ class LossType:
         returns fastpref's ``(loss, metrics)``."""
         fn = getattr(fastpref, self.function)
         kwargs = dict(self.options)
-        if self.default_beta is not None:
-            kwargs["beta"] = self.default_beta if beta is None else beta
+        if beta is not None and self.default_beta is not None:
+            kwargs["beta"] = beta
         inputs = (model_pred, ref_pred, target) if self.needs_reference else (model_pred, target)
         if self.needs_timesteps:
             inputs += (timesteps,)
@@ -39,25 +45,25 @@ class LossType:
 
 
 LOSS_TYPES: dict[str, LossType] = {
-    "dpo": LossType("diffusion_dpo_loss", True, 5000.0, {"loss_type": "sigmoid"},
+    "dpo": LossType("diffusion_dpo_loss", True, {"loss_type": "sigmoid"},
                     "Diffusion-DPO, sigmoid (the paper's loss)"),
-    "dpo_hinge": LossType("diffusion_dpo_loss", True, 5000.0, {"loss_type": "hinge"},
+    "dpo_hinge": LossType("diffusion_dpo_loss", True, {"loss_type": "hinge"},
                           "Diffusion-DPO, hinge"),
-    "dpo_ipo": LossType("diffusion_dpo_loss", True, 5000.0, {"loss_type": "ipo"},
+    "dpo_ipo": LossType("diffusion_dpo_loss", True, {"loss_type": "ipo"},
                         "Diffusion-DPO, IPO"),
-    "sft": LossType("sft_loss", False, None, {"winners_only": True},
+    "sft": LossType("sft_loss", False, {"winners_only": True},
                     "supervised fine-tuning on the winners (no reference)"),
-    "dspo": LossType("dspo_loss", True, 0.001, {"variant": "sd15"}, "DSPO, SD1.5 variant"),
-    "dspo_sdxl": LossType("dspo_loss", True, 0.001, {"variant": "sdxl"},
+    "dspo": LossType("dspo_loss", True, {"variant": "sd15"}, "DSPO, SD1.5 variant"),
+    "dspo_sdxl": LossType("dspo_loss", True, {"variant": "sdxl"},
                           "DSPO, SDXL variant (the official SDXL launcher passes --beta 5000)"),
-    "dense_dpo": LossType("dense_dpo_loss", True, 5000.0, {}, "Diffusion-DPO with the dense-reward "
+    "dense_dpo": LossType("dense_dpo_loss", True, {}, "Diffusion-DPO with the dense-reward "
                           "temporal discount (gamma 0.9, 50 sampler steps)", needs_timesteps=True),
-    "rpo": LossType("rpo_loss", True, 5000.0, {}, "Diffusion-RPO, all winner x loser pairs, uniform weights"),
-    "rpo_diagonal": LossType("rpo_diagonal_loss", True, 5000.0, {}, "Diffusion-RPO, diagonal weight 0.8",
+    "rpo": LossType("rpo_loss", True, {}, "Diffusion-RPO, all winner x loser pairs, uniform weights"),
+    "rpo_diagonal": LossType("rpo_diagonal_loss", True, {}, "Diffusion-RPO, diagonal weight 0.8",
                              min_pairs=2),
-    "mapo": LossType("mapo_loss", False, 0.1, {}, "MaPO (reference-free)"),
-    "sdpo": LossType("sdpo_loss", True, 5000.0, {}, "Diffusion-SDPO: DPO with the safeguarded loser gradient"),
-    "dmpo": LossType("dmpo_loss", True, 2000.0, {}, "DMPO"),
+    "mapo": LossType("mapo_loss", False, {}, "MaPO (reference-free)"),
+    "sdpo": LossType("sdpo_loss", True, {}, "Diffusion-SDPO: DPO with the safeguarded loser gradient"),
+    "dmpo": LossType("dmpo_loss", True, {}, "DMPO"),
 }
 
 
