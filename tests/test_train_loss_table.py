@@ -1,12 +1,20 @@
-"""Every ``--loss_type`` table entry calls its fastpref loss on a paired batch."""
+"""Every ``--loss_type`` table entry calls its fastpref loss on a batch of its layout."""
 import pytest
 
 pytest.importorskip("diffusers", reason="the training tests need the train extra (diffusers), which `make test` installs where a package index is reachable")
 
-import pytest
 import torch
 
+from fastpref.training.batches import Batch
 from fastpref.training.losses import LOSS_TYPES, get_loss_type
+
+
+def _batch(rows: int, g: torch.Generator) -> Batch:
+    half = rows // 2
+    return Batch(latents=torch.randn(rows, 4, 8, 8, generator=g), embeddings=torch.randn(rows, 3, 8, generator=g),
+                 pooled=torch.randn(half, 8, generator=g).repeat(2, 1), noise=torch.randn(rows, 4, 8, 8, generator=g),
+                 timesteps=torch.tensor([100, 900]).repeat(2),
+                 labels=torch.tensor([1.0, 0.0, 0.0, 1.0]))
 
 
 @pytest.mark.parametrize("name", sorted(LOSS_TYPES))
@@ -15,13 +23,40 @@ def test_entry_returns_finite_loss_and_gradient(name):
     target = torch.randn(4, 4, 8, 8, generator=g)
     ref = target + 0.3 * torch.randn(4, 4, 8, 8, generator=g)
     model = (ref + 0.01 * torch.randn(4, 4, 8, 8, generator=g)).requires_grad_()
-    entry = get_loss_type(name)
-    loss, metrics = entry(model, ref if entry.needs_reference else None, target, None,
-                          torch.tensor([100, 900]))
+    entry, batch = get_loss_type(name), _batch(4, g)
+    loss, metrics = entry(model, ref if entry.needs_reference else None, target, batch)
     loss.backward()
     assert loss.ndim == 0 and torch.isfinite(loss) and "loss" in metrics
     assert torch.isfinite(model.grad).all() and model.grad.abs().sum() > 0
     if entry.default_beta is not None:  # --beta reaches the loss
-        other, _ = entry(model.detach(), ref if entry.needs_reference else None, target,
-                         entry.default_beta * 1e6, torch.tensor([100, 900]))
+        other, _ = entry(model.detach(), ref if entry.needs_reference else None, target, batch,
+                         beta=entry.default_beta * 1e6)
         assert not torch.equal(other, loss.detach())
+
+
+def test_rpo_weights_come_from_pooled_prompts_and_tau():
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(4, 4, 8, 8, generator=g)
+    ref, model = target + 0.3 * torch.randn_like(target), target + 0.3 * torch.randn_like(target)
+    batch = _batch(4, g)
+    _, sharp = LOSS_TYPES["rpo"](model, ref, target, batch, rpo_tau=0.01)
+    _, soft = LOSS_TYPES["rpo"](model, ref, target, batch, rpo_tau=100.0)
+    _, uniform = LOSS_TYPES["rpo_uniform"](model, ref, target, batch)
+    emb = torch.nn.functional.normalize(batch.pooled[:2].double(), dim=-1)
+    expected = torch.softmax(emb @ emb.T / 0.01, dim=-1)
+    torch.testing.assert_close(sharp["weights"].double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(soft["weights"].double(), torch.full((2, 2), 0.5, dtype=torch.float64), atol=1e-2, rtol=0)
+    assert torch.equal(uniform["weights"], torch.ones(2, 2))
+
+
+def test_kto_gets_the_row_labels_and_a_given_baseline():
+    g = torch.Generator().manual_seed(2)
+    target = torch.randn(4, 4, 8, 8, generator=g)
+    ref, model = target + 0.3 * torch.randn_like(target), target + 0.3 * torch.randn_like(target)
+    batch = _batch(4, g)
+    _, own = LOSS_TYPES["kto"](model, ref, target, batch)
+    loss, given = LOSS_TYPES["kto"](model, ref, target, batch, beta=1.0, kl_baseline=torch.tensor(0.25))
+    assert given["kl"] == 0.25 and own["kl"] != 0.25
+    flipped = batch._replace(labels=1 - batch.labels)
+    other, _ = LOSS_TYPES["kto"](model, ref, target, flipped, beta=1.0, kl_baseline=torch.tensor(0.25))
+    assert not torch.equal(loss, other)

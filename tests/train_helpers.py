@@ -33,3 +33,44 @@ def write_pairs(path, labels, captions=None, drop_column=None):
         del columns[drop_column]
     pq.write_table(pa.table(columns), path)
     return path
+
+
+def tiny_step(device, static: bool, loss_type: str, weight_dtype=None):
+    """The bundled tiny model with LoRA rank 4 (seeded), an AdamW (``static``: the tensor-LR one
+    a captured step needs) with a linear schedule (warm-up 2 of 6 steps), and its ``TrainStep``.
+    Returns ``(params, step, lr_scheduler, encoders)``."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    from fastpref.training.batches import Encoders
+    from fastpref.training.graph import make_optimizer
+    from fastpref.training.losses import LOSS_TYPES
+    from fastpref.training.models import add_lora, load_components, set_attention
+    from fastpref.training.step import TrainStep, preference_loss
+
+    weight_dtype = weight_dtype or torch.float32
+    tokenizer, text_encoder, vae, unet, scheduler = load_components(DEFAULT_MODEL, device, weight_dtype)
+    set_attention(unet, False)
+    torch.manual_seed(0)
+    params = add_lora(unet, 4, weight_dtype)
+    optimizer = make_optimizer(params, 2e-3, static=static, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr_scheduler = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=6)
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32,
+                              cache_enabled=False)
+
+    def policy(x, t, e):
+        with autocast:
+            return unet(x, t, e).sample
+
+    def reference(x, t, e):
+        unet.disable_adapters()
+        try:
+            with autocast:
+                return unet(x, t, e).sample
+        finally:
+            unet.enable_adapters()
+
+    step = TrainStep(lambda b: preference_loss(policy, reference, scheduler, LOSS_TYPES[loss_type], b),
+                     params, optimizer, max_grad_norm=1.0)
+    encoders = Encoders(vae, tokenizer, text_encoder, 1000, device, weight_dtype, 32, True, True, 0)
+    return params, step, lr_scheduler, encoders

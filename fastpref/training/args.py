@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the trainer."""
     p = argparse.ArgumentParser(
         prog="fastpref-train",
-        description="Preference alignment (Diffusion-DPO, DSPO, SFT) of a Stable-Diffusion-layout "
+        description="Preference alignment (Diffusion-DPO, DSPO, RPO, KTO, SSPO, MaPO, ...) of a Stable-Diffusion-layout "
                     "model with fastpref's fused losses. Defaults train the bundled tiny model on "
                     "the bundled tiny preference set.")
     a = p.add_argument
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resolution", type=int, default=None, help="training resolution (default: the VAE's sample_size)")
     a("--random_crop", action="store_true", help="random instead of centre crops")
     a("--no_hflip", action="store_true", help="disable random horizontal flips")
-    a("--train_batch_size", type=int, default=4, help="preference pairs per process per micro-step")
+    a("--train_batch_size", type=int, default=4, help="preference pairs per process per micro-step (kto: 2x this many single images)")
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--max_train_steps", type=int, default=100, help="optimizer steps")
     a("--learning_rate", type=float, default=5e-4)
@@ -51,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
       help="β in the official convention (spec §2.1); default: the loss type's spec default "
            "(5000 for dpo*, 0.001 for dspo*)")
     a("--beta_dpo", type=float, default=None, help=argparse.SUPPRESS)
+    a("--rpo_tau", type=float, default=0.5,
+      help="--loss_type rpo: softmax temperature of the prompt-similarity weights (spec: 0.5)")
+    a("--sspo_snapshot_steps", type=int, default=25,
+      help="--loss_type sspo: snapshot the trained weights every this many steps for replay")
+    a("--sspo_num_snapshots", type=int, default=4,
+      help="--loss_type sspo: snapshots kept besides the initial weights (oldest dropped first)")
+    a("--sspo_sample_steps", type=int, default=10, help="--loss_type sspo: DDIM steps of the self-sampler")
+    a("--sspo_guidance_scale", type=float, default=3.0,
+      help="--loss_type sspo: classifier-free guidance scale of the self-sampler")
+    a("--cuda_graph", action="store_true",
+      help="capture the whole training step in one CUDA graph after 3 eager warm-up steps and "
+           "replay it (one process, CUDA only; fp16 captures forward and backward only)")
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", default=None, help="a checkpoint directory or 'latest'")
@@ -92,9 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.data_path = args.dataset_name or args.train_data_dir or str(DEFAULT_DATA)
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                  "learning_rate", "checkpointing_steps", "rank", "logging_steps", "resolution",
-                 "checkpoints_total_limit"):
+                 "checkpoints_total_limit", "rpo_tau", "sspo_snapshot_steps", "sspo_sample_steps"):
         _positive(name, getattr(args, name))
-    for name in ("lr_warmup_steps", "max_grad_norm", "adam_weight_decay", "adam_epsilon"):
+    for name in ("lr_warmup_steps", "max_grad_norm", "adam_weight_decay", "adam_epsilon", "sspo_guidance_scale",
+                 "sspo_num_snapshots"):
         _positive(name, getattr(args, name), allow_zero=True)
     if args.beta is not None and not args.beta > 0:
         raise ValueError(f"--beta: expected > 0, got {args.beta}")

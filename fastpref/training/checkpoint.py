@@ -5,6 +5,7 @@ Layout of ``<output_dir>/checkpoint-<step>/``:
 - ``trainable.safetensors``  the trained parameters (LoRA adapters or the full UNet);
 - ``optimizer.safetensors``  the optimizer's per-parameter state tensors;
 - ``rng.safetensors``        torch CPU (and CUDA) generator states;
+- ``<name>.safetensors``     any extra tensor files the caller adds (SSPO's replay pool);
 - ``state.json``             step, data position, optimizer hyper-parameters, LR-scheduler and
                              grad-scaler state, written last.
 
@@ -45,10 +46,19 @@ def _unflatten_optimizer_state(tensors: dict, scalars: dict, param_groups: list)
     return {"state": state, "param_groups": param_groups}
 
 
+def _json_value(value):
+    """0-dim tensors (a capturable optimizer's tensor LR) as floats in state.json."""
+    if torch.is_tensor(value) and value.numel() == 1:
+        return value.item()  # host-ok: checkpoint writing, outside the step
+    raise TypeError(f"state.json: cannot store {type(value).__name__}")
+
+
 def save_checkpoint(output_dir: str | Path, step: int, *, trainable: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, lr_scheduler, data_position: int,
-                    grad_scaler=None, extra: dict | None = None) -> Path:
-    """Write ``checkpoint-<step>`` atomically and return its path (call on rank 0 only)."""
+                    grad_scaler=None, extra: dict | None = None,
+                    extra_files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically and return its path (call on rank 0 only).
+    ``extra`` goes into state.json; ``extra_files`` maps file names to tensors to store."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
@@ -63,6 +73,8 @@ def save_checkpoint(output_dir: str | Path, step: int, *, trainable: dict[str, t
     if torch.cuda.is_available():
         rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, tmp / "rng.safetensors")
+    for name, tensors in (extra_files or {}).items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / name)
     state = {
         "step": step,
         "data_position": data_position,
@@ -73,7 +85,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, trainable: dict[str, t
         "extra": extra or {},
     }
     with open(tmp / STATE_FILE, "w") as f:
-        json.dump(state, f, indent=1)
+        json.dump(state, f, indent=1, default=_json_value)
         f.flush()
         os.fsync(f.fileno())
     if final.exists():  # a re-run of the same step replaces the old one
@@ -131,8 +143,12 @@ def load_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer, lr_sched
         state = json.load(f)
     trainable = load_file(path / "trainable.safetensors")
     opt_tensors = load_file(path / "optimizer.safetensors")
+    tensor_hyper = [{k: v for k, v in group.items() if torch.is_tensor(v)} for group in optimizer.param_groups]
     optimizer.load_state_dict(_unflatten_optimizer_state(
         opt_tensors, state["optimizer_scalars"], state["optimizer_param_groups"]))
+    for group, tensors in zip(optimizer.param_groups, tensor_hyper):
+        for key, tensor in tensors.items():  # keep the tensor a captured step reads, refilled
+            group[key] = tensor.fill_(group[key])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if grad_scaler is not None and state.get("grad_scaler"):
         grad_scaler.load_state_dict(state["grad_scaler"])

@@ -73,6 +73,12 @@ class PreferencePairs:
     def __getitem__(self, index: int) -> tuple[str, bytes, bytes]:
         return self.captions[index], self.winners[index], self.losers[index]
 
+    def image(self, index: int) -> tuple[str, bytes, bool]:
+        """Image ``index`` of the unpaired view (``2 * len(self)`` images, for KTO):
+        ``(caption, image_bytes, desirable)``; even indices are winners, odd ones losers."""
+        pair, which = divmod(index, 2)
+        return self.captions[pair], (self.winners, self.losers)[which][pair], which == 0
+
 
 def decode_image(data: bytes) -> torch.Tensor:
     """Encoded image bytes to ``[3, H, W]`` float32 in [-1, 1]."""
@@ -80,25 +86,25 @@ def decode_image(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def pair_pixels(winner: bytes, loser: bytes, resolution: int, *, random_crop: bool, hflip: bool,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both images of a pair, resized (shorter side), cropped and flipped identically.
+def load_pixels(images: list[bytes], resolution: int, *, random_crop: bool, hflip: bool,
+                generator: torch.Generator) -> list[torch.Tensor]:
+    """Images resized (shorter side) to the first one's size, cropped and flipped identically.
 
-    Returns two ``[3, resolution, resolution]`` float32 tensors in [-1, 1]. The crop offset
-    and the flip come from ``generator`` so a run is reproducible step by step.
+    Returns ``[3, resolution, resolution]`` float32 tensors in [-1, 1], one per image. The crop
+    offset and the flip come from ``generator`` so a run is reproducible step by step.
     """
-    images = []
-    for data in (winner, loser):
+    decoded = []
+    for data in images:
         image = decode_image(data)[None]
         h, w = image.shape[-2:]
         scale = resolution / min(h, w)
         size = (max(resolution, round(h * scale)), max(resolution, round(w * scale)))
         if size != (h, w):
             image = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
-        images.append(image[0])
-    h, w = images[0].shape[-2:]
-    if images[1].shape[-2:] != (h, w):
-        images[1] = F.interpolate(images[1][None], size=(h, w), mode="bilinear", antialias=True)[0]
+        decoded.append(image[0])
+    h, w = decoded[0].shape[-2:]
+    decoded = [d if d.shape[-2:] == (h, w) else
+               F.interpolate(d[None], size=(h, w), mode="bilinear", antialias=True)[0] for d in decoded]
     offsets = torch.randint(0, 2**31 - 1, (2,), generator=generator)
     if random_crop:
         top, left = int(offsets[0]) % (h - resolution + 1), int(offsets[1]) % (w - resolution + 1)
@@ -106,10 +112,17 @@ def pair_pixels(winner: bytes, loser: bytes, resolution: int, *, random_crop: bo
         top, left = (h - resolution) // 2, (w - resolution) // 2
     flip = bool(torch.rand((), generator=generator) < 0.5) and hflip
     out = []
-    for image in images:
+    for image in decoded:
         image = image[:, top:top + resolution, left:left + resolution]
         out.append(image.flip(-1) if flip else image)
-    return out[0], out[1]
+    return out
+
+
+def pair_pixels(winner: bytes, loser: bytes, resolution: int, *, random_crop: bool, hflip: bool,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both images of a pair, resized, cropped and flipped identically (``load_pixels``)."""
+    w, l = load_pixels([winner, loser], resolution, random_crop=random_crop, hflip=hflip, generator=generator)
+    return w, l
 
 
 def pair_indices(position: int, count: int, num_pairs: int, seed: int) -> list[int]:

@@ -47,15 +47,34 @@ def barrier(state: DistState) -> None:
         dist.barrier()
 
 
-def mean_across_ranks(values: dict[str, float], state: DistState) -> dict[str, float]:
-    """Average scalar metrics over processes (identity alone)."""
-    if not state.enabled or not values:
-        return values
+def read_metrics(values: dict[str, torch.Tensor], state: DistState) -> dict[str, float]:
+    """Scalar device metrics averaged over processes and read on the host in one transfer
+    (the only host sync of a logging step)."""
+    if not values:
+        return {}
     keys = list(values)  # same insertion order on every rank (same metrics dict)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=state.device)
-    dist.all_reduce(tensor)
-    tensor /= state.world_size
-    return dict(zip(keys, tensor.tolist()))
+    stacked = torch.stack([values[k].detach().to(torch.float64) for k in keys])
+    if state.enabled:
+        dist.all_reduce(stacked)
+        stacked /= state.world_size
+    return dict(zip(keys, stacked.tolist()))  # host-ok: logging step
+
+
+def kto_global_baseline(state: DistState):
+    """KTO's baseline over the global batch of a multi-process run (spec §2.7): z = max(0,
+    mean over every process's rows of r_k - m_k), detached and all-reduced on the device.
+    None alone, where the loss's own per-batch baseline is the same thing."""
+    if not state.enabled:
+        return None
+
+    def baseline(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = target.float()
+            gap = (ref_pred.float() - target).square().mean() - (model_pred.float() - target).square().mean()
+            dist.all_reduce(gap)
+            return (gap / state.world_size).clamp(min=0)
+
+    return baseline
 
 
 def cleanup(state: DistState) -> None:

@@ -1,19 +1,18 @@
-"""One preference forward: shared noise and timestep per pair, policy and reference
-predictions, and the fastpref loss. Used by ``fastpref.train``."""
+"""One training step: policy and reference predictions, the fused loss, backward, gradient
+clipping and the optimizer step, with no host synchronisation anywhere in it.
 
+``TrainStep`` is the step ``fastpref.train`` runs eagerly; ``fastpref.training.graph`` runs
+the very same object on static buffers and captures it in a CUDA graph. Metrics come back
+as device tensors, read on the host only at logging steps.
+"""
+
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
 
+from .batches import Batch
 from .losses import LossType
-
-
-def encode_prompts(tokenizer, text_encoder, captions: list[str], device: torch.device) -> torch.Tensor:
-    """``[B, L, D]`` last hidden states of the frozen text encoder."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids.to(device)
-    with torch.no_grad():
-        return text_encoder(ids)[0]
 
 
 def regression_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -27,23 +26,78 @@ def regression_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
     raise ValueError(f"scheduler prediction_type: expected 'epsilon' or 'v_prediction', got {kind!r}")
 
 
-def preference_loss(unet: Callable, reference: Callable | None, scheduler, loss_type: LossType,
-                    beta: float | None, latents: torch.Tensor, embeddings: torch.Tensor,
-                    noise: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Loss and metrics of one micro-batch of B preference pairs.
+def preference_loss(policy: Callable, reference: Callable | None, scheduler, loss_type: LossType,
+                    batch: Batch, *, beta: float | None = None, rpo_tau: float = 0.5,
+                    kl_baseline: Callable | None = None) -> tuple[torch.Tensor, dict]:
+    """Loss and metrics of one micro-batch (``Batch``: ``[R, C, h, w]`` latents, per-row noise,
+    timesteps and embeddings).
 
-    ``latents``: ``[2B, C, h, w]`` scaled VAE latents, winners first; ``embeddings``: ``[B, L, D]``;
-    ``noise``: ``[B, C, h, w]`` and ``timesteps``: ``[B]`` int64, both shared by a pair.
-    ``unet(noisy, t, emb)`` is the policy forward; ``reference(noisy, t, emb)`` (no grad) the
-    reference one, None for loss types without a reference.
+    ``policy(noisy, t, emb)`` is the policy forward; ``reference(noisy, t, emb)`` the reference
+    one, run under no_grad and only when the loss type needs it (never for SFT and MaPO).
+    ``kl_baseline(model_pred, ref_pred, target)``, when given, supplies KTO's baseline (the
+    cross-process mean of a multi-process run).
     """
-    noise2, t2 = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
-    emb2 = embeddings.repeat(2, 1, 1)
-    noisy = scheduler.add_noise(latents, noise2, t2)
-    target = regression_target(scheduler, latents, noise2, t2)
-    model_pred = unet(noisy, t2, emb2)
+    noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+    target = regression_target(scheduler, batch.latents, batch.noise, batch.timesteps)
+    model_pred = policy(noisy, batch.timesteps, batch.embeddings)
     ref_pred = None
     if loss_type.needs_reference:
         with torch.no_grad():
-            ref_pred = reference(noisy, t2, emb2)
-    return loss_type(model_pred, ref_pred, target, beta, timesteps)
+            ref_pred = reference(noisy, batch.timesteps, batch.embeddings)
+    baseline = None
+    if kl_baseline is not None and loss_type.extra_input == "labels":
+        baseline = kl_baseline(model_pred, ref_pred, target)
+    return loss_type(model_pred, ref_pred, target, batch, beta=beta, rpo_tau=rpo_tau, kl_baseline=baseline)
+
+
+class TrainStep:
+    """One optimizer step over a list of micro-batches (gradient accumulation).
+
+    ``loss_fn(batch) -> (loss, metrics)`` is one micro-batch's forward. The step zeroes the
+    gradients (set to None) first, runs forward and backward on every micro-batch, then clips
+    and steps the optimizer. It returns the micro-batch mean of every scalar metric plus
+    ``grad_norm``, as device tensors.
+
+    ``scaler`` (fp16) scales the loss and unscales before clipping; ``no_sync()`` (DDP) is
+    entered for every micro-batch but the last.
+    """
+
+    def __init__(self, loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]], params: list[torch.nn.Parameter],
+                 optimizer: torch.optim.Optimizer, *, max_grad_norm: float, scaler=None,
+                 no_sync: Callable | None = None):
+        self.loss_fn, self.params, self.optimizer = loss_fn, params, optimizer
+        self.max_grad_norm, self.scaler, self.no_sync = max_grad_norm, scaler, no_sync
+
+    def forward_backward(self, batches: list[Batch]) -> dict[str, torch.Tensor]:
+        """Gradients of the mean micro-batch loss in ``.grad``; returns the mean scalar metrics."""
+        self.optimizer.zero_grad(set_to_none=True)
+        count = len(batches)
+        totals: dict[str, torch.Tensor] = {}
+        for index, batch in enumerate(batches):
+            sync = self.no_sync() if self.no_sync is not None and index < count - 1 else nullcontext()
+            with sync:
+                loss, metrics = self.loss_fn(batch)
+                scaled = loss / count
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            for key, value in metrics.items():
+                if value.ndim == 0 and value.is_floating_point():
+                    value = value.detach().float() / count
+                    totals[key] = totals[key] + value if key in totals else value
+        return totals
+
+    def apply_gradients(self) -> torch.Tensor:
+        """Clip to ``max_grad_norm`` and step the optimizer; returns the pre-clip gradient norm."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return grad_norm
+
+    def __call__(self, batches: list[Batch]) -> dict[str, torch.Tensor]:
+        metrics = self.forward_backward(batches)
+        metrics["grad_norm"] = self.apply_gradients()
+        return metrics

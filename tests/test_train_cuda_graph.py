@@ -1,0 +1,109 @@
+"""The captured training step on a CUDA GPU: replays match the eager step, make no host sync,
+and ``--cuda_graph`` trains every precision and reference mode end to end. The CPU checks of
+the same static-buffer step are in test_train_static_step.py."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytest.importorskip("diffusers", reason="the training tests need the train extra (diffusers), which `make test` installs where a package index is reachable")
+
+import csv
+import math
+
+from safetensors.torch import load_file
+
+from fastpref import train
+from fastpref.training.args import DEFAULT_DATA
+from fastpref.training.batches import paired_batch
+from fastpref.training.data import PreferencePairs, parquet_files
+from fastpref.training.graph import WARMUP_STEPS, StaticStep
+from train_helpers import FAST, tiny_step
+
+CUDA = torch.device("cuda")
+pytestmark = [pytestmark, pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+def _rows(out):
+    with open(out / "metrics.csv") as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "dspo_sdxl"])
+def test_replayed_steps_match_eager_steps_without_host_sync(loss_type):
+    pairs = PreferencePairs(parquet_files(DEFAULT_DATA))
+    params_e, eager, sched_e, enc = tiny_step(CUDA, True, loss_type)
+    params_g, inner, sched_g, _ = tiny_step(CUDA, True, loss_type)
+    graphed = StaticStep(inner, use_graph=True)
+    for step in range(WARMUP_STEPS + 3):
+        batches = [paired_batch(pairs, list(range(4 * step + 2 * m, 4 * step + 2 * m + 2)), enc) for m in range(2)]
+        out_e = eager(batches)
+        torch.cuda.synchronize()
+        captured = graphed.graph is not None
+        if captured:  # replays (and the input copies) make no host sync
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            out_g = graphed(batches)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert (graphed.graph is not None) == (step >= WARMUP_STEPS)
+        for key in out_e:
+            torch.testing.assert_close(out_g[key], out_e[key], rtol=1e-4, atol=1e-6, msg=f"step {step} {key}")
+        sched_e.step()
+        sched_g.step()
+    assert captured
+    for a, b in zip(params_e, params_g, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_cuda_graph_run_matches_eager_run(tmp_path, monkeypatch):
+    replays = []
+    original = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), original(self))[1])
+    common = [*FAST, "--train_batch_size", "2", "--max_train_steps", "6", "--gradient_accumulation_steps", "2",
+              "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--report_to", "csv", "--checkpointing_steps", "6"]
+    train.main([*common, "--output_dir", str(tmp_path / "eager")])
+    assert not replays
+    train.main([*common, "--output_dir", str(tmp_path / "graph"), "--cuda_graph"])
+    assert len(replays) == 6 - WARMUP_STEPS
+    eager, graph = _rows(tmp_path / "eager"), _rows(tmp_path / "graph")
+    for r_e, r_g in zip(eager, graph, strict=True):
+        for key in ("loss", "model_mse", "ref_mse", "grad_norm", "lr"):
+            assert r_g[key] == pytest.approx(r_e[key], rel=1e-3, abs=1e-6), (r_e["step"], key)
+    a = load_file(tmp_path / "eager" / "checkpoint-6" / "trainable.safetensors")
+    b = load_file(tmp_path / "graph" / "checkpoint-6" / "trainable.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision,reference,loss_type", [
+    ("bf16", "lora", "dpo"), ("bf16", "copy", "sspo"), ("fp16", "lora", "kto"), ("fp16", "copy", "mapo"),
+    ("bf16", "lora", "rpo"), ("no", "lora", "dense_dpo")])
+def test_cuda_graph_trains_every_precision_and_reference(tmp_path, precision, reference, loss_type):
+    out = tmp_path / "run"
+    train.main([*FAST, "--train_batch_size", "2", "--max_train_steps", str(WARMUP_STEPS + 3), "--cuda_graph",
+                "--mixed_precision", precision, "--reference", reference, "--loss_type", loss_type,
+                "--report_to", "csv", "--output_dir", str(out), "--checkpointing_steps", "2",
+                "--sspo_sample_steps", "2", "--sspo_snapshot_steps", "2"])
+    rows = _rows(out)
+    assert len(rows) == WARMUP_STEPS + 3 and all(math.isfinite(r["loss"]) for r in rows)
+    assert len({r["loss"] for r in rows[WARMUP_STEPS:]}) > 1  # replays see each step's new inputs
+
+
+def test_cuda_graph_resumes_from_a_checkpoint(tmp_path):
+    common = [*FAST, "--train_batch_size", "2", "--cuda_graph", "--report_to", "csv", "--checkpointing_steps", "4",
+              "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"]
+    train.main([*common, "--max_train_steps", "8", "--output_dir", str(tmp_path / "straight")])
+    train.main([*common, "--max_train_steps", "4", "--output_dir", str(tmp_path / "resumed")])
+    train.main([*common, "--max_train_steps", "8", "--output_dir", str(tmp_path / "resumed"),
+                "--resume_from_checkpoint", "latest"])
+    straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "resumed")
+    for r_s, r_r in zip(straight, resumed, strict=True):
+        assert r_r["lr"] == pytest.approx(r_s["lr"], rel=1e-6)
+        assert r_r["loss"] == pytest.approx(r_s["loss"], rel=1e-3, abs=1e-6)
+
+
+def test_gradient_checkpointing_in_the_graph_is_refused(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="--cuda_graph with --gradient_checkpointing: refused"):
+        train.main([*FAST, "--cuda_graph", "--gradient_checkpointing", "--output_dir", str(out)])
+    assert not out.exists()
