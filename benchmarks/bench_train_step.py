@@ -1,4 +1,5 @@
-"""Whole Diffusion-DPO training step: SD1.5 UNet + LoRA, eager diffusers loss vs fastpref.
+"""Whole Diffusion-DPO training step: SD1.5 UNet + LoRA, eager diffusers loss vs fastpref,
+eager and as the trainer's CUDA-graph step.
 
     python benchmarks/bench_train_step.py              # B = 1,4,8 pairs, 10 timed steps each
     python benchmarks/bench_train_step.py --quick      # B = 4, 5 timed steps
@@ -9,7 +10,10 @@ to_q/to_k/to_v/to_out.0 with alpha = rank and gaussian init, AdamW on the LoRA p
 grad-norm clip 1.0): policy forward, reference forward with the adapters disabled under
 ``no_grad``, loss, backward, clip, optimizer step, zero_grad. Only the loss differs:
 ``reference_blocks.diffusers_dpo`` (beta_dpo 2500) or ``fastpref.diffusion_dpo_loss``
-(beta 5000, the same loss). Inputs are random: 512 px latents ``[2B, 4, 64, 64]``, text
+(beta 5000, the same loss). Provider ``fastpref-cudagraph`` is the same step run by the
+trainer's ``--cuda_graph`` machinery (``fastpref.training.graph.StaticStep`` around a
+``TrainStep``, capturable AdamW with a tensor LR): 3 eager warm-up steps, capture, then timed
+replays (CUDA only; autocast without its weight cache, as the trainer runs it). Inputs are random: 512 px latents ``[2B, 4, 64, 64]``, text
 embeddings ``[2B, 77, 768]``, timesteps shared within a pair. Weights are random (the SD1.5
 UNet config is written inline; nothing is downloaded).
 
@@ -127,6 +131,30 @@ def train_step(unet, opt, params, batch, loss_fn, dtype, device):
     return loss
 
 
+def graphed_step(unet, params, batch, dtype, device):
+    """The trainer's captured step (``fastpref-cudagraph``): returns ``(step, eager_step)``;
+    ``step()`` replays after ``WARMUP_STEPS`` side-stream calls and one capture."""
+    import fastpref
+    from fastpref.training.graph import StaticStep, make_optimizer
+    from fastpref.training.step import TrainStep
+
+    opt = make_optimizer(params, 1e-8, static=True, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+
+    def loss_fn(b):
+        noisy, t, emb, target = b
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
+            model_pred = unet(noisy, t, emb).sample
+            unet.disable_adapters()
+            with torch.no_grad():
+                ref_pred = unet(noisy, t, emb).sample
+            unet.enable_adapters()
+        return fastpref.diffusion_dpo_loss(model_pred, ref_pred, target, beta=5000.0)
+
+    inner = TrainStep(loss_fn, params, opt, max_grad_norm=1.0)
+    static = StaticStep(inner, use_graph=True)
+    return (lambda: static([batch])), (lambda: inner([batch]))
+
+
 def count_flops(step) -> float:
     """FLOPs of one call of ``step`` (UNet matmuls, convolutions and attention dominate)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -165,19 +193,25 @@ def run(args) -> None:
     for B in args.batches:
         batch = make_batch(config, B, device, dtype)
         for provider in args.providers:
-            try:
-                loss_fn = make_loss(provider)
-            except ImportError as e:
-                notes.append(f"SKIP {provider}: {e}")
+            if provider == "fastpref-cudagraph" and device != "cuda":
+                notes.append(f"SKIP {provider}: needs CUDA")
                 print(notes[-1], flush=True)
                 continue
-            opt = torch.optim.AdamW(params, lr=1e-8, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+            warmup, flops = args.warmup, None
+            if provider == "fastpref-cudagraph":
+                from fastpref.training.graph import WARMUP_STEPS
+                step, eager_step = graphed_step(unet, params, batch, dtype, device)
+                flops = count_flops(eager_step)  # a replay dispatches nothing to count
+                warmup += WARMUP_STEPS + 1  # side-stream warm-up and the capture, untimed
+            else:
+                loss_fn = make_loss(provider)
+                opt = torch.optim.AdamW(params, lr=1e-8, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
-            def step():
-                return train_step(unet, opt, params, batch, loss_fn, dtype, device)
+                def step():
+                    return train_step(unet, opt, params, batch, loss_fn, dtype, device)
 
             try:
-                for _ in range(args.warmup):
+                for _ in range(warmup):
                     step()
                 times = []
                 if device == "cuda":
@@ -196,7 +230,7 @@ def run(args) -> None:
                         step()
                         times.append((time.perf_counter() - a) * 1e3)
                 mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-                flops = count_flops(step)
+                flops = flops if flops is not None else count_flops(step)
             except Exception as e:  # record and go on (e.g. out of memory at large B)
                 notes.append(f"ERROR {provider} B={B}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 print(notes[-1], flush=True)
@@ -208,7 +242,7 @@ def run(args) -> None:
             row = dict(kernel=kernel, provider=provider, mode="full", x_name="B", x_value=B,
                        dtype="bf16", shape_name="sd15_512" if not args.tiny else "tiny",
                        shape=tuple(batch[0].shape),
-                       extra={"lora_rank": LORA_RANK, "steps": args.steps, "warmup": args.warmup,
+                       extra={"lora_rank": LORA_RANK, "steps": args.steps, "warmup": warmup,
                               "peak_tflops": peak, "peak_source": peak_src, "text_len": TEXT_LEN})
             w.add(metric="train_step_time", unit="ms", y=q, **row)
             w.add(metric="steps_per_s", unit="1/s", y=1e3 / q[1], **row)
@@ -224,7 +258,7 @@ def run(args) -> None:
                   f"{1e3 / q[1]:.3f} steps/s, {flops / 1e12:.3f} TFLOP/step"
                   + (f", peak {mem:.2f} GiB" if mem is not None else "")
                   + (f", MFU {mfu:.1f}%" if mfu is not None else ""), flush=True)
-            del opt
+            del step
         del batch
     w.close()
     csv_io.write_meta(args.out, {"command": csv_io.command_line(), "env": env, "notes": notes,
@@ -237,7 +271,7 @@ def main(argv=None) -> int:
     """Entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,4,8", help="comma list of B (pairs; batch = 2B)")
-    p.add_argument("--providers", default="eager-diffusers,fastpref")
+    p.add_argument("--providers", default="eager-diffusers,fastpref,fastpref-cudagraph")
     p.add_argument("--steps", type=int, default=10, help="timed steps per point")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per point")
     p.add_argument("--quick", action="store_true", help="B=4, 5 timed steps")

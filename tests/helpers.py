@@ -1,5 +1,6 @@
 """Shared test helpers: random paired inputs, running a loss and its float64 reference."""
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 EPS32 = 2.0 ** -24
 # Output rounding of the gradient store: relative (bf16 truncates under the interpreter, so a
@@ -95,3 +96,16 @@ def check_accuracy(name, value, decision, tol):
     ambiguous = int((decision.abs() <= tol).sum())
     assert abs(float(value) - float(exp)) <= ambiguous / decision.numel() + 1e-6, \
         f"{name}: {float(value)} vs reference {float(exp)} ({ambiguous} ambiguous)"
+
+
+SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+            torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
+
+
+class FailOnHostSync(TorchDispatchMode):
+    """Raises on any op that reads a tensor value back to the host (.item(), bool(), equal)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in SYNC_OPS:
+            raise AssertionError(f"host synchronisation: {func}")
+        return func(*args, **(kwargs or {}))

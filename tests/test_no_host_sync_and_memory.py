@@ -5,20 +5,9 @@ import gc
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import make_inputs
+from helpers import FailOnHostSync, make_inputs
 from loss_calls import CALLS, call
-
-SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-            torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
-
-
-class FailOnHostSync(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in SYNC_OPS:
-            raise AssertionError(f"host synchronisation: {func}")
-        return func(*args, **(kwargs or {}))
 
 
 def test_sync_detector_catches_item():

@@ -127,3 +127,23 @@ def test_checkpoint_round_trip_keeps_the_tensor_lr(tmp_path):
         step(params, optimizer, schedule, -i - 1.0)
         step(params2, optimizer2, schedule2, -i - 1.0)
         assert torch.equal(lr_tensor, optimizer.param_groups[0]["lr"]) and torch.equal(params2[0], params[0])
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "dspo_sdxl", "dense_dpo", "rpo", "kto", "mapo", "sdpo"])
+def test_forward_backward_of_the_step_makes_no_host_sync(loss_type):
+    """Both UNet forwards, the loss, backward and the metric accumulation over 2 micro-batches
+    stay on the device. (AdamW reads its step count on the host unless capturable, which needs
+    CUDA: tests/test_train_cuda_graph.py checks the captured optimizer step there.)"""
+    from helpers import FailOnHostSync
+
+    from fastpref.training.batches import image_batch
+    from fastpref.training.losses import LOSS_TYPES
+
+    params, step, _, enc = _setup(True, loss_type)
+    pairs = PreferencePairs(parquet_files(DEFAULT_DATA))
+    build = image_batch if LOSS_TYPES[loss_type].data == "images" else paired_batch
+    batches = [build(pairs, [2 * m, 2 * m + 1], enc) for m in range(2)]
+    with FailOnHostSync():
+        metrics = step.forward_backward(batches)
+    assert "loss" in metrics and all(v.ndim == 0 for v in metrics.values())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)

@@ -14,9 +14,10 @@ eagerly after each replay. ``StaticStep(..., use_graph=False)`` runs the same st
 path without capture: what the CPU tests check against the regular step.
 """
 
+from __future__ import annotations
+
 import torch
 
-from .batches import Batch
 from .step import TrainStep
 
 WARMUP_STEPS = 3
@@ -52,25 +53,32 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, *, static: bool,
     return optimizer
 
 
+def _clone(batch):
+    """A copy of a micro-batch: a ``Batch`` or any tuple of tensors."""
+    clones = (t.clone() for t in batch)
+    return type(batch)(*clones) if hasattr(batch, "_fields") else tuple(clones)
+
+
 class StaticStep:
     """A ``TrainStep`` run on static input buffers: captured in a CUDA graph after
     ``warmup_steps`` eager side-stream steps and replayed (``use_graph=True``), or called
-    directly on the buffers (``use_graph=False``, any device)."""
+    directly on the buffers (``use_graph=False``, any device). A micro-batch is a ``Batch`` or
+    any tuple of tensors; every step must bring the same number, shapes and dtypes."""
 
     def __init__(self, step: TrainStep, *, use_graph: bool, capture_optimizer: bool = True,
                  warmup_steps: int = WARMUP_STEPS):
         self.step, self.use_graph, self.capture_optimizer = step, use_graph, capture_optimizer
         self.warmup_left = warmup_steps if use_graph else 0
-        self.inputs: list[Batch] | None = None
+        self.inputs: list[tuple] | None = None
         self.outputs: dict[str, torch.Tensor] | None = None
         self.graph = None
 
-    def __call__(self, batches: list[Batch]) -> dict[str, torch.Tensor]:
+    def __call__(self, batches: list[tuple]) -> dict[str, torch.Tensor]:
         if self.warmup_left > 0:
             self.warmup_left -= 1
             return self._side_stream(batches)
         if self.inputs is None:
-            self.inputs = [Batch(*(t.clone() for t in batch)) for batch in batches]
+            self.inputs = [_clone(batch) for batch in batches]
         self._load(batches)
         if not self.use_graph:
             return self.step(self.inputs)
@@ -82,18 +90,19 @@ class StaticStep:
             out["grad_norm"] = self.step.apply_gradients()
         return out
 
-    def _load(self, batches: list[Batch]) -> None:
+    def _load(self, batches: list[tuple]) -> None:
         if len(batches) != len(self.inputs):
             raise ValueError(f"batches: expected {len(self.inputs)} micro-batches (the captured step's), "
                              f"got {len(batches)}")
         for static, batch in zip(self.inputs, batches):
-            for name, buffer, value in zip(Batch._fields, static, batch):
+            names = getattr(batch, "_fields", range(len(batch)))
+            for name, buffer, value in zip(names, static, batch, strict=True):
                 if buffer.shape != value.shape or buffer.dtype != value.dtype:
                     raise ValueError(f"batch.{name}: expected {tuple(buffer.shape)} {buffer.dtype} "
                                      f"(the captured step's), got {tuple(value.shape)} {value.dtype}")
                 buffer.copy_(value, non_blocking=True)
 
-    def _side_stream(self, batches: list[Batch]) -> dict[str, torch.Tensor]:
+    def _side_stream(self, batches: list[tuple]) -> dict[str, torch.Tensor]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -6,13 +6,17 @@ the very same object on static buffers and captures it in a CUDA graph. Metrics 
 as device tensors, read on the host only at logging steps.
 """
 
+from __future__ import annotations
+
 from contextlib import nullcontext
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .batches import Batch
 from .losses import LossType
+
+if TYPE_CHECKING:  # batches.py needs the data libraries (pyarrow, PIL), the step does not
+    from .batches import Batch
 
 
 def regression_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
