@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(
         args.pretrained_model_name_or_path, device, weight_dtype)
-    set_attention(unet, args.enable_xformers_memory_efficient_attention)
+    set_attention(unet, True if args.enable_xformers_memory_efficient_attention else None)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = add_lora(unet, args.rank, weight_dtype) if args.reference == "lora" else list(unet.parameters())
@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> Path:
         load_trainable_state(unet, args.reference, tensors)
         step, position = state["step"], state["data_position"]
         if replay is not None:
+            if "sspo_pool_steps" not in state["extra"]:
+                raise ValueError(f"--resume_from_checkpoint: {str(resume)!r} holds no SSPO replay pool "
+                                 f"(written by another --loss_type); start --loss_type sspo afresh")
             replay.restore(resume, state["extra"]["sspo_pool_steps"])
     model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.enabled else unet

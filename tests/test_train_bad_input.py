@@ -90,3 +90,31 @@ def test_cli_prints_one_error_line(tmp_path, capsys):
 def test_batch_too_small_for_loss_type(tmp_path):
     _fails(tmp_path, ["--loss_type", "rpo_diagonal", "--train_batch_size", "1"],
            "--train_batch_size: --loss_type rpo_diagonal needs at least 2 pairs per process, got 1")
+
+
+def test_attention_backend_auto_and_required(monkeypatch):
+    """No flag: SDPA unless xformers is installed and runs on CUDA; the flag requires xformers."""
+    import importlib.util
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from fastpref.training.args import DEFAULT_MODEL
+    from fastpref.training.models import set_attention
+
+    unet = UNet2DConditionModel.from_pretrained(DEFAULT_MODEL, subfolder="unet")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "xformers" else real_find_spec(name, *a))
+    calls = []
+    monkeypatch.setattr(UNet2DConditionModel, "enable_xformers_memory_efficient_attention",
+                        lambda self: (calls.append(1), (_ for _ in ()).throw(RuntimeError("no kernels")))[1])
+    if not torch.cuda.is_available():  # auto on the CPU: SDPA without trying xformers
+        assert set_attention(unet, None) == "sdpa" and not calls
+    else:  # auto on CUDA with a broken xformers: tried, warned, SDPA
+        with pytest.warns(UserWarning, match="xformers is installed but cannot run here"):
+            assert set_attention(unet, None) == "sdpa"
+    assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+    with pytest.raises(ValueError, match="--enable_xformers_memory_efficient_attention: xformers cannot run here"):
+        set_attention(unet, True)

@@ -99,3 +99,10 @@ def test_sspo_resume_continues_replay_exactly(tmp_path):
     pool_b = load_file(resumed / "checkpoint-4" / "replay.safetensors")
     assert pool_a.keys() == pool_b.keys() and all(torch.equal(pool_a[k], pool_b[k]) for k in pool_a)
     assert {k.split("/")[0] for k in pool_a} == {"0", "1", "2"}  # initial + --sspo_num_snapshots 2
+
+
+def test_sspo_refuses_to_resume_a_checkpoint_without_a_replay_pool(tmp_path):
+    out = _run(tmp_path, "dpo", steps=1, extra=["--checkpointing_steps", "1"])
+    with pytest.raises(ValueError, match="holds no SSPO replay pool"):
+        train.main([*FAST, "--train_batch_size", "2", "--output_dir", str(out), "--max_train_steps", "2",
+                    "--loss_type", "sspo", "--resume_from_checkpoint", "latest", *SSPO_FAST])

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adam_epsilon", type=float, default=1e-8)
     a("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
     a("--gradient_checkpointing", action="store_true")
-    a("--enable_xformers_memory_efficient_attention", action="store_true")
+    a("--enable_xformers_memory_efficient_attention", action="store_true",
+      help="require xformers attention (default: xformers when installed and working on CUDA, "
+           "PyTorch SDPA otherwise)")
     a("--reference", default="lora", choices=("lora", "copy"),
       help="lora: train LoRA adapters, reference = adapters disabled; copy: full fine-tuning "
            "against a frozen copy of the UNet")

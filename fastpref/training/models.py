@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,15 +57,29 @@ def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return module
 
 
-def set_attention(unet: UNet2DConditionModel, use_xformers: bool) -> None:
-    """PyTorch SDPA attention by default; xformers when asked for (error if not installed)."""
-    if use_xformers:
-        if importlib.util.find_spec("xformers") is None:
-            raise ValueError("--enable_xformers_memory_efficient_attention: xformers is not installed "
-                             "(pip install xformers), drop the flag to use PyTorch SDPA attention")
-        unet.enable_xformers_memory_efficient_attention()
-    else:
-        unet.set_attn_processor(AttnProcessor2_0())
+def set_attention(unet: UNet2DConditionModel, use_xformers: bool | None) -> str:
+    """Memory-efficient attention; returns the back-end used, ``"xformers"`` or ``"sdpa"``.
+
+    ``use_xformers=True`` (the diffusers flag): xformers or a ValueError. ``None`` (no flag):
+    xformers when it is installed and its CUDA kernels run here (diffusers makes a test call),
+    PyTorch SDPA otherwise, with a warning when an installed xformers fails. ``False``: SDPA.
+    """
+    installed = importlib.util.find_spec("xformers") is not None
+    if use_xformers and not installed:
+        raise ValueError("--enable_xformers_memory_efficient_attention: xformers is not installed "
+                         "(pip install xformers), drop the flag to use PyTorch SDPA attention")
+    if use_xformers or (use_xformers is None and installed and unet.device.type == "cuda"):
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as error:  # diffusers raises several types when the kernels cannot run
+            if use_xformers:
+                raise ValueError(f"--enable_xformers_memory_efficient_attention: xformers cannot run "
+                                 f"here ({type(error).__name__}: {error})") from error
+            warnings.warn(f"xformers is installed but cannot run here ({type(error).__name__}); "
+                          f"using PyTorch SDPA attention")
+    unet.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
 
 
 def add_lora(unet: UNet2DConditionModel, rank: int, weight_dtype: torch.dtype) -> list[torch.nn.Parameter]:
