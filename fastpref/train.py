@@ -14,6 +14,7 @@ read at logging steps only.
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from fastpref.training.models import (add_lora, check_pipeline_dir, frozen_copy,
                                       trainable_state, vae_sample_size)
 from fastpref.training.replay import REPLAY_FILE, CheckpointReplay, self_sampler
 from fastpref.training.step import TrainStep, preference_loss
+from fastpref.training.stopping import StopRequest
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -157,48 +159,56 @@ def main(argv: list[str] | None = None) -> Path:
     barrier(dist)
 
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not dist.is_main, desc="train")
-    while step < args.max_train_steps:
-        replayed_step = None
-        if replay is not None:
-            index = replay.pick(step)
-            replay.load(index)
-            replayed_step = replay.steps[index]
-        batches = []
-        for micro in range(args.gradient_accumulation_steps):
-            start = position + (micro * dist.world_size + dist.rank) * per_process
-            batches.append(build(pairs, list(range(start, start + per_process)), encoders, *sampler))
-        metrics = run_step(batches)
-        position += per_step
-        lr_scheduler.step()
-        step += 1
-        if replay is not None:
-            replay.after_step(unet, step)
-        progress.update(1)
+    stopping = False
+    with StopRequest() as stop:
+        while step < args.max_train_steps and not stopping:
+            replayed_step = None
+            if replay is not None:
+                index = replay.pick(step)
+                replay.load(index)
+                replayed_step = replay.steps[index]
+            batches = []
+            for micro in range(args.gradient_accumulation_steps):
+                start = position + (micro * dist.world_size + dist.rank) * per_process
+                batches.append(build(pairs, list(range(start, start + per_process)), encoders, *sampler))
+            metrics = run_step(batches)
+            position += per_step
+            lr_scheduler.step()
+            step += 1
+            if replay is not None:
+                replay.after_step(unet, step)
+            progress.update(1)
 
-        if step % args.logging_steps == 0 or step == args.max_train_steps:
-            values = read_metrics(metrics, dist)
-            values["lr"] = float(optimizer.param_groups[0]["lr"])  # host-ok: logging step
-            if replayed_step is not None:
-                values["replayed_step"] = replayed_step
-            if dist.is_main:
-                logger.log(step, values)
-                progress.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
-                                     acc=f"{values.get('implicit_acc', float('nan')):.2f}")
-        if step % args.checkpointing_steps == 0:
-            if dist.is_main:
-                logger.flush()
-                extra, files = {}, {}
-                if replay is not None:
-                    files[REPLAY_FILE], extra["sspo_pool_steps"] = replay.state()
-                save_checkpoint(output_dir, step, trainable=trainable_state(unet, args.reference),
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, data_position=position,
-                                grad_scaler=scaler, extra=extra, extra_files=files)
-                prune_checkpoints(output_dir, args.checkpoints_total_limit)
-            barrier(dist)
+            logging_step = step % args.logging_steps == 0 or step == args.max_train_steps
+            if logging_step:
+                values = read_metrics(metrics, dist)
+                values["lr"] = float(optimizer.param_groups[0]["lr"])  # host-ok: logging step
+                if replayed_step is not None:
+                    values["replayed_step"] = replayed_step
+                if dist.is_main:
+                    logger.log(step, values)
+                    progress.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
+                                         acc=f"{values.get('implicit_acc', float('nan')):.2f}")
+            stopping = stop.agreed(dist, logging_step)
+            if step % args.checkpointing_steps == 0 or stopping:
+                if dist.is_main:
+                    logger.flush()
+                    extra, files = {}, {}
+                    if replay is not None:
+                        files[REPLAY_FILE], extra["sspo_pool_steps"] = replay.state()
+                    save_checkpoint(output_dir, step, trainable=trainable_state(unet, args.reference),
+                                    optimizer=optimizer, lr_scheduler=lr_scheduler, data_position=position,
+                                    grad_scaler=scaler, extra=extra, extra_files=files)
+                    prune_checkpoints(output_dir, args.checkpoints_total_limit)
+                barrier(dist)
     progress.close()
 
     if dist.is_main:
-        save_final_weights(unet, args.reference, output_dir)
+        if stopping:
+            print(f"fastpref-train: stopped by a signal after step {step}; wrote {output_dir}/checkpoint-{step}, "
+                  f"continue with --resume_from_checkpoint latest", file=sys.stderr)
+        else:
+            save_final_weights(unet, args.reference, output_dir)
         logger.close()
     barrier(dist)
     cleanup(dist)

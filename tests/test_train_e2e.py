@@ -123,3 +123,31 @@ def test_torchrun_two_processes_match_one(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
     assert not any(p.name.startswith(".tmp") for p in two.iterdir())
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
+    from fastpref.training.logging import MetricsLogger
+
+    args = [*FAST, "--train_batch_size", "2", "--checkpointing_steps", "100", "--random_crop"]
+    original_log = MetricsLogger.log
+
+    def log_then_signal(self, step, values):
+        original_log(self, step, values)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_signal)
+    stopped = tmp_path / "stopped"
+    before = signal.getsignal(signal.SIGTERM)
+    train.main([*args, "--output_dir", str(stopped), "--max_train_steps", "5"])
+    assert signal.getsignal(signal.SIGTERM) is before  # the trainer's handler is removed again
+    monkeypatch.setattr(MetricsLogger, "log", original_log)
+    assert sorted(p.name for p in stopped.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (stopped / "pytorch_lora_weights.safetensors").exists()  # the run did not finish
+    train.main([*args, "--output_dir", str(stopped), "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
+    straight = tmp_path / "straight"
+    train.main([*args, "--output_dir", str(straight), "--max_train_steps", "4"])
+    assert [r["loss"] for r in _rows(stopped)] == [r["loss"] for r in _rows(straight)]
+    a = load_file(stopped / "pytorch_lora_weights.safetensors")
+    b = load_file(straight / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
