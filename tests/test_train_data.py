@@ -6,7 +6,7 @@ pytest.importorskip("diffusers", reason="the training tests need the train extra
 import pytest
 import torch
 
-from fastpref.training.data import PreferencePairs, decode_image, pair_indices, pair_pixels, parquet_files
+from fastpref.training.data import PreferencePairs, decode_image, load_pixels, pair_indices, parquet_files
 from train_helpers import png_bytes, write_pairs
 
 
@@ -38,7 +38,7 @@ def test_label_outside_pick_a_pic_values(tmp_path):
 
 def test_pair_pixels_layout_range_and_shared_flip():
     winner, loser = png_bytes(255, size=40), png_bytes(0, size=40)
-    w, l = pair_pixels(winner, loser, 32, random_crop=True, hflip=True, generator=torch.Generator().manual_seed(0))
+    w, l = load_pixels([winner, loser], 32, random_crop=True, hflip=True, generator=torch.Generator().manual_seed(0))
     assert w.shape == l.shape == (3, 32, 32) and w.dtype == torch.float32
     assert torch.allclose(w[0], torch.ones(32, 32)) and torch.allclose(l[0], -torch.ones(32, 32))
     # an asymmetric image: the flip decision is drawn once and applied to both images
@@ -46,7 +46,7 @@ def test_pair_pixels_layout_range_and_shared_flip():
     assert img.shape == (3, 32, 32)
     flips = set()
     for seed in range(8):
-        a, b = pair_pixels(_ramp_png(), _ramp_png(), 32, random_crop=False, hflip=True,
+        a, b = load_pixels([_ramp_png(), _ramp_png()], 32, random_crop=False, hflip=True,
                            generator=torch.Generator().manual_seed(seed))
         assert torch.equal(a, b)
         flips.add(bool(a[0, 0, 0] > a[0, 0, -1]))

@@ -60,3 +60,23 @@ def test_kto_gets_the_row_labels_and_a_given_baseline():
     flipped = batch._replace(labels=1 - batch.labels)
     other, _ = LOSS_TYPES["kto"](model, ref, target, flipped, beta=1.0, kl_baseline=torch.tensor(0.25))
     assert not torch.equal(loss, other)
+
+
+def test_kto_baseline_of_several_processes_is_the_clamped_global_mean(monkeypatch):
+    """z = max(0, mean over every process's rows of r_k - m_k): here rank 0's rows, plus another
+    rank whose all-reduce contribution is simulated."""
+    import torch.distributed as dist
+
+    from fastpref.training.distributed import DistState, kto_global_baseline
+
+    g = torch.Generator().manual_seed(4)
+    target = torch.randn(4, 4, 8, 8, generator=g)
+    ref, model = target + 0.3 * torch.randn_like(target), target + 0.2 * torch.randn_like(target)
+    state = DistState(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    assert kto_global_baseline(DistState(0, 1, 0, torch.device("cpu"))) is None
+    baseline = kto_global_baseline(state)
+    own = (((ref - target).double() ** 2).mean(dim=(1, 2, 3)) - ((model - target).double() ** 2).mean(dim=(1, 2, 3))).mean()
+    for other in (0.05, -10.0):  # the other rank's mean gap; the clamp at 0 applies to the global mean
+        monkeypatch.setattr(dist, "all_reduce", lambda t, other=other: t.add_(other))
+        z = baseline(model, ref, target)
+        assert z.ndim == 0 and float(z) == pytest.approx(max(0.0, float(own + other) / 2), rel=1e-5, abs=1e-7)

@@ -36,7 +36,7 @@ class PreferencePairs:
     """Non-tied pairs of a Pick-a-Pic table, winner first.
 
     ``pairs[i]`` is ``(caption, winner_bytes, loser_bytes)``; images stay encoded until a batch
-    asks for them (``load_pair_pixels``).
+    asks for them (``load_pixels``).
     """
 
     def __init__(self, files: list[Path], argument: str = "--train_data_dir"):
@@ -116,13 +116,6 @@ def load_pixels(images: list[bytes], resolution: int, *, random_crop: bool, hfli
         image = image[:, top:top + resolution, left:left + resolution]
         out.append(image.flip(-1) if flip else image)
     return out
-
-
-def pair_pixels(winner: bytes, loser: bytes, resolution: int, *, random_crop: bool, hflip: bool,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both images of a pair, resized, cropped and flipped identically (``load_pixels``)."""
-    w, l = load_pixels([winner, loser], resolution, random_crop=random_crop, hflip=hflip, generator=generator)
-    return w, l
 
 
 def pair_indices(position: int, count: int, num_pairs: int, seed: int) -> list[int]:
