@@ -9,6 +9,11 @@
 #   bash benchmarks/run_gpu.sh train-quick  # training step, B = 4                (~1-2 min)
 #   bash benchmarks/run_gpu.sh train        # training step, B = 1,4,8             (~2-4 min)
 #   bash benchmarks/run_gpu.sh pytest       # pytest-benchmark file               (~1-2 min)
+#   bash benchmarks/run_gpu.sh train-tests  # the trainer's GPU tests: captured step, --cuda_graph runs
+#
+# The train* jobs need diffusers, which the GPU image lacks: keep its wheel (and
+# importlib_metadata's) in .whl/ (git-ignored) and carry that folder; they are installed
+# with --no-deps when diffusers is missing.
 #
 # Results go to $OUT (the device tool's return folder) if set, else benchmarks/results/.
 # Copy them into benchmarks/results/ and run `python benchmarks/make_results.py` afterwards.
@@ -25,6 +30,12 @@ if ! "$PY" -c "import fastpref" >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-build-isolation --no-deps -e . || {
         echo "could not install fastpref from this checkout" >&2; exit 2; }
 fi
+case "$job" in train*)
+    if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
+        ls .whl/diffusers-*.whl >/dev/null 2>&1 || { echo "job $job needs diffusers: carry .whl/ with its wheel" >&2; exit 2; }
+        "$PY" -m pip install -q --no-deps .whl/diffusers-*.whl .whl/importlib_metadata-*.whl
+    fi ;;
+esac
 "$PY" -c "import torch, triton, fastpref; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'fastpref', fastpref.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv > "$dest/nvidia-smi-$job.txt" 2>&1 || true
 
@@ -40,6 +51,8 @@ case "$job" in
                --out "$dest/losses_more.csv" ;;
     train-quick) "$PY" benchmarks/bench_train_step.py --quick --out "$dest/train_step_quick.csv" ;;
     train) "$PY" benchmarks/bench_train_step.py --out "$dest/train_step.csv" ;;
+    train-tests) "$PY" -m pytest -q -p no:cacheprovider tests/test_train_cuda_graph.py tests/test_train_static_step.py \
+               2>&1 | tee "$dest/pytest_train_gpu.txt" ;;
     pytest) "$PY" -m pytest benchmarks/test_bench_losses.py --benchmark-only -q -p no:cacheprovider \
                --benchmark-json="$dest/pytest_benchmark.json" ;;
     *) echo "unknown job '$job'" >&2; exit 2 ;;
