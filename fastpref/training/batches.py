@@ -53,10 +53,18 @@ class Encoders:
     hflip: bool
     seed: int
 
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the training device. A host tensor goes to a GPU through pinned memory
+        without blocking the host, which can then prepare the next batch during the step."""
+        if t.device.type != "cpu" or self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``[N, L, D]`` last hidden states and ``[N, D]`` pooled outputs of the text encoder."""
         ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+                             truncation=True, return_tensors="pt").input_ids
+        ids = self.to_device(ids)
         with torch.no_grad():
             out = self.text_encoder(ids)
         return out[0], out[1]
@@ -65,8 +73,8 @@ class Encoders:
         """``[N, 3, H, W]`` pixels in [-1, 1] -> ``[N, C, h, w]`` float32 scaled latents, sampled
         from the VAE posterior with the given standard-normal ``latent_eps``."""
         with torch.no_grad():
-            dist = self.vae.encode(pixels.to(self.device, dtype=self.weight_dtype)).latent_dist
-        latents = dist.mean.float() + dist.std.float() * latent_eps.to(self.device)
+            dist = self.vae.encode(self.to_device(pixels).to(self.weight_dtype)).latent_dist
+        latents = dist.mean.float() + dist.std.float() * self.to_device(latent_eps)
         return latents * self.vae.config.scaling_factor
 
     def latent_shape(self) -> tuple[int, int, int]:
@@ -154,7 +162,7 @@ def winner_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders,
     winner_latents = enc.encode_pixels(torch.stack(winners), torch.stack(eps))
     half = _assemble(enc, winner_latents, captions, torch.stack(noise), torch.stack(timesteps),
                      [1.0] * len(captions))
-    losers = sample_losers(half, torch.stack(start).to(enc.device), torch.stack(sample_eps))
+    losers = sample_losers(half, enc.to_device(torch.stack(start)), torch.stack(sample_eps))
     return Batch(torch.cat([half.latents, losers]), half.embeddings.repeat(2, 1, 1), half.pooled.repeat(2, 1),
                  half.noise.repeat(2, 1, 1, 1), half.timesteps.repeat(2),
                  torch.cat([half.labels, torch.zeros_like(half.labels)]))
@@ -163,8 +171,8 @@ def winner_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders,
 def _assemble(enc: Encoders, latents, captions, noise, timesteps, labels, repeat: int = 1) -> Batch:
     embeddings, pooled = enc.encode_prompts(captions)  # once per prompt, then repeated per row
     embeddings, pooled = embeddings.repeat(repeat, 1, 1), pooled.repeat(repeat, 1)
-    return Batch(latents, embeddings, pooled, noise.to(enc.device), timesteps.to(enc.device),
-                 torch.tensor(labels, dtype=torch.float32, device=enc.device))
+    return Batch(latents, embeddings, pooled, enc.to_device(noise), enc.to_device(timesteps),
+                 enc.to_device(torch.tensor(labels, dtype=torch.float32)))
 
 
 LAYOUTS = {"pairs": paired_batch, "images": image_batch, "winners": winner_batch}
