@@ -61,11 +61,6 @@ def validate(args):
                                 world_size=int(os.environ.get("WORLD_SIZE", "1")))
         if refusal:
             raise ValueError(refusal)
-    if args.enable_xformers_memory_efficient_attention:
-        import importlib.util
-        if importlib.util.find_spec("xformers") is None:
-            raise ValueError("--enable_xformers_memory_efficient_attention: xformers is not installed "
-                             "(pip install xformers); drop the flag to use PyTorch SDPA attention")
     return loss_type, pairs, resume
 
 

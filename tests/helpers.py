@@ -109,3 +109,20 @@ class FailOnHostSync(TorchDispatchMode):
         if func in SYNC_OPS:
             raise AssertionError(f"host synchronisation: {func}")
         return func(*args, **(kwargs or {}))
+
+
+def bad_input_case_ids(cases):
+    """Test ids of a ``cases(device)`` generator of ``(argument name(s), exception, call)``."""
+    return [f"{i}-{arg if isinstance(arg, str) else arg[0]}" for i, (arg, _, _) in enumerate(cases(torch.device("cpu")))]
+
+
+def assert_bad_input_case(cases, index, device):
+    """Case ``index`` of ``cases(device)`` raises its exception, whose message names the
+    argument (or one of the argument names)."""
+    import pytest
+
+    arg, exc, fn = list(cases(device))[index]
+    with pytest.raises(exc) as info:
+        fn()
+    names = (arg,) if isinstance(arg, str) else arg
+    assert any(a in str(info.value) for a in names), f"message does not name {names}: {info.value}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastpref
-from helpers import make_inputs
+from helpers import assert_bad_input_case, bad_input_case_ids, make_inputs
 
 NAN, INF = float("nan"), float("inf")
 EITHER = (TypeError, ValueError)
@@ -85,17 +85,9 @@ def cases(device):
             yield "beta", ValueError, lambda fn=fn, bad=bad: fn(bad)
 
 
-def case_ids():
-    return [f"{i}-{arg if isinstance(arg, str) else arg[0]}" for i, (arg, _, _) in enumerate(cases(torch.device("cpu")))]
-
-
-@pytest.mark.parametrize("index", range(len(case_ids())), ids=case_ids())
+@pytest.mark.parametrize("index", range(len(bad_input_case_ids(cases))), ids=bad_input_case_ids(cases))
 def test_bad_input_raises_naming_the_argument(index, device, no_launch):
-    arg, exc, fn = list(cases(device))[index]
-    with pytest.raises(exc) as info:
-        fn()
-    names = (arg,) if isinstance(arg, str) else arg
-    assert any(a in str(info.value) for a in names), f"message does not name {names}: {info.value}"
+    assert_bad_input_case(cases, index, device)
 
 
 def test_no_launch_fixture_catches_a_launch(device, no_launch):

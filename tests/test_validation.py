@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastpref
-from helpers import make_inputs
+from helpers import assert_bad_input_case, bad_input_case_ids, make_inputs
 
 
 
@@ -46,16 +46,9 @@ def cases(device):
     yield "ref_pred", ValueError, lambda: fastpref.PreferenceLoss("dpo")(p, None, t)
 
 
-def case_ids():
-    return [f"{i}-{arg}" for i, (arg, _, _) in enumerate(cases(torch.device("cpu")))]
-
-
-@pytest.mark.parametrize("index", range(len(case_ids())), ids=case_ids())
+@pytest.mark.parametrize("index", range(len(bad_input_case_ids(cases))), ids=bad_input_case_ids(cases))
 def test_bad_input_raises_naming_the_argument(index, device, no_launch):
-    arg, exc, fn = list(cases(device))[index]
-    with pytest.raises(exc) as info:
-        fn()
-    assert arg in str(info.value), f"message does not name {arg!r}: {info.value}"
+    assert_bad_input_case(cases, index, device)
 
 
 def test_mixed_devices_are_rejected(device, no_launch):
