@@ -111,6 +111,58 @@ class FailOnHostSync(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class RecordOps(TorchDispatchMode):
+    """Records every aten op and every Triton kernel launch with its arguments, each tensor
+    reduced to (shape, stride, dtype, device): what a CUDA graph freezes at capture. Two steps
+    that record the same list issue the same launches with the same scalar arguments, so a
+    replay of one is the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+        self._patched = []
+
+    @staticmethod
+    def _signature(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.device)
+        if isinstance(value, (list, tuple)):
+            return tuple(RecordOps._signature(v) for v in value)
+        if isinstance(value, float):
+            return value.hex()  # compares NaN equal to NaN
+        if value is None or isinstance(value, (bool, int, str, torch.dtype, torch.device,
+                                               torch.layout, torch.memory_format)):
+            return value
+        return type(value).__name__  # an opaque handle (e.g. a profiler record), not an argument
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops.append((str(func), self._signature(args), self._signature(sorted(kwargs.items()))))
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        for cls in (InterpretedFunction, JITFunction):
+            original = cls.run
+
+            def run(kernel, *args, grid, warmup, _original=original, **kwargs):
+                self.ops.append(("triton:" + kernel.__name__, self._signature(args),
+                                 self._signature(sorted(kwargs.items())), self._signature(grid)))
+                return _original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+
+            cls.run = run
+            self._patched.append((cls, original))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for cls, original in self._patched:
+            cls.run = original
+        self._patched.clear()
+        return super().__exit__(*exc)
+
+
 def bad_input_case_ids(cases):
     """Test ids of a ``cases(device)`` generator of ``(argument name(s), exception, call)``."""
     return [f"{i}-{arg if isinstance(arg, str) else arg[0]}" for i, (arg, _, _) in enumerate(cases(torch.device("cpu")))]

@@ -147,3 +147,36 @@ def test_forward_backward_of_the_step_makes_no_host_sync(loss_type):
         metrics = step.forward_backward(batches)
     assert "loss" in metrics and all(v.ndim == 0 for v in metrics.values())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "dense_dpo", "rpo", "kto", "sdpo"])
+def test_every_step_issues_the_ops_of_the_first(loss_type):
+    """A CUDA graph replays the launches of its capture step with the scalar arguments frozen
+    then. So every step must issue the same ops with the same non-tensor arguments, whatever
+    the data and the learning rate: nothing in forward, backward, metric accumulation or
+    clipping may depend on a Python value that changes from step to step. (The optimizer step
+    is PyTorch's capturable AdamW, checked on the GPU by tests/test_train_cuda_graph.py.)"""
+    from helpers import RecordOps
+
+    from fastpref.training.batches import image_batch
+    from fastpref.training.losses import LOSS_TYPES
+
+    params, step, schedule, enc = _setup(True, loss_type)
+    pairs = PreferencePairs(parquet_files(DEFAULT_DATA))
+    build = image_batch if LOSS_TYPES[loss_type].data == "images" else paired_batch
+    recorded, norms = [], []
+    for index in range(3):
+        batches = [build(pairs, [4 * index + 2 * m, 4 * index + 2 * m + 1], enc) for m in range(2)]
+        with RecordOps() as record:
+            step.forward_backward(batches)
+            norms.append(torch.nn.utils.clip_grad_norm_(step.params, step.max_grad_norm))
+        recorded.append(record.ops)
+        step.optimizer.step()
+        schedule.step()
+    assert len(recorded[0]) > 100, "the recorder saw too few ops to be watching the step"
+    assert len(set(float(n) for n in norms)) == 3, "the steps must see different data"
+    for index in (1, 2):
+        first = next((i for i, (a, b) in enumerate(zip(recorded[0], recorded[index])) if a != b), None)
+        assert len(recorded[index]) == len(recorded[0]) and first is None, \
+            (f"step {index} differs from step 0 at op {first}: "
+             f"{recorded[0][first] if first is not None else '-'} vs {recorded[index][first] if first is not None else '-'}")

@@ -72,6 +72,7 @@ class StaticStep:
         self.inputs: list[tuple] | None = None
         self.outputs: dict[str, torch.Tensor] | None = None
         self.graph = None
+        self.side_stream = None  # one stream for every warm-up step, as in PyTorch's recipe
 
     def __call__(self, batches: list[tuple]) -> dict[str, torch.Tensor]:
         if self.warmup_left > 0:
@@ -103,7 +104,9 @@ class StaticStep:
                 buffer.copy_(value, non_blocking=True)
 
     def _side_stream(self, batches: list[tuple]) -> dict[str, torch.Tensor]:
-        side = torch.cuda.Stream()
+        if self.side_stream is None:
+            self.side_stream = torch.cuda.Stream()
+        side = self.side_stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             out = self.step(batches)
