@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import fastpref
+
 
 @dataclass(frozen=True)
 class DistState:
@@ -68,11 +70,10 @@ def kto_global_baseline(state: DistState):
         return None
 
     def baseline(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target = target.float()
-            gap = (ref_pred.float() - target).square().mean() - (model_pred.float() - target).square().mean()
-            dist.all_reduce(gap)
-            return (gap / state.world_size).clamp(min=0)
+        model_err, ref_err = fastpref.row_errors(model_pred, target, ref_pred=ref_pred)  # one fused pass
+        gap = (ref_err - model_err).mean()
+        dist.all_reduce(gap)
+        return (gap / state.world_size).clamp(min=0)
 
     return baseline
 

@@ -1,0 +1,25 @@
+"""Per-row errors from the fused row reduction, for metrics and for baselines that a trainer
+assembles itself (KTO's baseline over every process's rows, say).
+
+One pass over the inputs (the row-sum kernel of every loss), no full-size temporary, no
+gradient, no host synchronisation.
+"""
+import torch
+
+from fastpref import _validate as v
+from fastpref.functions import _as_rows
+from fastpref.kernels import row_sums
+
+
+@torch.no_grad()
+def row_errors(model_pred: torch.Tensor, target: torch.Tensor, *,
+               ref_pred: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row mean squared errors of any ``[N, ...]`` predictions (rank >= 2, float16/bfloat16/
+    float32/float64, mixed freely): ``m_k = mean((model_pred_k - target_k)^2)`` and, when
+    ``ref_pred`` is given, ``r_k = mean((ref_pred_k - target_k)^2)`` (else None). Returns ``[N]``
+    tensors in float32 (float64 if any input is float64), detached: the spec's m and r."""
+    v.check_predictions(False, model_pred, target, ref_pred)
+    p, r, t = _as_rows(model_pred), _as_rows(ref_pred), _as_rows(target)
+    partials, _ = row_sums(p, r, t, v.compute_dtype(model_pred, ref_pred, target))
+    errors = partials[:2].sum(dim=-1) / p.shape[1]  # [1 or 2, N]: the splits of each row, added
+    return errors[0], errors[1] if ref_pred is not None else None
