@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> Path:
                     values["replayed_step"] = replayed_step
                 if dist.is_main:
                     logger.log(step, values)
-                    progress.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
-                                         acc=f"{values.get('implicit_acc', float('nan')):.2f}")
+                    shown = {key: values[key] for key in ("loss", "implicit_acc", "acc", "margin_acc", "dpo_fraction")
+                             if key in values}
+                    progress.set_postfix({key: f"{value:.4f}" for key, value in shown.items()})
             stopping = stop.agreed(dist, logging_step)
             if step % args.checkpointing_steps == 0 or stopping:
                 if dist.is_main:

@@ -105,8 +105,12 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path):
     assert [r["loss"] for r in _rows(killed)] == [r["loss"] for r in _rows(straight)]
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
-    common = [*FAST, "--max_train_steps", "2", "--checkpointing_steps", "2",
+@pytest.mark.parametrize("loss_type,keys", [("dpo", ("loss", "model_mse", "ref_mse", "implicit_acc")),
+                                           ("kto", ("loss", "kl", "model_mse", "acc"))])
+def test_torchrun_two_processes_match_one(tmp_path, loss_type, keys):
+    """KTO: two processes build the baseline from fastpref.row_errors and a real (gloo)
+    all-reduce, one process from the loss's own batch baseline; the runs must agree."""
+    common = [*FAST, "--max_train_steps", "2", "--checkpointing_steps", "2", "--loss_type", loss_type,
               "--gradient_accumulation_steps", "2", "--adam_epsilon", "1e-2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = tmp_path / "two"
@@ -116,7 +120,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     one = tmp_path / "one"
     train.main([*common, "--train_batch_size", "2", "--output_dir", str(one)])
     for r1, r2 in zip(_rows(one), _rows(two), strict=True):
-        for key in ("loss", "model_mse", "ref_mse", "implicit_acc"):
+        for key in keys:
             assert float(r1[key]) == pytest.approx(float(r2[key]), rel=1e-4, abs=1e-6)
     a = load_file(one / "checkpoint-2" / "trainable.safetensors")
     b = load_file(two / "checkpoint-2" / "trainable.safetensors")
