@@ -10,50 +10,83 @@
 #   bash benchmarks/run_gpu.sh train        # training step, B = 1,4,8             (~2-4 min)
 #   bash benchmarks/run_gpu.sh pytest       # pytest-benchmark file               (~1-2 min)
 #   bash benchmarks/run_gpu.sh train-tests  # the trainer's GPU tests: captured step, --cuda_graph runs
+#   bash benchmarks/run_gpu.sh tests        # the whole test suite, kernels compiled   (~3-5 min)
 #
-# The train* jobs need diffusers, which the GPU image lacks: keep its wheel (and
+# The train* and tests jobs need diffusers, which the GPU image lacks: keep its wheel (and
 # importlib_metadata's) in .whl/ (git-ignored) and carry that folder; they are installed
 # with --no-deps when diffusers is missing.
 #
-# Results go to $OUT (the device tool's return folder) if set, else benchmarks/results/.
-# Copy them into benchmarks/results/ and run `python benchmarks/make_results.py` afterwards.
+# Several jobs run in one call, in order: `bash benchmarks/run_gpu.sh train-tests train pytest`;
+# a failing job is reported and the next one still runs (the exit status is the first failure's).
+#
+# Results go to benchmarks/results/, or, with $OUT set (the device tool's return folder, which
+# takes at most 8 files), into one archive $OUT/gpu-results.tar.gz. Unpack it into
+# benchmarks/results/ (`tar xzf gpu-results.tar.gz -C benchmarks/results`) and run
+# `python benchmarks/make_results.py` afterwards.
 # Times above are estimates until a first run records them (elapsed_s in each .meta.json).
 set -euo pipefail
-job="${1:-quick}"
-dest="${OUT:-benchmarks/results}"
+jobs=("${@:-quick}")
+for job in "${jobs[@]}"; do
+    case "$job" in
+        quick|dpo|dspo|full|more|train-quick|train|train-tests|tests|pytest) ;;
+        *) echo "unknown job '$job'" >&2; exit 2 ;;
+    esac
+done
+if [ -n "${OUT:-}" ]; then dest="$(mktemp -d)"; else dest="benchmarks/results"; fi
 mkdir -p "$dest"
 PY="${PYTHON:-python3}"
-export FASTPREF_BENCH_VIA="bash benchmarks/run_gpu.sh $job"
 
 # fastpref must be installed (its kernels package is mapped by setuptools); no network needed
 if ! "$PY" -c "import fastpref" >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-build-isolation --no-deps -e . || {
         echo "could not install fastpref from this checkout" >&2; exit 2; }
 fi
-case "$job" in train*)
+case " ${jobs[*]} " in *" train"*|*" tests "*)
     if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
-        ls .whl/diffusers-*.whl >/dev/null 2>&1 || { echo "job $job needs diffusers: carry .whl/ with its wheel" >&2; exit 2; }
+        ls .whl/diffusers-*.whl >/dev/null 2>&1 || { echo "the train jobs need diffusers: carry .whl/ with its wheel" >&2; exit 2; }
         "$PY" -m pip install -q --no-deps .whl/diffusers-*.whl .whl/importlib_metadata-*.whl
     fi ;;
 esac
 "$PY" -c "import torch, triton, fastpref; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'fastpref', fastpref.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv > "$dest/nvidia-smi-$job.txt" 2>&1 || true
 
-case "$job" in
-    quick) "$PY" benchmarks/bench_losses.py --quick --out "$dest/losses_quick.csv" ;;
-    dpo)   "$PY" benchmarks/bench_losses.py --methods dpo_sigmoid --out "$dest/losses_dpo.csv" ;;
-    dspo)  "$PY" benchmarks/bench_losses.py --methods dspo_sd15 --out "$dest/losses_dspo.csv" ;;
-    full)  "$PY" benchmarks/bench_losses.py --out "$dest/losses.csv" ;;
-    more)  "$PY" benchmarks/bench_losses.py \
-               --methods dpo_hinge,dpo_ipo,sft,dspo_sdxl,rpo,rpo_diagonal,sspo,dense_dpo,kto,mapo,sdpo,dmpo \
-               --dtypes bf16 --shapes sd15_512,sdxl_1024 --batches 8 --modes full \
-               --providers fastpref,eager-diffusers,eager-official,eager-spec,compile \
-               --out "$dest/losses_more.csv" ;;
-    train-quick) "$PY" benchmarks/bench_train_step.py --quick --out "$dest/train_step_quick.csv" ;;
-    train) "$PY" benchmarks/bench_train_step.py --out "$dest/train_step.csv" ;;
-    train-tests) "$PY" -m pytest -q -p no:cacheprovider tests/test_train_cuda_graph.py tests/test_train_static_step.py \
-               2>&1 | tee "$dest/pytest_train_gpu.txt" ;;
-    pytest) "$PY" -m pytest benchmarks/test_bench_losses.py --benchmark-only -q -p no:cacheprovider \
-               --benchmark-json="$dest/pytest_benchmark.json" ;;
-    *) echo "unknown job '$job'" >&2; exit 2 ;;
-esac
+run_job() {
+    local job="$1"
+    export FASTPREF_BENCH_VIA="bash benchmarks/run_gpu.sh $job"
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv > "$dest/nvidia-smi-$job.txt" 2>&1 || true
+    case "$job" in
+        quick) "$PY" benchmarks/bench_losses.py --quick --out "$dest/losses_quick.csv" ;;
+        dpo)   "$PY" benchmarks/bench_losses.py --methods dpo_sigmoid --out "$dest/losses_dpo.csv" ;;
+        dspo)  "$PY" benchmarks/bench_losses.py --methods dspo_sd15 --out "$dest/losses_dspo.csv" ;;
+        full)  "$PY" benchmarks/bench_losses.py --out "$dest/losses.csv" ;;
+        more)  "$PY" benchmarks/bench_losses.py \
+                   --methods dpo_hinge,dpo_ipo,sft,dspo_sdxl,rpo,rpo_diagonal,sspo,dense_dpo,kto,mapo,sdpo,dmpo \
+                   --dtypes bf16 --shapes sd15_512,sdxl_1024 --batches 8 --modes full \
+                   --providers fastpref,eager-diffusers,eager-official,eager-spec,compile \
+                   --out "$dest/losses_more.csv" ;;
+        train-quick) "$PY" benchmarks/bench_train_step.py --quick --out "$dest/train_step_quick.csv" ;;
+        train) "$PY" benchmarks/bench_train_step.py --out "$dest/train_step.csv" ;;
+        train-tests) "$PY" -m pytest -q -p no:cacheprovider tests/test_train_cuda_graph.py tests/test_train_static_step.py \
+                   2>&1 | tee "$dest/pytest_train_gpu.txt" ;;
+        tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$dest/pytest_gpu.txt" ;;
+        pytest) "$PY" -m pytest benchmarks/test_bench_losses.py --benchmark-only -q -p no:cacheprovider \
+                   --benchmark-json="$dest/pytest_benchmark.json" ;;
+    esac
+}
+
+status=0
+for job in "${jobs[@]}"; do
+    echo "=== job $job ($(date -u +%H:%M:%S) UTC)"
+    start=$SECONDS
+    if run_job "$job"; then
+        echo "=== job $job done in $((SECONDS - start)) s"
+    else
+        code=$?
+        echo "=== job $job FAILED (exit $code) after $((SECONDS - start)) s" >&2
+        [ "$status" -ne 0 ] || status=$code
+    fi
+done
+if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/gpu-results.tar.gz" -C "$dest" .
+    echo "packed $(ls "$dest" | wc -l) files into \$OUT/gpu-results.tar.gz"
+fi
+exit "$status"
