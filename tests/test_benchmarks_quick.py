@@ -120,3 +120,11 @@ def test_eager_block_matches_fastpref(method_name, provider):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-6)
     scale = grads[0].abs().max().clamp_min(1e-12)
     torch.testing.assert_close(grads[1] / scale, grads[0] / scale, rtol=0, atol=2e-3)
+
+
+def test_run_gpu_refuses_an_unknown_job_before_running_any(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", os.path.join(BENCH, "run_gpu.sh"), "quick", "nonsense"], capture_output=True,
+                          text=True, timeout=60, env=env, cwd=ROOT)
+    assert proc.returncode == 2 and "unknown job 'nonsense'" in proc.stderr
+    assert not list(tmp_path.iterdir()), "nothing may run or be written before the job list is checked"
