@@ -1,4 +1,4 @@
-"""Drop-in loss blocks for existing Diffusion-DPO/DSPO trainers (spec §5).
+"""Drop-in loss blocks for existing Diffusion-DPO, DSPO, Diffusion-KTO and MaPO trainers (spec §5).
 
 Each function replaces the code between a trainer's model/reference forward and its
 `backward()`: it takes the trainer's own tensors and flags, and returns `(loss, logs)` where
@@ -7,13 +7,15 @@ back, or gather them, where the trainer did). The trainer keeps its data pipelin
 0..B-1, losers in B..2B-1, shared noise and timestep per pair, reference forward without
 gradient) and its logging/accumulation code.
 
-Inputs: model_pred, ref_pred, target of one shape [2B, ...] (rank >= 2; 4-D latents as
-upstream, any trailing dims work), float16/bfloat16/float32/float64 mixed freely. fastpref
+Inputs: model_pred, ref_pred, target of one shape [2B, ...] (KTO: unpaired [N, ...]; rank >= 2;
+4-D latents as upstream, any trailing dims work), float16/bfloat16/float32/float64 mixed freely. fastpref
 upcasts every element; the official DiffusionDPO/DSPO trainers compute the reference error in
 the reference network's dtype (fp16 under their default mixed precision), so numbers agree up
 to that fp16 rounding there and to float32 rounding with the diffusers scripts.
 """
-from fastpref.losses import diffusion_dpo_loss, dspo_loss, sft_loss
+from fastpref import _validate
+from fastpref.losses import diffusion_dpo_loss, dspo_loss, kto_loss, mapo_loss, sft_loss
+from fastpref.metrics import row_errors
 
 DIFFUSERS_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
@@ -80,11 +82,53 @@ def official_dspo_loss(model_pred, ref_pred, target, *, beta_dpo, sdxl=False, sf
     return loss, _official_logs(m)
 
 
+def official_kto_loss(model_pred, ref_pred, target, labels, *, beta_dpo=1000.0, lambda_d_kto=1.0,
+                      lambda_u_kto=1.0, kl_reduce=None):
+    """The loss block of jacklishufan/diffusion-kto `train_kto_sd_v1.5.py` with its defaults
+    (`--loss kto`, `--halo sigmoid`, `--bce_offset none`): unpaired rows [N, ...], `labels` [N]
+    (1 desirable, 0 undesirable; fastpref reads nonzero as desirable).
+
+    kl_reduce: the trainer's cross-process mean of a 0-dim tensor, e.g.
+    ``lambda t: accelerator.reduce(t, reduction="mean")``. Upstream averages the per-process
+    baseline mean(r - m) over processes and clamps it at 0; with kl_reduce given, that baseline
+    is formed from `fastpref.row_errors` (one more fused read of the inputs) and passed to the
+    loss. None: the batch's own baseline (the same thing on one process).
+
+    Returns (loss, logs) with upstream's keys `loss`, `raw_model_loss`, `kl`, `acc`. Upstream's
+    other diagnostics (`ref_loss`, `likelyhood`, `diff_pos`, `diff_neg`, `n_pos`, `n_neg`) are
+    not spec metrics; `fastpref.row_errors` gives the per-row errors they are made of."""
+    _check_beta("beta_dpo", beta_dpo)
+    _validate.check_nonnegative("lambda_d_kto", lambda_d_kto)
+    _validate.check_nonnegative("lambda_u_kto", lambda_u_kto)
+    if kl_reduce is not None and not callable(kl_reduce):
+        raise TypeError(f"kl_reduce must be a callable (tensor -> tensor) or None, got {type(kl_reduce).__name__}")
+    kl_baseline = None
+    if kl_reduce is not None:
+        model_err, ref_err = row_errors(model_pred, target, ref_pred=ref_pred)
+        kl_baseline = kl_reduce((ref_err - model_err).mean()).clamp(min=0)
+    loss, m = kto_loss(model_pred, ref_pred, target, labels, beta=float(beta_dpo), lambda_d=float(lambda_d_kto),
+                       lambda_u=float(lambda_u_kto), kl_baseline=kl_baseline)
+    return loss, {"loss": m["loss"], "raw_model_loss": m["model_mse"], "kl": m["kl"], "acc": m["acc"]}
+
+
+def mapo_compute_loss(model_pred, target, *, beta_mapo=0.1, snr_value=0.5, num_train_timesteps=1000):
+    """`compute_loss` of mapo-t2i/mapo `utils.py` (used by its `train.py` and
+    `train_with_lora.py`), reference-free, paired [2B, ...]; pass the noise scheduler's
+    `config.num_train_timesteps`.
+
+    Returns (loss, logs) with the keys of upstream's log dict: `total loss`, `Win Score`,
+    `Lose Score`, `OR loss`, `model_losses_w`, `model_losses_l` (batch means, as logged)."""
+    _check_beta("beta_mapo", beta_mapo)
+    loss, m = mapo_loss(model_pred, target, beta=float(beta_mapo), snr_value=snr_value,
+                        num_train_timesteps=num_train_timesteps)
+    return loss, {"total loss": m["loss"], "Win Score": m["win_score"], "Lose Score": m["lose_score"],
+                  "OR loss": m["or_loss"], "model_losses_w": m["model_mse_w"], "model_losses_l": m["model_mse_l"]}
+
+
 def _official_logs(m):
     return {"step_loss": m["loss"], "model_mse_unaccumulated": m["model_mse"],
             "ref_mse_unaccumulated": m["ref_mse"], "implicit_acc": m["implicit_acc"]}
 
 
 def _check_beta(name, value):
-    from fastpref import _validate
     _validate.check_positive_finite(name, value)
