@@ -32,6 +32,15 @@ def run(fn, model_pred, *others, grad_scale=None, **kw):
     return loss.detach(), metrics, leaf.grad, G
 
 
+def forward_backward(fn, model_pred, *others, **kw):
+    """``fn(model_pred leaf, *others, **kw)`` (its first output the loss) backward with an
+    incoming gradient of 0.75. Returns (fn's outputs, grad of model_pred)."""
+    leaf = model_pred.detach().clone().requires_grad_(True)
+    out = fn(leaf, *others, **kw)
+    out[0].backward(torch.tensor(0.75, dtype=out[0].dtype, device=out[0].device))
+    return out, leaf.grad
+
+
 def run_reference(ref_fn, model_pred, *others, G, **kw):
     """The float64 reference on the same (already rounded) inputs."""
     leaf = model_pred.detach().double().cpu().requires_grad_(True)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpref import compat
-from helpers import OUT_RTOL, assert_close, assert_grad_close, compute_rtol, make_inputs
+from helpers import OUT_RTOL, assert_close, assert_grad_close, compute_rtol, forward_backward, make_inputs
 
 F16, F32 = torch.float16, torch.float32
 DPO_KEYS = {"step_loss", "model_mse_unaccumulated", "ref_mse_unaccumulated", "implicit_acc"}
@@ -77,13 +77,6 @@ def eager_official(model_pred, ref_pred, target, beta_dpo, method="dpo", sdxl=Fa
     logs = {"step_loss": loss.detach(), "model_mse_unaccumulated": raw_model.detach(),
             "ref_mse_unaccumulated": raw_ref, "implicit_acc": acc}
     return loss, logs, inside.detach()
-
-
-def forward_backward(fn, model_pred, *args, **kw):
-    leaf = model_pred.detach().clone().requires_grad_(True)
-    out = fn(leaf, *args, **kw)
-    out[0].backward(torch.tensor(0.75, dtype=out[0].dtype))
-    return out, leaf.grad
 
 
 def compare(ours, theirs, rtol, margin, acc_tol):

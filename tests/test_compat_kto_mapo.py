@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpref import compat
-from helpers import assert_close, assert_grad_close, compute_rtol, make_inputs
+from helpers import assert_close, assert_grad_close, compute_rtol, forward_backward, make_inputs
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 KTO_KEYS = {"loss", "raw_model_loss", "kl", "acc"}
@@ -51,13 +51,6 @@ def eager_mapo(model_pred, target, beta_mapo, snr_value, num_train_timesteps):
             "Lose Score": score(ml).mean().detach(), "OR loss": -ratio_losses.mean().detach(),
             "model_losses_w": mw.mean().detach(), "model_losses_l": ml.mean().detach()}
     return loss, logs, None
-
-
-def forward_backward(fn, model_pred, *args, **kw):
-    leaf = model_pred.detach().clone().requires_grad_(True)
-    out = fn(leaf, *args, **kw)
-    out[0].backward(torch.tensor(0.75, dtype=out[0].dtype, device=out[0].device))
-    return out, leaf.grad
 
 
 def compare(ours, theirs, keys, rtol, decision=None):
