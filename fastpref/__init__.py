@@ -9,7 +9,7 @@ from fastpref.functions import (DenseDPOFunction, DiffusionDPOFunction, DMPOFunc
                                 SSPOFunction)
 from fastpref.losses import (dense_dpo_loss, diffusion_dpo_loss, dmpo_loss, dspo_loss, kto_loss, mapo_loss,
                              rpo_diagonal_loss, rpo_loss, sdpo_loss, sft_loss, sspo_loss)
-from fastpref.metrics import row_errors
+from fastpref.metrics import kto_baseline, row_errors
 from fastpref.module import METHODS, PreferenceLoss
 
 __version__ = "0.1.0"
@@ -17,6 +17,6 @@ __version__ = "0.1.0"
 __all__ = [
     "DMPOFunction", "DSPOFunction", "DenseDPOFunction", "DiffusionDPOFunction", "KTOFunction", "METHODS",
     "MaPOFunction", "PreferenceLoss", "RPODiagonalFunction", "RPOFunction", "SDPOFunction", "SFTFunction",
-    "SSPOFunction", "dense_dpo_loss", "diffusion_dpo_loss", "dmpo_loss", "dspo_loss", "kto_loss", "mapo_loss",
-    "row_errors", "rpo_diagonal_loss", "rpo_loss", "sdpo_loss", "sft_loss", "sspo_loss",
+    "SSPOFunction", "dense_dpo_loss", "diffusion_dpo_loss", "dmpo_loss", "dspo_loss", "kto_baseline", "kto_loss",
+    "mapo_loss", "row_errors", "rpo_diagonal_loss", "rpo_loss", "sdpo_loss", "sft_loss", "sspo_loss",
 ]

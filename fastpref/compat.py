@@ -15,7 +15,7 @@ to that fp16 rounding there and to float32 rounding with the diffusers scripts.
 """
 from fastpref import _validate
 from fastpref.losses import diffusion_dpo_loss, dspo_loss, kto_loss, mapo_loss, sft_loss
-from fastpref.metrics import row_errors
+from fastpref.metrics import kto_baseline
 
 DIFFUSERS_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
@@ -91,8 +91,8 @@ def official_kto_loss(model_pred, ref_pred, target, labels, *, beta_dpo=1000.0, 
     kl_reduce: the trainer's cross-process mean of a 0-dim tensor, e.g.
     ``lambda t: accelerator.reduce(t, reduction="mean")``. Upstream averages the per-process
     baseline mean(r - m) over processes and clamps it at 0; with kl_reduce given, that baseline
-    is formed from `fastpref.row_errors` (one more fused read of the inputs) and passed to the
-    loss. None: the batch's own baseline (the same thing on one process).
+    is `fastpref.kto_baseline` (one more fused read of the inputs), passed to the loss. None:
+    the batch's own baseline (the same thing on one process).
 
     Returns (loss, logs) with upstream's keys `loss`, `raw_model_loss`, `kl`, `acc`. Upstream's
     other diagnostics (`ref_loss`, `likelyhood`, `diff_pos`, `diff_neg`, `n_pos`, `n_neg`) are
@@ -102,10 +102,8 @@ def official_kto_loss(model_pred, ref_pred, target, labels, *, beta_dpo=1000.0, 
     _validate.check_nonnegative("lambda_u_kto", lambda_u_kto)
     if kl_reduce is not None and not callable(kl_reduce):
         raise TypeError(f"kl_reduce must be a callable (tensor -> tensor) or None, got {type(kl_reduce).__name__}")
-    kl_baseline = None
-    if kl_reduce is not None:
-        model_err, ref_err = row_errors(model_pred, target, ref_pred=ref_pred)
-        kl_baseline = kl_reduce((ref_err - model_err).mean()).clamp(min=0)
+    kl_baseline = None if kl_reduce is None else kto_baseline(model_pred, target, ref_pred=ref_pred,
+                                                                reduce=kl_reduce)
     loss, m = kto_loss(model_pred, ref_pred, target, labels, beta=float(beta_dpo), lambda_d=float(lambda_d_kto),
                        lambda_u=float(lambda_u_kto), kl_baseline=kl_baseline)
     return loss, {"loss": m["loss"], "raw_model_loss": m["model_mse"], "kl": m["kl"], "acc": m["acc"]}

@@ -4,6 +4,8 @@ assembles itself (KTO's baseline over every process's rows, say).
 One pass over the inputs (the row-sum kernel of every loss), no full-size temporary, no
 gradient, no host synchronisation.
 """
+from typing import Callable
+
 import torch
 
 from fastpref import _validate as v
@@ -23,3 +25,15 @@ def row_errors(model_pred: torch.Tensor, target: torch.Tensor, *,
     partials, _ = row_sums(p, r, t, v.compute_dtype(model_pred, ref_pred, target))
     errors = partials[:2].sum(dim=-1) / p.shape[1]  # [1 or 2, N]: the splits of each row, added
     return errors[0], errors[1] if ref_pred is not None else None
+
+
+@torch.no_grad()
+def kto_baseline(model_pred: torch.Tensor, target: torch.Tensor, *, ref_pred: torch.Tensor,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Diffusion-KTO's baseline over several processes (spec §2.7): ``z = max(0,
+    reduce(mean_k (r_k - m_k)))`` from ``row_errors``, a detached 0-dim tensor to pass as
+    ``kto_loss(..., kl_baseline=z)``. ``reduce`` averages a 0-dim tensor over processes (an
+    all-reduce mean, ``accelerator.reduce(t, reduction="mean")``); None: this batch alone."""
+    model_err, ref_err = row_errors(model_pred, target, ref_pred=ref_pred)
+    gap = (ref_err - model_err).mean()
+    return (gap if reduce is None else reduce(gap)).clamp(min=0)

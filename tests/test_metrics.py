@@ -55,6 +55,19 @@ def test_row_errors_are_the_errors_of_the_losses(device):
     assert_close("kl", metrics["kl"], (ref_err - model_err).mean().clamp(min=0), 2e-6, atol=1e-7)
 
 
+def test_kto_baseline_is_the_clamped_reduced_gap(device):
+    """kto_baseline = max(0, reduce(mean_k (r_k - m_k))): None gives the loss's own batch
+    baseline; a stand-in cross-process mean moves it and is clamped after the reduction."""
+    model, ref, target = make_inputs((6, 4, 8, 8), F32, device, seed=11, scale=0.2)
+    gap = float((reference_errors(ref, target) - reference_errors(model, target)).mean())
+    labels = torch.tensor([1, 0, 1, 1, 0, 0], device=device)
+    own = fastpref.kto_baseline(model, target, ref_pred=ref)
+    assert_close("kl", own, fastpref.kto_loss(model, ref, target, labels)[1]["kl"], 2e-6, atol=1e-7)
+    for other in (abs(gap) + 0.01, -abs(gap) - 0.01):
+        z = fastpref.kto_baseline(model, target, ref_pred=ref, reduce=lambda t, other=other: (t + other) / 2)
+        assert z.shape == () and float(z) == pytest.approx(max(0.0, (gap + other) / 2), rel=1e-5, abs=1e-7)
+
+
 def test_row_errors_are_detached_and_never_sync(device):
     model, ref, target = make_inputs((4, 4, 8, 8), BF16, device, seed=10)
     model.requires_grad_(True)

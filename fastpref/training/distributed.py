@@ -69,11 +69,12 @@ def kto_global_baseline(state: DistState):
     if not state.enabled:
         return None
 
+    def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(value)
+        return value / state.world_size
+
     def baseline(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        model_err, ref_err = fastpref.row_errors(model_pred, target, ref_pred=ref_pred)  # one fused pass
-        gap = (ref_err - model_err).mean()
-        dist.all_reduce(gap)
-        return (gap / state.world_size).clamp(min=0)
+        return fastpref.kto_baseline(model_pred, target, ref_pred=ref_pred, reduce=mean_over_processes)
 
     return baseline
 
