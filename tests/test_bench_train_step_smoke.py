@@ -44,8 +44,10 @@ def test_captured_step_memory_counts_the_graph_pool(tmp_path):
     """max_memory_allocated misses a CUDA graph's private pool: every provider also reports
     its peak reserved memory, and the captured one the pool its capture reserved."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    by_provider = _bench(tmp_path / "train_step_tiny_cuda.csv", "cuda", "--providers",
-                         "eager-diffusers,fastpref,fastpref-cudagraph", env=env)
+    out = tmp_path / "train_step_tiny_cuda.csv"
+    by_provider = _bench(out, "cuda", "--providers", "eager-diffusers,fastpref,fastpref-cudagraph", env=env)
+    notes = json.loads((tmp_path / "train_step_tiny_cuda.csv.meta.json").read_text())["notes"]
+    assert not notes, notes  # no provider skipped or failed
     value = {key: float(row["y_value_50"]) for key, row in by_provider.items()}
     for provider in ("eager-diffusers", "fastpref", "fastpref-cudagraph"):
         assert value[(provider, "peak_reserved_memory")] >= value[(provider, "peak_memory")] > 0, provider
