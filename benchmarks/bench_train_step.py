@@ -18,9 +18,15 @@ embeddings ``[2B, 77, 768]``, timesteps shared within a pair. Weights are random
 UNet config is written inline; nothing is downloaded).
 
 Figures: time per step (CUDA events, p20/p50/p80 over the timed steps, after warm-up),
-steps/s, peak allocated memory over the timed steps, UNet FLOPs of one step counted with
-``torch.utils.flop_counter.FlopCounterMode``, and model FLOP utilisation = FLOPs / step time /
-the device's dense bf16 peak (table below or ``--peak-tflops``).
+steps/s, memory, UNet FLOPs of one step counted with ``torch.utils.flop_counter.FlopCounterMode``,
+and model FLOP utilisation = FLOPs / step time / the device's dense bf16 peak (table below or
+``--peak-tflops``). Memory, CUDA only: ``peak_memory`` is ``max_memory_allocated`` over the timed
+steps, which does not see a CUDA graph's private pool (a replay allocates nothing; the
+activations the capture freed stay reserved for the graph); ``peak_reserved_memory`` is
+``max_memory_reserved`` over the timed steps, the cache emptied before each provider's
+warm-up, i.e. what the caching allocator holds for that provider (the model, its warm-up's
+cached blocks and a graph's pool included), the comparable footprint; ``graph_pool_memory``
+(captured provider) is the growth of reserved memory over the capture call.
 """
 
 from __future__ import annotations
@@ -197,11 +203,15 @@ def run(args) -> None:
                 notes.append(f"SKIP {provider}: needs CUDA")
                 print(notes[-1], flush=True)
                 continue
-            warmup, flops = args.warmup, None
+            warmup, flops, capture_at, pool = args.warmup, None, None, None
+            step = eager_step = None  # drop the last provider's step (a graph holds its pool)
+            if device == "cuda":  # reserved memory from here on is this provider's (and the model's)
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
             if provider == "fastpref-cudagraph":
                 from fastpref.training.graph import WARMUP_STEPS
                 step, eager_step = graphed_step(unet, params, batch, dtype, device)
-                flops = count_flops(eager_step)  # a replay dispatches nothing to count
+                capture_at = WARMUP_STEPS  # the call that captures (and replays once)
                 warmup += WARMUP_STEPS + 1  # side-stream warm-up and the capture, untimed
             else:
                 loss_fn = make_loss(provider)
@@ -211,8 +221,14 @@ def run(args) -> None:
                     return train_step(unet, opt, params, batch, loss_fn, dtype, device)
 
             try:
-                for _ in range(warmup):
+                for call in range(warmup):
+                    if call == capture_at and device == "cuda":
+                        torch.cuda.synchronize()
+                        reserved = torch.cuda.memory_reserved()
                     step()
+                    if call == capture_at and device == "cuda":
+                        torch.cuda.synchronize()
+                        pool = (torch.cuda.memory_reserved() - reserved) / 2**30
                 times = []
                 if device == "cuda":
                     torch.cuda.synchronize()
@@ -230,7 +246,10 @@ def run(args) -> None:
                         step()
                         times.append((time.perf_counter() - a) * 1e3)
                 mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-                flops = flops if flops is not None else count_flops(step)
+                reserved_peak = torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None
+                # a replay dispatches nothing to count: the captured provider counts its eager
+                # step, after the timing so that its cached blocks are not in the figures above
+                flops = count_flops(eager_step if eager_step is not None else step)
             except Exception as e:  # record and go on (e.g. out of memory at large B)
                 notes.append(f"ERROR {provider} B={B}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 print(notes[-1], flush=True)
@@ -249,6 +268,9 @@ def run(args) -> None:
             w.add(metric="unet_tflop_per_step", unit="TFLOP", y=flops / 1e12, **row)
             if mem is not None:
                 w.add(metric="peak_memory", unit="GiB", y=mem, **row)
+                w.add(metric="peak_reserved_memory", unit="GiB", y=reserved_peak, **row)
+            if pool is not None:
+                w.add(metric="graph_pool_memory", unit="GiB", y=pool, **row)
             mfu = None
             if peak and device == "cuda":
                 mfu = 100.0 * flops / (q[1] * 1e-3) / (peak * 1e12)
@@ -256,9 +278,9 @@ def run(args) -> None:
             w.flush()
             print(f"B={B:<3d} {provider:16s} step {q[1]:.2f} ms (p20 {q[0]:.2f}, p80 {q[2]:.2f}), "
                   f"{1e3 / q[1]:.3f} steps/s, {flops / 1e12:.3f} TFLOP/step"
-                  + (f", peak {mem:.2f} GiB" if mem is not None else "")
+                  + (f", peak allocated {mem:.2f} GiB, peak reserved {reserved_peak:.2f} GiB" if mem is not None else "")
+                  + (f" (graph pool {pool:.2f} GiB)" if pool is not None else "")
                   + (f", MFU {mfu:.1f}%" if mfu is not None else ""), flush=True)
-            del step
         del batch
     w.close()
     csv_io.write_meta(args.out, {"command": csv_io.command_line(), "env": env, "notes": notes,

@@ -235,6 +235,7 @@ def cpu_section(t: Table, shape: str = "tiny") -> str:
 def train_section(t: Table) -> str:
     """Whole-training-step figures."""
     metrics = [("train_step_time", "ms"), ("steps_per_s", "1/s"), ("peak_memory", "GiB"),
+               ("peak_reserved_memory", "GiB"), ("graph_pool_memory", "GiB"),
                ("mfu", "%"), ("unet_tflop_per_step", "TFLOP")]
     rows = []
     for k in _kernels(t):

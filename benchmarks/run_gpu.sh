@@ -9,7 +9,7 @@
 #   bash benchmarks/run_gpu.sh train-quick  # training step, B = 4                (~1-2 min)
 #   bash benchmarks/run_gpu.sh train        # training step, B = 1,4,8             (~2-4 min)
 #   bash benchmarks/run_gpu.sh pytest       # pytest-benchmark file               (~1-2 min)
-#   bash benchmarks/run_gpu.sh train-tests  # the trainer's GPU tests: captured step, --cuda_graph runs
+#   bash benchmarks/run_gpu.sh train-tests  # the trainer's GPU tests: captured step, --cuda_graph runs vs eager twins
 #   bash benchmarks/run_gpu.sh tests        # the whole test suite, kernels compiled   (~3-5 min)
 #
 # The train* and tests jobs need diffusers, which the GPU image lacks: keep its wheel (and
@@ -65,8 +65,8 @@ run_job() {
                    --out "$dest/losses_more.csv" ;;
         train-quick) "$PY" benchmarks/bench_train_step.py --quick --out "$dest/train_step_quick.csv" ;;
         train) "$PY" benchmarks/bench_train_step.py --out "$dest/train_step.csv" ;;
-        train-tests) "$PY" -m pytest -q -p no:cacheprovider tests/test_train_cuda_graph.py tests/test_train_static_step.py \
-                   2>&1 | tee "$dest/pytest_train_gpu.txt" ;;
+        train-tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_train_cuda_graph.py tests/test_train_static_step.py \
+                   tests/test_bench_train_step_smoke.py 2>&1 | tee "$dest/pytest_train_gpu.txt" ;;
         tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$dest/pytest_gpu.txt" ;;
         pytest) "$PY" -m pytest benchmarks/test_bench_losses.py --benchmark-only -q -p no:cacheprovider \
                    --benchmark-json="$dest/pytest_benchmark.json" ;;

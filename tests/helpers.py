@@ -1,6 +1,19 @@
 """Shared test helpers: random paired inputs, running a loss and its float64 reference."""
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastpref.kernels import INTERPRET
+
+# Where fastpref's kernels can run in this test session (conftest.py turns the interpreter on
+# when there is no CUDA, unless TRITON_INTERPRET is already set): CUDA tensors always compile;
+# CPU tensors need the interpreter, which is off on a CUDA machine.
+KERNELS_RUN_HERE = torch.cuda.is_available() or INTERPRET
+NO_KERNELS_HERE = ("needs Triton's interpreter or a CUDA device: this machine has no CUDA and "
+                   "TRITON_INTERPRET is not 1, so no kernel can run")
+# a test that runs the kernels where the code under test puts its tensors (the trainer: CUDA
+# where there is a GPU); a test with tensors of its own takes conftest's ``device`` fixture
+needs_kernels = pytest.mark.skipif(not KERNELS_RUN_HERE, reason=NO_KERNELS_HERE)
 
 EPS32 = 2.0 ** -24
 # Output rounding of the gradient store: relative (bf16 truncates under the interpreter, so a

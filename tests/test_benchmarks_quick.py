@@ -103,13 +103,12 @@ _PAIRS = [(m, p) for m in _REGISTRY.METHODS for p in _REGISTRY.METHODS[m].eager]
 
 
 @pytest.mark.parametrize("method_name,provider", _PAIRS, ids=[f"{m}-{p}" for m, p in _PAIRS])
-def test_eager_block_matches_fastpref(method_name, provider):
+def test_eager_block_matches_fastpref(method_name, provider, device):
     import torch
 
     method = _REGISTRY.METHODS[method_name]
     assert _PROVIDERS.fastpref_fn(method) is not None, f"fastpref has no {method.fastpref}"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    args, tkw = _SHAPES.make_inputs(method, "tiny", 2, torch.float32, device)
+    args, tkw = _SHAPES.make_inputs(method, "tiny", 2, torch.float32, device.type)
     grads, losses = [], []
     for p in ("fastpref", provider):
         x = args[0].detach().clone().requires_grad_(True)
@@ -128,3 +127,24 @@ def test_run_gpu_refuses_an_unknown_job_before_running_any(tmp_path):
                           text=True, timeout=60, env=env, cwd=ROOT)
     assert proc.returncode == 2 and "unknown job 'nonsense'" in proc.stderr
     assert not list(tmp_path.iterdir()), "nothing may run or be written before the job list is checked"
+
+
+def test_run_gpu_script_parses_and_every_job_runs_files_that_exist():
+    """What a GPU session runs unattended (`bash benchmarks/run_gpu.sh train-tests train pytest`,
+    `... dspo tests`): the script parses, every job it accepts has a branch, and every test
+    file or benchmark script a job names is in the checkout."""
+    import re
+
+    script = os.path.join(BENCH, "run_gpu.sh")
+    proc = subprocess.run(["bash", "-n", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = open(script).read()
+    accepted = re.search(r"^\s+((?:[\w-]+\|)+[\w-]+)\) ;;$", text, re.M).group(1).split("|")
+    assert {"train-tests", "train", "pytest", "dspo", "tests"} <= set(accepted)
+    body = text[text.index("run_job() {"):]
+    branches = re.findall(r"^\s+([\w-]+)\)", body, re.M)
+    assert sorted(branches) == sorted(accepted), "a job without a branch, or a branch without a job"
+    named = set(re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.py)\b", body))
+    assert "tests/test_train_cuda_graph.py" in named and "tests/test_train_static_step.py" in named
+    missing = [path for path in sorted(named) if not os.path.exists(os.path.join(ROOT, path))]
+    assert not missing, f"run_gpu.sh names files that do not exist: {missing}"

@@ -1,6 +1,7 @@
 """The captured training step on a CUDA GPU: replays match the eager step, make no host sync,
-and ``--cuda_graph`` trains every precision and reference mode end to end. The CPU checks of
-the same static-buffer step are in test_train_static_step.py."""
+and ``--cuda_graph`` trains every precision and reference mode end to end, each mode's replays
+compared with an eager twin run (tests/graph_twins.py). The CPU checks of the same
+static-buffer step, and of the twin comparison itself, are in test_train_static_step.py."""
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from fastpref.training.args import DEFAULT_DATA
 from fastpref.training.batches import paired_batch
 from fastpref.training.data import PreferencePairs, parquet_files
 from fastpref.training.graph import WARMUP_STEPS, StaticStep
+from graph_twins import TOLERANCES, assert_twins_agree, graph_step, run_trainer
 from train_helpers import FAST, tiny_step
 
 CUDA = torch.device("cuda")
@@ -78,16 +80,29 @@ def test_cuda_graph_run_matches_eager_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("precision,reference,loss_type", [
     ("bf16", "lora", "dpo"), ("bf16", "copy", "sspo"), ("fp16", "lora", "kto"), ("fp16", "copy", "mapo"),
     ("bf16", "lora", "rpo"), ("no", "lora", "dense_dpo")])
-def test_cuda_graph_trains_every_precision_and_reference(tmp_path, precision, reference, loss_type):
-    out = tmp_path / "run"
-    train.main([*FAST, "--train_batch_size", "2", "--max_train_steps", str(WARMUP_STEPS + 3), "--cuda_graph",
-                "--mixed_precision", precision, "--reference", reference, "--loss_type", loss_type,
-                "--report_to", "csv", "--output_dir", str(out), "--checkpointing_steps", "2",
-                "--sspo_sample_steps", "2", "--sspo_snapshot_steps", "2"])
-    rows = _rows(out)
+def test_cuda_graph_trains_every_precision_and_reference(tmp_path, monkeypatch, precision, reference, loss_type):
+    """Every precision (fp16: forward and backward captured, the scaler's step eager), both
+    reference modes, SSPO's replayed reference weights, KTO's labels and RPO's prompt weights:
+    the replays take the steps of an eager twin, the same run whose StaticStep is called on its
+    static buffers without capture (same optimizer, autocast and fresh batches every step), by
+    ``graph_twins.assert_twins_agree``: per step the prediction errors, loss and grad_norm, each
+    replay told apart from every earlier step's inputs, and the final weights."""
+    replays = []
+    original = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), original(self))[1])
+    argv = [*FAST, "--train_batch_size", "2", "--max_train_steps", str(WARMUP_STEPS + 3), "--cuda_graph",
+            "--mixed_precision", precision, "--reference", reference, "--loss_type", loss_type,
+            "--report_to", "csv", "--checkpointing_steps", "2",
+            "--sspo_sample_steps", "2", "--sspo_snapshot_steps", "2"]
+    graphed = run_trainer(argv, tmp_path / "run")
+    rows = graphed.rows
     assert len(rows) == WARMUP_STEPS + 3 and all(math.isfinite(r["loss"]) for r in rows)
     mse = next(k for k in rows[0] if k.startswith("model_mse"))  # KTO's loss can repeat when saturated
     assert len({r[mse] for r in rows[WARMUP_STEPS:]}) == 3  # replays see each step's new inputs
+    assert len(replays) == 3
+    twin = run_trainer(argv, tmp_path / "twin", static_step=graph_step(False))
+    assert len(replays) == 3, "the eager twin replayed a graph"
+    assert_twins_agree(graphed, twin, TOLERANCES[precision], first=WARMUP_STEPS)
 
 
 def test_cuda_graph_resumes_from_a_checkpoint(tmp_path):

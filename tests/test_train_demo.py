@@ -7,8 +7,10 @@ import pytest
 from PIL import Image
 
 from fastpref import demo
+from helpers import needs_kernels
 
 
+@needs_kernels
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_demo_reports_figures_and_writes_grid(tmp_path, capsys):
     out = tmp_path / "demo"

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from fastpref import train
 from fastpref.training.args import DEFAULT_MODEL
+from helpers import needs_kernels
 from train_helpers import FAST
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -46,6 +47,7 @@ def test_bundled_pipeline_loads_and_samples():
     assert size_mb < 8
 
 
+@needs_kernels
 def test_lora_run_writes_loadable_lora_and_logs(tmp_path):
     out = tmp_path / "lora"
     train.main([*FAST, "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
@@ -64,6 +66,7 @@ def test_lora_run_writes_loadable_lora_and_logs(tmp_path):
     assert not torch.equal(before, after)
 
 
+@needs_kernels
 def test_copy_run_writes_full_unet(tmp_path):
     out = tmp_path / "copy"
     train.main([*FAST, "--output_dir", str(out), "--max_train_steps", "2", "--reference", "copy",
@@ -76,6 +79,7 @@ def test_copy_run_writes_full_unet(tmp_path):
     assert len(_rows(out)) == 2
 
 
+@needs_kernels
 def test_resume_after_kill_is_bitwise_identical(tmp_path):
     killed = tmp_path / "killed"
     args = [*FAST, "--train_batch_size", "2", "--checkpointing_steps", "1", "--random_crop"]
@@ -105,6 +109,7 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path):
     assert [r["loss"] for r in _rows(killed)] == [r["loss"] for r in _rows(straight)]
 
 
+@needs_kernels
 @pytest.mark.parametrize("loss_type,keys", [("dpo", ("loss", "model_mse", "ref_mse", "implicit_acc")),
                                            ("kto", ("loss", "kl", "model_mse", "acc"))])
 def test_torchrun_two_processes_match_one(tmp_path, loss_type, keys):
@@ -129,6 +134,7 @@ def test_torchrun_two_processes_match_one(tmp_path, loss_type, keys):
     assert not any(p.name.startswith(".tmp") for p in two.iterdir())
 
 
+@needs_kernels
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     from fastpref.training.logging import MetricsLogger
 

@@ -17,6 +17,7 @@ from fastpref.training.batches import Encoders, image_batch, paired_batch
 from fastpref.training.data import PreferencePairs, parquet_files
 from fastpref.training.losses import LOSS_TYPES
 from fastpref.training.models import load_components
+from helpers import needs_kernels
 from train_helpers import FAST
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -35,6 +36,7 @@ def _run(tmp_path, loss_type, steps=2, extra=()):
     return out
 
 
+@needs_kernels
 @pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
 def test_every_loss_type_trains_the_tiny_model(tmp_path, loss_type):
     out = _run(tmp_path, loss_type)
@@ -62,6 +64,7 @@ class _ForwardCounter:
         monkeypatch.setattr(UNet2DConditionModel, "forward", counted)
 
 
+@needs_kernels
 @pytest.mark.parametrize("loss_type,per_step", [("mapo", 1), ("sft", 1), ("dpo", 2)])
 @pytest.mark.parametrize("reference", ["lora", "copy"])
 def test_reference_forward_only_where_the_loss_needs_it(tmp_path, monkeypatch, loss_type, per_step, reference):
@@ -85,6 +88,7 @@ def test_kto_rows_are_unpaired_labelled_images():
     assert torch.equal(again.latents, rows.latents) and torch.equal(again.labels, rows.labels)
 
 
+@needs_kernels
 def test_sspo_resume_continues_replay_exactly(tmp_path):
     straight = _run(tmp_path / "a", "sspo", steps=4, extra=["--checkpointing_steps", "2"])
     _run(tmp_path / "b", "sspo", steps=2, extra=["--checkpointing_steps", "2"])
@@ -101,6 +105,7 @@ def test_sspo_resume_continues_replay_exactly(tmp_path):
     assert {k.split("/")[0] for k in pool_a} == {"0", "1", "2"}  # initial + --sspo_num_snapshots 2
 
 
+@needs_kernels
 def test_sspo_refuses_to_resume_a_checkpoint_without_a_replay_pool(tmp_path):
     out = _run(tmp_path, "dpo", steps=1, extra=["--checkpointing_steps", "1"])
     with pytest.raises(ValueError, match="holds no SSPO replay pool"):

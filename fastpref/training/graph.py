@@ -40,7 +40,10 @@ def graph_refusal(*, cuda_available: bool, gradient_checkpointing: bool, world_s
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, *, static: bool, **adamw) -> torch.optim.AdamW:
     """AdamW for the trainer. ``static``: a 0-dim tensor learning rate on the parameters' device
     (the LR scheduler fills it in place, so a captured step sees each new value), capturable on
-    CUDA; elsewhere the single-tensor kernel, the CPU implementation that takes a tensor LR."""
+    CUDA; elsewhere the single-tensor kernel, the CPU implementation that takes a tensor LR.
+    The base LRs a scheduler reads (``initial_lr``, ``defaults["lr"]``) stay Python floats, so
+    every schedule computes the float LR of the regular optimizer and only the value stored in
+    the tensor is rounded (to float32)."""
     if not static:
         return torch.optim.AdamW(params, lr=lr, **adamw)
     device = params[0].device
@@ -50,7 +53,44 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, *, static: bool,
         optimizer = torch.optim.AdamW(params, lr=torch.tensor(lr), foreach=False, **adamw)
     for group in optimizer.param_groups:
         group["initial_lr"] = lr  # a float base LR: the scheduler computes in float64, as in the eager run
+    # ``defaults["lr"]`` is the very tensor the scheduler refills (``add_param_group`` put it in the
+    # group); diffusers' polynomial schedule reads it as its fixed initial LR, so keep a float copy
+    optimizer.defaults["lr"] = lr
     return optimizer
+
+
+def check_capturable_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse to capture an optimizer step that would not replay correctly (call it after the
+    warm-up, before the gradients are dropped for capture). The warm-up must have run the
+    optimizer: some parameter has state, and every parameter holding a gradient has its own
+    (moments and step count): state created inside the graph would be re-zeroed by every
+    replay, each one a first Adam step. Every group must be
+    ``capturable`` (step counts and bias corrections on the device, no host read), and each
+    step count must live on its parameter's device. Raises RuntimeError naming the group and
+    parameter; reads no tensor value."""
+    params = [(g, i, p) for g, group in enumerate(optimizer.param_groups) for i, p in enumerate(group["params"])]
+    has_state = [bool(optimizer.state.get(p)) for _, _, p in params]
+    missing = [(g, i, p) for (g, i, p), state in zip(params, has_state)
+               if not state and (p.grad is not None or not any(has_state))]
+    if missing:
+        g, i, p = missing[0]
+        raise RuntimeError(
+            f"--cuda_graph: the optimizer has no state for {len(missing)} of its {len(params)} parameters "
+            f"(first: param_groups[{g}] parameter {i}, shape {tuple(p.shape)}) before capture: the eager "
+            f"warm-up steps did not run the optimizer on them (warmup_steps must be >= 1); moments created "
+            f"inside the graph would be zeroed again by every replay")
+    for g, group in enumerate(optimizer.param_groups):
+        if not group.get("capturable", False):
+            raise RuntimeError(
+                f"--cuda_graph: param_groups[{g}] has capturable={group.get('capturable')!r}; a captured "
+                f"AdamW must be built capturable (make_optimizer(..., static=True) on CUDA) and stay so "
+                f"after load_state_dict")
+    for g, i, p in params:
+        step = optimizer.state[p].get("step") if optimizer.state.get(p) else None
+        if torch.is_tensor(step) and step.device != p.device:
+            raise RuntimeError(
+                f"--cuda_graph: the step count of param_groups[{g}] parameter {i} is on {step.device}, its "
+                f"parameter on {p.device}; a captured AdamW keeps its step counts on the parameters' device")
 
 
 def _clone(batch):
@@ -114,6 +154,8 @@ class StaticStep:
         return out
 
     def _capture(self) -> None:
+        if self.capture_optimizer:  # fp16 runs the optimizer eagerly after each replay
+            check_capturable_optimizer(self.step.optimizer)
         self.graph = torch.cuda.CUDAGraph()
         self.step.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph
         with torch.cuda.graph(self.graph):
