@@ -1,4 +1,5 @@
-"""Drop-in loss blocks for existing Diffusion-DPO, DSPO, Diffusion-KTO and MaPO trainers (spec §5).
+"""Drop-in loss blocks for existing Diffusion-DPO, DSPO, Diffusion-KTO, MaPO and Diffusion-SDPO
+trainers (spec §5).
 
 Each function replaces the code between a trainer's model/reference forward and its
 `backward()`: it takes the trainer's own tensors and flags, and returns `(loss, logs)` where
@@ -9,23 +10,24 @@ gradient) and its logging/accumulation code.
 
 Inputs: model_pred, ref_pred, target of one shape [2B, ...] (KTO: unpaired [N, ...]; rank >= 2;
 4-D latents as upstream, any trailing dims work: a row is averaged whole, where the official
-DiffusionDPO/DSPO blocks average dims 1-3 only and so mis-handle 5-D video latents),
+DiffusionDPO/DSPO/SDPO blocks average dims 1-3 only and so mis-handle 5-D video latents),
 float16/bfloat16/float32/float64 mixed freely. fastpref upcasts every element; the official
-DiffusionDPO/DSPO trainers compute the reference error in the reference network's dtype
+DiffusionDPO/DSPO/SDPO trainers compute the reference error in the reference network's dtype
 (fp16/bf16 under their mixed precision), so their numbers differ by that rounding there
 (README, "Drop-in"), and by float32 rounding from the diffusers, diffusion-kto and MaPO scripts.
 
 Per trainer: `diffusers_dpo_loss` (huggingface/diffusers), `official_dpo_loss`
 (SalesforceAIResearch/DiffusionDPO), `official_dspo_loss` (huaishengzhu/DSPO),
 `official_kto_loss` (jacklishufan/diffusion-kto, `fastpref.compat_kto`), `mapo_compute_loss`
-(mapo-t2i/mapo).
+(mapo-t2i/mapo), `official_sdpo_loss` (AIDC-AI/Diffusion-SDPO, `fastpref.compat_sdpo`).
 """
 from fastpref import _validate
 from fastpref.compat_kto import official_kto_loss
+from fastpref.compat_sdpo import official_sdpo_loss
 from fastpref.losses import diffusion_dpo_loss, dspo_loss, mapo_loss, sft_loss
 
 __all__ = ["DIFFUSERS_LOSS_TYPES", "diffusers_dpo_loss", "official_dpo_loss", "official_dspo_loss",
-           "official_kto_loss", "mapo_compute_loss"]
+           "official_kto_loss", "mapo_compute_loss", "official_sdpo_loss"]
 
 DIFFUSERS_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
