@@ -116,12 +116,13 @@ KTO_MODES = [("kto", "sigmoid"), ("kto", "original"), ("cft", "none"), ("cft", "
 
 
 def _rolled_outputs(inputs, device):
-    """Stand-ins for upstream's policy and reference outputs on the rolled prompts: both further
-    from the target, the policy more so (a negative baseline, which these offsets do not clamp)."""
+    """Stand-ins for upstream's policy and reference outputs on the rolled prompts: the policy a
+    little further from the target (a small negative baseline, which this offset does not clamp)."""
     model, ref_pred, target = inputs
     g = torch.Generator().manual_seed(17)
-    noise = torch.randn(target.shape, generator=g, dtype=torch.float64).to(device)
-    return (target.double() + 0.9 * noise).to(model.dtype), (target.double() + 0.8 * noise).to(ref_pred.dtype)
+    ref_roll = target.double().cpu() + 0.5 * torch.randn(target.shape, generator=g, dtype=torch.float64)
+    model_roll = ref_roll + 0.03 * torch.randn(target.shape, generator=g, dtype=torch.float64)
+    return model_roll.to(model.dtype).to(device), ref_roll.to(ref_pred.dtype).to(device)
 
 
 @pytest.mark.parametrize("dtypes", [F32, (BF16, F16, F32)], ids=["fp32", "mixed"])
