@@ -215,3 +215,22 @@ def test_sdpo_block_rejects_bad_flags_before_any_launch(flags, name, no_launch):
     inputs = pair_inputs((4, 4, 8, 8), F32, 27, 0.01)
     with pytest.raises(ValueError, match=name):
         compat.official_sdpo_loss(*inputs, **flags)
+
+
+@pytest.mark.parametrize("fn,kw", [(compat.official_dpo_loss, {}), (compat.official_dspo_loss, dict(beta_dpo=5000.0, sdxl=True)),
+                                   (compat.official_sdpo_loss, dict(use_winner_preserving=True, winner_preserving_mu=0.9))],
+                         ids=["DiffusionDPO", "DSPO-sdxl", "SDPO"])
+def test_official_blocks_average_whole_rows_of_video_latents(fn, kw):
+    """[2B, C, F, H, W]: the official blocks' mean(dim=[1,2,3]) would leave the W axis; the
+    drop-ins average whole rows, i.e. give upstream's 4-D result on [2B, C*F, H, W]."""
+    video = pair_inputs((4, 4, 3, 8, 8), F32, 28, 0.01)
+    (loss5, logs5), grad5 = forward_backward(fn, *video, **kw)
+    (loss4, logs4), grad4 = forward_backward(fn, *(x.flatten(1, 2) for x in video), **kw)
+    theirs = forward_backward(eager_sdpo, *(x.flatten(1, 2) for x in video), "diffusion-dpo", 5000.0, False,
+                              fn is compat.official_sdpo_loss, 0.9, 0.0)
+    assert_close("loss", loss5, loss4, 1e-6)
+    assert_close("grad", grad5.flatten(1, 2), grad4, 1e-6)
+    for key in logs4:
+        assert_close(key, logs5[key], logs4[key], 1e-6)
+    if fn is not compat.official_dspo_loss:        # the DPO-base blocks against the eager 4-D twin
+        assert_close("loss", loss5, theirs[0][0], 2 * compute_rtol(video, 5000.0))
