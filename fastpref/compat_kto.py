@@ -16,11 +16,11 @@ KTO_BCE_OFFSETS = ("none", "sigmoid", "original")
 # What upstream computes for the values fastpref does not run (x = s β (g - kl), s = 2 label - 1,
 # g = r - m per row, w the λ of the row's label): why each is refused.
 REFUSED_LOSSES = {
-    "sft": "the label-masked MSE mean_k(labels_k * m_k) over all N rows (no reference), which no "
-           "fastpref loss computes",
-    "kto_gp": "1 - sigmoid of a batch-mean logit whose value is the all-reduced mean g and whose "
-              "gradient is that of mean_k(w_k x_k) / num_processes, which no fastpref loss computes",
-    "dpo": "listed in upstream's --loss choices, but its loss block has no 'dpo' branch (it raises)",
+    "sft": "upstream computes the label-masked MSE mean_k(labels_k * m_k) over all N rows (no reference), "
+           "which no fastpref loss computes",
+    "kto_gp": "upstream computes 1 - sigmoid of a batch-mean logit whose value is the all-reduced mean g and "
+              "whose gradient is that of mean_k(w_k x_k) / num_processes, which no fastpref loss computes",
+    "dpo": "it is among upstream's --loss choices, but upstream's loss block has no 'dpo' branch (it raises)",
 }
 REFUSED_HALOS = {
     "loss_averse": "mean_k w_k (1 - log sigmoid(x_k))",
@@ -106,8 +106,8 @@ def _class_mean(gap, mask):
 
 def _check_modes(loss, halo, bce_offset):
     if loss in REFUSED_LOSSES:
-        raise ValueError(f"loss={loss!r} is not supported: upstream computes {REFUSED_LOSSES[loss]}; keep "
-                         f"upstream's block for it (supported: {', '.join(map(repr, KTO_LOSSES))})")
+        raise ValueError(f"loss={loss!r} is not supported: {REFUSED_LOSSES[loss]} (supported: "
+                         f"{', '.join(map(repr, KTO_LOSSES))})")
     v.check_choice("loss", loss, KTO_LOSSES)
     if loss == "kto" and halo in REFUSED_HALOS:
         raise ValueError(f"halo={halo!r} is not supported: upstream's loss is then {REFUSED_HALOS[halo]}, "
