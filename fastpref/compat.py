@@ -1,4 +1,5 @@
-"""Drop-in loss blocks for existing Diffusion-DPO, DSPO, Diffusion-KTO and MaPO trainers (spec §5).
+"""Drop-in loss blocks for existing Diffusion-DPO, DSPO, Diffusion-KTO, MaPO and Diffusion-SDPO
+trainers (spec §5).
 
 Each function replaces the code between a trainer's model/reference forward and its
 `backward()`: it takes the trainer's own tensors and flags, and returns `(loss, logs)` where
@@ -8,14 +9,25 @@ back, or gather them, where the trainer did). The trainer keeps its data pipelin
 gradient) and its logging/accumulation code.
 
 Inputs: model_pred, ref_pred, target of one shape [2B, ...] (KTO: unpaired [N, ...]; rank >= 2;
-4-D latents as upstream, any trailing dims work), float16/bfloat16/float32/float64 mixed freely. fastpref
-upcasts every element; the official DiffusionDPO/DSPO trainers compute the reference error in
-the reference network's dtype (fp16 under their default mixed precision), so numbers agree up
-to that fp16 rounding there and to float32 rounding with the diffusers scripts.
+4-D latents as upstream, any trailing dims work: a row is averaged whole, where the official
+DiffusionDPO/DSPO/SDPO blocks average dims 1-3 only and so mis-handle 5-D video latents),
+float16/bfloat16/float32/float64 mixed freely. fastpref upcasts every element; the official
+DiffusionDPO/DSPO/SDPO trainers compute the reference error in the reference network's dtype
+(fp16/bf16 under their mixed precision), so their numbers differ by that rounding there
+(README, "Drop-in"), and by float32 rounding from the diffusers, diffusion-kto and MaPO scripts.
+
+Per trainer: `diffusers_dpo_loss` (huggingface/diffusers), `official_dpo_loss`
+(SalesforceAIResearch/DiffusionDPO), `official_dspo_loss` (huaishengzhu/DSPO),
+`official_kto_loss` (jacklishufan/diffusion-kto, `fastpref.compat_kto`), `mapo_compute_loss`
+(mapo-t2i/mapo), `official_sdpo_loss` (AIDC-AI/Diffusion-SDPO, `fastpref.compat_sdpo`).
 """
 from fastpref import _validate
-from fastpref.losses import diffusion_dpo_loss, dspo_loss, kto_loss, mapo_loss, sft_loss
-from fastpref.metrics import kto_baseline
+from fastpref.compat_kto import official_kto_loss
+from fastpref.compat_sdpo import official_sdpo_loss
+from fastpref.losses import diffusion_dpo_loss, dspo_loss, mapo_loss, sft_loss
+
+__all__ = ["DIFFUSERS_LOSS_TYPES", "diffusers_dpo_loss", "official_dpo_loss", "official_dspo_loss",
+           "official_kto_loss", "mapo_compute_loss", "official_sdpo_loss"]
 
 DIFFUSERS_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
@@ -80,33 +92,6 @@ def official_dspo_loss(model_pred, ref_pred, target, *, beta_dpo, sdxl=False, sf
     loss, m = dspo_loss(model_pred, ref_pred, target, beta=float(beta_dpo),
                         variant="sdxl" if sdxl else "sd15", sdxl_threshold=0.1)
     return loss, _official_logs(m)
-
-
-def official_kto_loss(model_pred, ref_pred, target, labels, *, beta_dpo=1000.0, lambda_d_kto=1.0,
-                      lambda_u_kto=1.0, kl_reduce=None):
-    """The loss block of jacklishufan/diffusion-kto `train_kto_sd_v1.5.py` with its defaults
-    (`--loss kto`, `--halo sigmoid`, `--bce_offset none`): unpaired rows [N, ...], `labels` [N]
-    (1 desirable, 0 undesirable; fastpref reads nonzero as desirable).
-
-    kl_reduce: the trainer's cross-process mean of a 0-dim tensor, e.g.
-    ``lambda t: accelerator.reduce(t, reduction="mean")``. Upstream averages the per-process
-    baseline mean(r - m) over processes and clamps it at 0; with kl_reduce given, that baseline
-    is `fastpref.kto_baseline` (one more fused read of the inputs), passed to the loss. None:
-    the batch's own baseline (the same thing on one process).
-
-    Returns (loss, logs) with upstream's keys `loss`, `raw_model_loss`, `kl`, `acc`. Upstream's
-    other diagnostics (`ref_loss`, `likelyhood`, `diff_pos`, `diff_neg`, `n_pos`, `n_neg`) are
-    not spec metrics; `fastpref.row_errors` gives the per-row errors they are made of."""
-    _check_beta("beta_dpo", beta_dpo)
-    _validate.check_nonnegative("lambda_d_kto", lambda_d_kto)
-    _validate.check_nonnegative("lambda_u_kto", lambda_u_kto)
-    if kl_reduce is not None and not callable(kl_reduce):
-        raise TypeError(f"kl_reduce must be a callable (tensor -> tensor) or None, got {type(kl_reduce).__name__}")
-    kl_baseline = None if kl_reduce is None else kto_baseline(model_pred, target, ref_pred=ref_pred,
-                                                                reduce=kl_reduce)
-    loss, m = kto_loss(model_pred, ref_pred, target, labels, beta=float(beta_dpo), lambda_d=float(lambda_d_kto),
-                       lambda_u=float(lambda_u_kto), kl_baseline=kl_baseline)
-    return loss, {"loss": m["loss"], "raw_model_loss": m["model_mse"], "kl": m["kl"], "acc": m["acc"]}
 
 
 def mapo_compute_loss(model_pred, target, *, beta_mapo=0.1, snr_value=0.5, num_train_timesteps=1000):

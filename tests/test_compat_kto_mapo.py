@@ -21,21 +21,31 @@ def _row_mse(x, target):
     return per.mean(dim=list(range(1, per.dim())))
 
 
-def eager_kto(model_pred, ref_pred, target, labels, beta_dpo, lambda_d, lambda_u, kl_reduce=None):
-    """diffusion-kto train_kto_sd_v1.5.py, --loss kto --halo sigmoid --bce_offset none."""
+def eager_kto(model_pred, ref_pred, target, labels, beta_dpo, lambda_d, lambda_u, kl_reduce=None, loss="kto",
+              bce_offset="none", rolls=None):
+    """diffusion-kto train_kto_sd_v1.5.py, --halo sigmoid, --loss kto or cft, each --bce_offset
+    (rolls: the policy and reference outputs for the rolled prompts, for "original")."""
+    reduce = kl_reduce if kl_reduce is not None else (lambda t: t)
     m = _row_mse(model_pred, target)
     with torch.no_grad():
         r = _row_mse(ref_pred, target)
     g = -m - (-r)                               # policy minus reference log-likelihood proxies
-    kl = g.mean().detach()
-    kl = (kl_reduce(kl) if kl_reduce is not None else kl).clamp(min=0).detach()
-    g = g - kl
     desirable = labels == 1
+    if bce_offset == "none":
+        kl = reduce(g.mean().detach()).clamp(min=0).detach()
+    elif bce_offset == "sigmoid":               # class means, each over its count + 1e-6, unclamped
+        kl_d = (desirable * g).sum().detach() / (desirable.sum() + 1e-6)
+        kl_u = ((~desirable) * g).sum().detach() / ((~desirable).sum() + 1e-6)
+        kl = (reduce(kl_d) + reduce(kl_u)) / 2
+    else:                                       # "original": the rolled prompts' gap, unclamped
+        with torch.no_grad():
+            kl = reduce((_row_mse(rolls[1], target) - _row_mse(rolls[0], target)).mean())
+    g = g - kl
     x = (2 * labels - 1) * beta_dpo * g
     weight = lambda_d * desirable + lambda_u * ~desirable
-    loss = (weight * (1 - torch.sigmoid(x))).mean()
+    value = (weight * (1 - torch.sigmoid(x))).mean() if loss == "kto" else m.mean()
     acc = (x > 0).sum().detach() / len(x)
-    return loss, {"loss": loss.detach(), "raw_model_loss": m.mean().detach(), "kl": kl, "acc": acc}, x.detach()
+    return value, {"loss": value.detach(), "raw_model_loss": m.mean().detach(), "kl": kl, "acc": acc}, x.detach()
 
 
 def eager_mapo(model_pred, target, beta_mapo, snr_value, num_train_timesteps):
@@ -100,6 +110,69 @@ def test_kto_block_with_the_cross_process_baseline(other_rank_gap, device):
         assert float(ours[0][1]["kl"]) > 0, "the construction must give a positive baseline"
     else:
         assert float(ours[0][1]["kl"]) == 0.0
+
+
+KTO_MODES = [("kto", "sigmoid"), ("kto", "original"), ("cft", "none"), ("cft", "sigmoid"), ("cft", "original")]
+
+
+def _rolled_outputs(inputs, device):
+    """Stand-ins for upstream's policy and reference outputs on the rolled prompts: the policy a
+    little further from the target (a small negative baseline, which this offset does not clamp)."""
+    model, ref_pred, target = inputs
+    g = torch.Generator().manual_seed(17)
+    ref_roll = target.double().cpu() + 0.5 * torch.randn(target.shape, generator=g, dtype=torch.float64)
+    model_roll = ref_roll + 0.03 * torch.randn(target.shape, generator=g, dtype=torch.float64)
+    return model_roll.to(model.dtype).to(device), ref_roll.to(ref_pred.dtype).to(device)
+
+
+@pytest.mark.parametrize("dtypes", [F32, (BF16, F16, F32)], ids=["fp32", "mixed"])
+@pytest.mark.parametrize("loss,bce_offset", KTO_MODES, ids=[f"{l}-{b}" for l, b in KTO_MODES])
+def test_kto_block_other_modes(loss, bce_offset, dtypes, device):
+    """--loss cft (plain MSE, kl and acc still logged) and --bce_offset sigmoid/original
+    (baselines without the clamp), on one process and through kl_reduce."""
+    inputs = make_inputs((6, 4, 16, 16), dtypes, device, 15, 0.02)
+    labels = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=device)   # unbalanced: class means != mean
+    rolls = _rolled_outputs(inputs, device) if bce_offset == "original" else None
+    roll_kw = dict(model_pred_roll=rolls[0], ref_pred_roll=rolls[1]) if rolls else {}
+    for kl_reduce in (None, lambda t: (t + 2e-3) / 2):
+        ours = forward_backward(compat.official_kto_loss, *inputs, labels, loss=loss, bce_offset=bce_offset,
+                                kl_reduce=kl_reduce, **roll_kw)
+        theirs = forward_backward(eager_kto, *inputs, labels, 1000.0, 1.0, 1.0, kl_reduce, loss, bce_offset, rolls)
+        compare(ours, theirs, KTO_KEYS, 2 * compute_rtol(inputs, 1000.0), theirs[0][2])
+        if bce_offset != "none" and kl_reduce is None:
+            assert float(ours[0][1]["kl"]) < 0, "the construction must give a negative (unclamped) baseline"
+
+
+def test_kto_block_cft_accepts_any_upstream_utility(device):
+    """cft's loss ignores --halo (upstream still evaluates the utility, so a known name is needed)."""
+    inputs = make_inputs((4, 4, 8, 8), F32, device, 18, 0.02)
+    labels = torch.tensor([1, 0, 1, 0], device=device)
+    base = forward_backward(compat.official_kto_loss, *inputs, labels, loss="cft")
+    for halo in ("loss_averse", "risk_seeking_1", "risk_seeking_2", "risk_seeking_3"):
+        other = forward_backward(compat.official_kto_loss, *inputs, labels, loss="cft", halo=halo)
+        assert_close("loss", other[0][0], base[0][0], 0.0)
+        assert_close("grad", other[1], base[1], 0.0)
+
+
+KTO_REFUSED = [(dict(loss="sft"), "loss='sft'"), (dict(loss="kto_gp"), "loss='kto_gp'"), (dict(loss="dpo"), "loss='dpo'"),
+               (dict(loss="ipo"), "loss must be one of"), (dict(halo="loss_averse"), "halo='loss_averse'"),
+               (dict(halo="risk_seeking_1"), "halo='risk_seeking_1'"), (dict(halo="risk_seeking_2"), "halo='risk_seeking_2'"),
+               (dict(halo="risk_seeking_3"), "halo='risk_seeking_3'"), (dict(halo="tanh"), "halo must be one of 'sigmoid'"),
+               (dict(loss="cft", halo="tanh"), "halo must be one of"), (dict(bce_offset="mean"), "bce_offset must be one of"),
+               (dict(bce_offset="original"), "model_pred_roll is required"), (dict(roll=True), "used only with"),
+               (dict(roll=True, bce_offset="original", short=True), "ref_pred_roll must have the shape")]
+
+
+@pytest.mark.parametrize("flags,message", KTO_REFUSED, ids=[f"{i}" for i in range(len(KTO_REFUSED))])
+def test_kto_block_refuses_other_modes_by_name(flags, message, device, no_launch):
+    """Modes that are no fastpref loss stop with a ValueError naming the value, before any launch."""
+    p, r, t = make_inputs((4, 4, 8, 8), F32, device, 19)
+    labels = torch.tensor([1, 0, 1, 0], device=device)
+    flags = dict(flags)
+    if flags.pop("roll", False):
+        flags.update(model_pred_roll=p.clone(), ref_pred_roll=r[:2] if flags.pop("short", False) else r.clone())
+    with pytest.raises(ValueError, match=message):
+        compat.official_kto_loss(p, r, t, labels, **flags)
 
 
 MAPO_CASES = [(0.1, 0.5, 0.05), (0.5, 1.0, 0.1)]
