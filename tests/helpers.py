@@ -3,8 +3,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 EPS32 = 2.0 ** -24
-# Output rounding of the gradient store: relative (bf16 truncates under the interpreter, so a
-# full ulp), plus float16's subnormal spacing for tiny gradient entries.
+# Output rounding of the gradient store: relative (a full ulp, double the round-to-nearest
+# error), plus float16's subnormal spacing for tiny gradient entries.
 OUT_RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 OUT_ATOL = {torch.float64: 0.0, torch.float32: 0.0, torch.float16: 2.0 ** -24, torch.bfloat16: 0.0}
 
