@@ -5,11 +5,11 @@ unbiased against float64."""
 import numpy as np
 import pytest
 import torch
+
+import fastpref  # noqa: I001  (before triton: on a CPU-only machine it turns the interpreter on)
+import reference
 import triton
 import triton.language as tl
-
-import fastpref
-import reference
 from fastpref.kernels._math import bf16_bits_rne
 from helpers import make_inputs, run, run_reference
 
@@ -87,10 +87,9 @@ def test_half_gradient_is_the_rounded_wide_gradient(name, fn, dtype, others, dev
                               f"nearest {dtype} of the {wide_dtype} gradient")
 
 
-def test_bf16_gradient_is_unbiased_against_float64(device):
-    """The issue's figures: with truncation the bf16 gradient was 3.3e-3 (normwise) from float64
-    with magnitudes 0.27 % low on average; rounded to nearest it is 1.66e-3, the error of
-    rounding the float64 gradient itself, and the mean bias is below 0.05 %."""
+def bf16_gradient_figures(device="cpu"):
+    """(normwise error against float64, the same for the float64 gradient rounded to bf16, mean
+    relative magnitude error) of the fused DPO bf16 gradient, β = 5000, [8, 4, 32, 32]."""
     inputs = make_inputs((8, 4, 32, 32), BF16, device, 0, 0.01)
     _, _, grad, G = run(fastpref.diffusion_dpo_loss, *inputs, beta=5000.0)
     _, _, exact = run_reference(reference.dpo, *inputs, G=G, beta=5000.0)
@@ -98,6 +97,19 @@ def test_bf16_gradient_is_unbiased_against_float64(device):
     error = float((g - exact).norm() / exact.norm())
     rounding = float((exact.to(BF16).double() - exact).norm() / exact.norm())
     nonzero = exact != 0
-    bias = float((g.abs()[nonzero] / exact.abs()[nonzero] - 1).mean())
+    return error, rounding, float((g.abs()[nonzero] / exact.abs()[nonzero] - 1).mean())
+
+
+def test_bf16_gradient_is_unbiased_against_float64(device):
+    """The issue's figures: with truncation the bf16 gradient was 3.3e-3 (normwise) from float64
+    with magnitudes 0.27 % low on average; rounded to nearest it is 1.66e-3, the error of
+    rounding the float64 gradient itself, and the mean bias is below 0.05 %."""
+    error, rounding, bias = bf16_gradient_figures(device)
     assert error <= 1.05 * rounding, f"normwise error {error:.2e} vs {rounding:.2e} for rounding float64 itself"
     assert abs(bias) <= 5e-4, f"mean relative magnitude error {bias:+.2%}"
+
+
+if __name__ == "__main__":
+    error, rounding, bias = bf16_gradient_figures("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"bf16 DPO gradient: {error:.2e} from float64 (float64 rounded to bf16: {rounding:.2e}), "
+          f"mean relative magnitude error {bias:+.3%}")
