@@ -46,6 +46,15 @@ def check_device(name, x):
     raise ValueError(f"{name} must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {x.device}")
 
 
+def check_constant(name, x):
+    """`ref_pred` and `target` are constants of every loss (spec §1): one that requires grad is
+    refused rather than silently treated as constant (an eager block would propagate into it)."""
+    if x.requires_grad:
+        raise ValueError(
+            f"{name} requires grad, but the reference prediction and the target are constants of the loss "
+            f"(no gradient flows into them): pass {name}.detach() (compute the reference under torch.no_grad())")
+
+
 def check_paired(name, x):
     """Paired layout: an even, nonzero number of rows (winners then losers)."""
     if x.shape[0] % 2:
@@ -93,7 +102,9 @@ def check_predictions(paired, model_pred, target, ref_pred=None):
     check_device("model_pred", model_pred)
     if ref_pred is not None:
         check_like("ref_pred", ref_pred, "model_pred", model_pred)
+        check_constant("ref_pred", ref_pred)
     check_like("target", target, "model_pred", model_pred)
+    check_constant("target", target)
     if paired:
         check_paired("model_pred", model_pred)
 

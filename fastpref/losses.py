@@ -7,6 +7,19 @@ rows 0..B-1, their losers in rows B..2B-1 (`kto_loss` and `sft_loss`: any [N, ..
 float16/bfloat16/float32/float64, mixed freely. The gradient flows into model_pred only, in
 model_pred's dtype. No function reads a tensor value back to the host (CUDA-graph safe), except
 the eager-only timestep-halves check of `dense_dpo_loss` (skipped during graph capture).
+
+ref_pred and target are constants: one that requires grad is refused with a ValueError naming
+it (pass `.detach()`), before any launch.
+
+Non-finite inputs, one rule for every loss: a NaN, +inf or -inf anywhere in model_pred,
+ref_pred or target gives a NaN loss; NaN at that pair's entries of the per-pair metric vectors
+(inside_term, criterion), the other pairs' entries unchanged; and NaN for every batch metric
+that pair enters, accuracies included (KTO and SFT: per row). Metrics that do not depend on
+the predictions (RPO weights, dense-DPO step weights, a given KTO baseline, λ = 1 without
+SDPO's safeguard) are unchanged; integer branch metrics stay integers (a NaN q takes DSPO-SDXL
+branch 2); rows a loss does not read (the losers of `sft_loss(winners_only=True)`) do not
+count. The gradient of that pair's rows may be NaN or inf, and every row's where one batch
+quantity couples the pairs (RPO, KTO's own baseline, SDPO's safeguard λ).
 """
 import torch
 

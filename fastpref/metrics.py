@@ -33,7 +33,9 @@ def kto_baseline(model_pred: torch.Tensor, target: torch.Tensor, *, ref_pred: to
     """Diffusion-KTO's baseline over several processes (spec §2.7): ``z = max(0,
     reduce(mean_k (r_k - m_k)))`` from ``row_errors``, a detached 0-dim tensor to pass as
     ``kto_loss(..., kl_baseline=z)``. ``reduce`` averages a 0-dim tensor over processes (an
-    all-reduce mean, ``accelerator.reduce(t, reduction="mean")``); None: this batch alone."""
+    all-reduce mean, ``accelerator.reduce(t, reduction="mean")``); None: this batch alone.
+    A non-finite element in any row (of any process) makes z NaN, as it makes kto_loss NaN."""
     model_err, ref_err = row_errors(model_pred, target, ref_pred=ref_pred)
     gap = (ref_err - model_err).mean()
+    gap = gap + 0 * gap        # ±inf (a non-finite row) -> NaN, so that no process clamps it into a number
     return (gap if reduce is None else reduce(gap)).clamp(min=0)

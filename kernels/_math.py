@@ -30,3 +30,15 @@ def sigmoid(x):
     """1 / (1 + e^-x) without overflow for either sign."""
     e = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def bf16_bits_rne(x):
+    """The bfloat16 nearest to fp32 `x` (ties to even), as its 16 bits in a uint16: the top half
+    of x's bits plus a carry of 0x7FFF + lsb; overflow rounds to ±inf, ±inf stays, and a NaN
+    stays a (quiet) NaN of the same sign. For the interpreter, whose own fp32 -> bf16
+    conversion truncates; the GPU's cvt.rn gives the same bits."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    quiet_nan = (bits >> 16) | 0x0040
+    return tl.where(x != x, quiet_nan, rounded).to(tl.uint16)

@@ -5,11 +5,19 @@
 `a`, `b` are the per-row coefficients a method's head wrote ([2, R] in ACC, `a` first) and G
 is the incoming gradient of the loss, read from device memory (no host sync, no shortcut for
 G == 1). `ref_pred` is read only where b_k != 0 (DSPO winner rows), a predicated load.
+
+The store rounds to nearest even, as the GPU's conversion does. Triton's interpreter converts
+fp32 to bfloat16 by truncation (toward zero: magnitudes biased low by half an ulp on
+average), so under the interpreter bfloat16 outputs are rounded by `_math.bf16_bits_rne` and
+stored as their bits; compiled kernels keep the plain conversion. (float16 goes through
+numpy under the interpreter, which already rounds to nearest even.)
 """
+import torch
 import triton
 import triton.language as tl
 
 from . import _runtime
+from ._math import bf16_bits_rne
 
 BLOCK = 2048
 
@@ -19,7 +27,7 @@ def _grad_kernel(
     p_ptr, r_ptr, t_ptr, coef_ptr, gout_ptr, grad_ptr,
     n, rows,
     stride_p, stride_r, stride_t,
-    HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, RNE_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -35,7 +43,13 @@ def _grad_kernel(
         ref_mask = idx < tl.where(b != 0.0, n, 0)
         r = tl.load(r_ptr + row * stride_r + idx, mask=ref_mask, other=0.0).to(ACC)
         val = tl.where(ref_mask, val + b * (p - r), val)
-    tl.store(grad_ptr + row * n + idx, val.to(grad_ptr.dtype.element_ty), mask=mask)
+    if RNE_BF16:
+        # Interpreter only (see the module docstring): fp64 accumulations go through fp32 first,
+        # as the compiled bf16 conversion does.
+        bits = bf16_bits_rne(val.to(tl.float32))
+        tl.store(grad_ptr + row * n + idx, bits.to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(grad_ptr + row * n + idx, val.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def elementwise_grad(p, r, t, coef, grad_output, has_b):
@@ -51,6 +65,7 @@ def elementwise_grad(p, r, t, coef, grad_output, has_b):
         n, rows,
         p.stride(0), r_arg.stride(0), t.stride(0),
         HAS_B=has_b, ACC=_runtime.tl_dtype(coef.dtype), BLOCK=BLOCK,
+        RNE_BF16=_runtime.INTERPRET and p.dtype == torch.bfloat16,
         num_warps=8,
     )
     return grad

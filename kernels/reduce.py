@@ -3,10 +3,14 @@
 For every row k of the [R, n] views of model_pred (p), ref_pred (r) and target (t):
 
     S_pt = Σ (p - t)^2    S_rt = Σ (r - t)^2    S_pr = Σ (p - r)^2    S_ptr = Σ (p - t)(p - r)
+    S_mr = Σ (p - r)((p - t) + (r - t))          (= S_pt - S_rt, formed per element)
 
-and, in the paired CROSS mode (Diffusion-SDPO), per pair i the winner-row x loser-row product
-S_wl = Σ (p_w - t_w)(p_l - t_l): there one program reads both rows of a pair, so nothing is
-read twice.
+S_mr is n (m - r), the quantity β amplifies: each term is e² - f² (e = p - t, f = r - t,
+d = p - r) as a product of two differences, so its sum rounds with |e² - f²|, not with
+e² + f² (S_pt - S_rt, a cancellation near the reference) nor with 2|e d| + d² (2 S_ptr - S_pr,
+up to 4x e² + f² far from it). In the paired CROSS mode (Diffusion-SDPO), per pair i the
+winner-row x loser-row product S_wl = Σ (p_w - t_w)(p_l - t_l): there one program reads both
+rows of a pair, so nothing is read twice.
 
 Each row is split into `splits` chunks handled by separate programs, so that a small batch
 still fills the GPU; each program writes its partial sums to its own slot of a
@@ -19,12 +23,12 @@ import triton.language as tl
 
 from . import _runtime
 
-SUM_NAMES = ("S_pt", "S_rt", "S_pr", "S_ptr", "S_wl")
+SUM_NAMES = ("S_pt", "S_rt", "S_pr", "S_ptr", "S_mr", "S_wl")
 BLOCK = 1024
 
 
 @triton.jit
-def _accumulate(p_row, r_row, t_row, idx, mask, acc_pt, acc_rt, acc_pr, acc_ptr,
+def _accumulate(p_row, r_row, t_row, idx, mask, acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr,
                 HAS_REF: tl.constexpr, ACC: tl.constexpr):
     p = tl.load(p_row + idx, mask=mask, other=0.0).to(ACC)
     t = tl.load(t_row + idx, mask=mask, other=0.0).to(ACC)
@@ -37,17 +41,20 @@ def _accumulate(p_row, r_row, t_row, idx, mask, acc_pt, acc_rt, acc_pr, acc_ptr,
         acc_rt += f * f
         acc_pr += d * d
         acc_ptr += e * d
-    return e, acc_pt, acc_rt, acc_pr, acc_ptr
+        acc_mr += d * (e + f)                  # e² - f² as a product: no cancellation
+    return e, acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr
 
 
 @triton.jit
-def _store_sums(part_ptr, row, split, plane, splits, acc_pt, acc_rt, acc_pr, acc_ptr, HAS_REF: tl.constexpr):
+def _store_sums(part_ptr, row, split, plane, splits, acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr,
+                HAS_REF: tl.constexpr):
     slot = part_ptr + row * splits + split
     tl.store(slot, tl.sum(acc_pt, axis=0))
     if HAS_REF:
         tl.store(slot + plane, tl.sum(acc_rt, axis=0))
         tl.store(slot + 2 * plane, tl.sum(acc_pr, axis=0))
         tl.store(slot + 3 * plane, tl.sum(acc_ptr, axis=0))
+        tl.store(slot + 4 * plane, tl.sum(acc_mr, axis=0))
 
 
 @triton.jit
@@ -63,37 +70,38 @@ def _row_sums_kernel(
     end = tl.minimum(start + chunk, n)
     plane = rows * splits
     zero = tl.zeros([BLOCK], ACC)
-    acc_pt, acc_rt, acc_pr, acc_ptr = zero, zero, zero, zero
+    acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr = zero, zero, zero, zero, zero
     if CROSS:
         loser = row + rows // 2
-        lacc_pt, lacc_rt, lacc_pr, lacc_ptr, acc_wl = zero, zero, zero, zero, zero
+        lacc_pt, lacc_rt, lacc_pr, lacc_ptr, lacc_mr, acc_wl = zero, zero, zero, zero, zero, zero
     for off in tl.range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         mask = idx < end
-        e, acc_pt, acc_rt, acc_pr, acc_ptr = _accumulate(
+        e, acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr = _accumulate(
             p_ptr + row * stride_p, r_ptr + row * stride_r, t_ptr + row * stride_t, idx, mask,
-            acc_pt, acc_rt, acc_pr, acc_ptr, HAS_REF, ACC)
+            acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr, HAS_REF, ACC)
         if CROSS:
-            e_l, lacc_pt, lacc_rt, lacc_pr, lacc_ptr = _accumulate(
+            e_l, lacc_pt, lacc_rt, lacc_pr, lacc_ptr, lacc_mr = _accumulate(
                 p_ptr + loser * stride_p, r_ptr + loser * stride_r, t_ptr + loser * stride_t, idx, mask,
-                lacc_pt, lacc_rt, lacc_pr, lacc_ptr, HAS_REF, ACC)
+                lacc_pt, lacc_rt, lacc_pr, lacc_ptr, lacc_mr, HAS_REF, ACC)
             acc_wl += e * e_l
-    _store_sums(part_ptr, row, split, plane, splits, acc_pt, acc_rt, acc_pr, acc_ptr, HAS_REF)
+    _store_sums(part_ptr, row, split, plane, splits, acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr, HAS_REF)
     if CROSS:
-        _store_sums(part_ptr, loser, split, plane, splits, lacc_pt, lacc_rt, lacc_pr, lacc_ptr, HAS_REF)
-        tl.store(part_ptr + 4 * plane + row * splits + split, tl.sum(acc_wl, axis=0))
+        _store_sums(part_ptr, loser, split, plane, splits, lacc_pt, lacc_rt, lacc_pr, lacc_ptr, lacc_mr, HAS_REF)
+        tl.store(part_ptr + 5 * plane + row * splits + split, tl.sum(acc_wl, axis=0))
 
 
 def row_sums(p, r, t, acc_dtype, cross=False):
     """Partial per-row sums of 2-D views p, r, t ([R, n], unit stride along n; r may be None).
 
     cross=True (paired [2B, n] input, r given) adds the per-pair S_wl plane (rows 0..B-1).
-    Returns (partials [5 (cross), 4 or 1 (no ref), R, splits] in acc_dtype, splits)."""
+    Returns (partials [6 (cross), 5 or 1 (no ref), R, splits] in acc_dtype, splits): the planes
+    of SUM_NAMES in order."""
     rows, n = p.shape
     has_ref = r is not None
     programs_per_split = rows // 2 if cross else rows
     splits, chunk = _runtime.row_split(programs_per_split, n, BLOCK, p.device)
-    partials = _runtime.empty((5 if cross else 4 if has_ref else 1, rows, splits), acc_dtype, p.device)
+    partials = _runtime.empty((6 if cross else 5 if has_ref else 1, rows, splits), acc_dtype, p.device)
     r_arg = r if has_ref else p
     _row_sums_kernel[(programs_per_split, splits)](
         p, r_arg, t, partials,

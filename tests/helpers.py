@@ -16,8 +16,8 @@ NO_KERNELS_HERE = ("needs Triton's interpreter or a CUDA device: this machine ha
 needs_kernels = pytest.mark.skipif(not KERNELS_RUN_HERE, reason=NO_KERNELS_HERE)
 
 EPS32 = 2.0 ** -24
-# Output rounding of the gradient store: relative (bf16 truncates under the interpreter, so a
-# full ulp), plus float16's subnormal spacing for tiny gradient entries.
+# Output rounding of the gradient store: relative (a full ulp, double the round-to-nearest
+# error), plus float16's subnormal spacing for tiny gradient entries.
 OUT_RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 OUT_ATOL = {torch.float64: 0.0, torch.float32: 0.0, torch.float16: 2.0 ** -24, torch.bfloat16: 0.0}
 

@@ -81,13 +81,17 @@ def test_non_contiguous_inputs(layout, device):
 
 
 def test_gradient_flows_only_into_model_pred(device):
+    """ref_pred and target are constants: they must not require grad (refused otherwise, see
+    test_validation.py), and backward reaches model_pred only, through a non-leaf too."""
     model, ref, target = make_inputs((4, 3, 5, 5), torch.float32, device, 2, 0.1)
-    ref.requires_grad_(True)
-    target.requires_grad_(True)
     model.requires_grad_(True)
     loss, _ = fastpref.dspo_loss(model, ref, target, beta=1.0)
     loss.backward()
     assert model.grad is not None and ref.grad is None and target.grad is None
+    leaf = model.detach().clone().requires_grad_(True)
+    loss, _ = fastpref.dspo_loss(leaf * 1.0, ref.detach(), target.detach(), beta=1.0)
+    loss.backward()
+    assert torch.equal(leaf.grad, model.grad)
 
 
 def test_no_grad_needed_for_model_pred(device):

@@ -7,6 +7,7 @@ import torch
 
 import fastpref
 from helpers import assert_bad_input_case, bad_input_case_ids, make_inputs
+from loss_calls import CALLS, call
 
 
 
@@ -49,6 +50,39 @@ def cases(device):
 @pytest.mark.parametrize("index", range(len(bad_input_case_ids(cases))), ids=bad_input_case_ids(cases))
 def test_bad_input_raises_naming_the_argument(index, device, no_launch):
     assert_bad_input_case(cases, index, device)
+
+
+CONSTANT_CASES = [(name, arg) for name in sorted(CALLS) for arg in ("ref_pred", "target")
+                  if CALLS[name][1] or arg == "target"]
+
+
+@pytest.mark.parametrize("name,argument", CONSTANT_CASES, ids=[f"{n}-{a}" for n, a in CONSTANT_CASES])
+def test_reference_or_target_that_requires_grad_is_refused(name, argument, device, no_launch):
+    """ref_pred and target are constants (spec §1): one that requires grad (a leaf or the
+    output of a graph) is refused before any launch, naming it and saying to detach it,
+    instead of silently getting no gradient."""
+    model, ref, target = good(device)
+    model.requires_grad_(True)
+    source = torch.ones((), device=device, requires_grad=True)
+    if argument == "ref_pred":
+        ref = ref * source if name.startswith("dpo") else ref.requires_grad_(True)
+    else:
+        target = target * source if name.startswith("dpo") else target.requires_grad_(True)
+    with pytest.raises(ValueError, match=rf"{argument} requires grad.*pass {argument}\.detach\(\)"):
+        call(name, model, ref, target)
+
+
+@pytest.mark.parametrize("argument", ["ref_pred", "target"])
+def test_row_errors_and_kto_baseline_refuse_inputs_that_require_grad(argument, device, no_launch):
+    model, ref, target = good(device)
+    model.requires_grad_(True)                 # the policy's prediction may require grad
+    kw = {"ref_pred": ref, "target": target}
+    kw[argument] = kw[argument].clone().requires_grad_(True)
+    for fn in (fastpref.row_errors, fastpref.kto_baseline):
+        with pytest.raises(ValueError, match=rf"{argument} requires grad.*{argument}\.detach\(\)"):
+            fn(model, kw["target"], ref_pred=kw["ref_pred"])
+    with pytest.raises(ValueError, match=rf"{argument} requires grad"):
+        fastpref.PreferenceLoss("dpo")(model, kw["ref_pred"], kw["target"])
 
 
 def test_mixed_devices_are_rejected(device, no_launch):

@@ -6,8 +6,9 @@ import triton.language as tl
 @triton.jit
 def load_sum(part_ptr, which, row0, count, rows, splits,
              NP: tl.constexpr, SP: tl.constexpr, ACC: tl.constexpr):
-    """Sum `which` (0 S_pt, 1 S_rt, 2 S_pr, 3 S_ptr) of rows row0 .. row0+count-1 as an [NP]
-    vector (zero past `count`), adding the row's split partials in a fixed order."""
+    """Sum `which` (0 S_pt, 1 S_rt, 2 S_pr, 3 S_ptr, 4 S_mr, 5 S_wl: `reduce.SUM_NAMES`) of rows
+    row0 .. row0+count-1 as an [NP] vector (zero past `count`), adding the row's split partials
+    in a fixed order."""
     offs = tl.arange(0, NP)
     s = tl.arange(0, SP)
     mask = (offs < count)[:, None] & (s < splits)[None, :]
@@ -16,19 +17,53 @@ def load_sum(part_ptr, which, row0, count, rows, splits,
 
 
 @triton.jit
+def nan_of(x):
+    """0 where x is finite, NaN where x is NaN or ±inf (0 * inf = NaN). Added to a value that a
+    comparison, a select or a max derived from x, it carries x's NaN through them (they drop
+    it: NaN > 0 is false, and tl.maximum is IEEE maxNum on the GPU)."""
+    return x * 0.0
+
+
+@triton.jit
+def load_row_sums(part_ptr, row0, count, rows, splits, NP: tl.constexpr, SP: tl.constexpr, ACC: tl.constexpr):
+    """The sums (S_pt, S_rt, S_pr, S_ptr, S_mr) of rows row0 .. row0+count-1, [NP] vectors, all
+    NaN on a row where any of them is not finite. A non-finite element of model_pred, ref_pred
+    or target makes S_pt or S_rt of its row inf or NaN, so from here on every quantity of that
+    row is NaN: the rule for non-finite inputs (README, API), in one place for every head."""
+    spt = load_sum(part_ptr, 0, row0, count, rows, splits, NP, SP, ACC)
+    srt = load_sum(part_ptr, 1, row0, count, rows, splits, NP, SP, ACC)
+    spr = load_sum(part_ptr, 2, row0, count, rows, splits, NP, SP, ACC)
+    sptr = load_sum(part_ptr, 3, row0, count, rows, splits, NP, SP, ACC)
+    smr = load_sum(part_ptr, 4, row0, count, rows, splits, NP, SP, ACC)
+    bad = nan_of(spt) + nan_of(srt) + nan_of(spr) + nan_of(sptr) + nan_of(smr)
+    return spt + bad, srt + bad, spr + bad, sptr + bad, smr + bad
+
+
+@triton.jit
+def load_model_sums(part_ptr, row0, count, rows, splits, NP: tl.constexpr, SP: tl.constexpr, ACC: tl.constexpr):
+    """S_pt of rows row0 .. row0+count-1 of a reference-free call, NaN where it is not finite."""
+    spt = load_sum(part_ptr, 0, row0, count, rows, splits, NP, SP, ACC)
+    return spt + nan_of(spt)
+
+
+@triton.jit
+def poison_pairs(x_w, x_l):
+    """(x_w, x_l), both NaN on a pair where either is: the pair is the unit of the rule."""
+    bad = nan_of(x_w) + nan_of(x_l)
+    return x_w + bad, x_l + bad
+
+
+@triton.jit
 def load_pair_sums(part_ptr, B, splits, NP: tl.constexpr, SP: tl.constexpr, ACC: tl.constexpr):
-    """All four sums of the winner rows (0..B-1) and loser rows (B..2B-1), [NP] vectors each:
-    (S_pt_w, S_rt_w, S_pr_w, S_ptr_w, S_pt_l, S_rt_l, S_pr_l, S_ptr_l)."""
+    """The five sums of the winner rows (0..B-1) and of the loser rows (B..2B-1), [NP] vectors:
+    (S_pt_w, S_rt_w, S_pr_w, S_ptr_w, S_mr_w, S_pt_l, S_rt_l, S_pr_l, S_ptr_l, S_mr_l), all ten
+    NaN on a pair where any element of its two rows is not finite (`load_row_sums`)."""
     rows = 2 * B
-    spt_w = load_sum(part_ptr, 0, 0, B, rows, splits, NP, SP, ACC)
-    srt_w = load_sum(part_ptr, 1, 0, B, rows, splits, NP, SP, ACC)
-    spr_w = load_sum(part_ptr, 2, 0, B, rows, splits, NP, SP, ACC)
-    sptr_w = load_sum(part_ptr, 3, 0, B, rows, splits, NP, SP, ACC)
-    spt_l = load_sum(part_ptr, 0, B, B, rows, splits, NP, SP, ACC)
-    srt_l = load_sum(part_ptr, 1, B, B, rows, splits, NP, SP, ACC)
-    spr_l = load_sum(part_ptr, 2, B, B, rows, splits, NP, SP, ACC)
-    sptr_l = load_sum(part_ptr, 3, B, B, rows, splits, NP, SP, ACC)
-    return spt_w, srt_w, spr_w, sptr_w, spt_l, srt_l, spr_l, sptr_l
+    spt_w, srt_w, spr_w, sptr_w, smr_w = load_row_sums(part_ptr, 0, B, rows, splits, NP, SP, ACC)
+    spt_l, srt_l, spr_l, sptr_l, smr_l = load_row_sums(part_ptr, B, B, rows, splits, NP, SP, ACC)
+    bad = nan_of(spt_w) + nan_of(spt_l)        # a row's sums are all NaN or all finite by now
+    return (spt_w + bad, srt_w + bad, spr_w + bad, sptr_w + bad, smr_w + bad,
+            spt_l + bad, srt_l + bad, spr_l + bad, sptr_l + bad, smr_l + bad)
 
 
 @triton.jit
@@ -63,9 +98,23 @@ def store_vector(stats_ptr, slot, B, x, NP: tl.constexpr):
 
 
 @triton.jit
-def policy_minus_ref(sptr, spr, inv_n):
-    """m - r per row, cancellation-free: (S_pt - S_rt)/n = (2 S_ptr - S_pr)/n exactly (spec §3)."""
-    return (2.0 * sptr - spr) * inv_n
+def policy_minus_ref(smr, inv_n):
+    """m - r per row: S_mr / n, with S_mr = Σ (p - r)(e + f) = Σ (e² - f²) = S_pt - S_rt
+    (e = p - t, f = r - t, d = p - r) accumulated directly by the row pass (kernels/reduce.py).
+    Each term is a product of two differences, so the accumulation rounds in proportion to
+    |e² - f²|, never more than e² + f², which is what S_pt - S_rt (the eager block's m - r)
+    rounds with: near the reference (p ≈ r) that is a cancellation that β then amplifies. The
+    former (2 S_ptr - S_pr)/n avoided it too, but its two sums round in proportion to
+    2 |e d| + d², up to 4x e² + f² when p is far from r. model_pred == ref_pred on a row gives
+    exactly 0 (the tie rules)."""
+    return smr * inv_n
+
+
+@triton.jit
+def pair_ell(smr_w, smr_l, inv_n):
+    """ℓ = Δref - Δθ = (m_l - r_l) - (m_w - r_w) per pair, from the rows' S_mr (one rounding
+    before the 1/n scaling; exactly 0 when model_pred == ref_pred on both rows)."""
+    return (smr_l - smr_w) * inv_n
 
 
 @triton.jit
@@ -78,8 +127,10 @@ def pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n):
 @triton.jit
 def fraction(cond, valid, count, like):
     """Share of the valid lanes where cond holds, in the dtype of `like` (the compute dtype:
-    a float64 batch gets exact float64 fractions)."""
-    return masked_mean(tl.where(cond, 1.0, 0.0).to(like.dtype), valid, count)
+    a float64 batch gets exact float64 fractions). `like` is the value cond was computed from:
+    a NaN in it on a valid lane makes the fraction NaN (a comparison alone would count it as
+    false, a plausible accuracy)."""
+    return masked_mean(tl.where(cond, 1.0, 0.0).to(like.dtype) + nan_of(like), valid, count)
 
 
 @triton.jit

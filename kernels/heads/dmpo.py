@@ -3,7 +3,7 @@ import triton
 import triton.language as tl
 
 from .._math import sigmoid, softplus
-from .common import load_pair_sums, masked_mean, policy_minus_ref, store_loss_acc_mse, store_pair_coefs
+from .common import load_pair_sums, masked_mean, pair_ell, store_loss_acc_mse, store_pair_coefs
 
 SCALARS = ("loss", "implicit_acc", "model_mse", "ref_mse")
 
@@ -26,9 +26,10 @@ def dmpo_terms(inside, beta, alpha, valid, B):
 @triton.jit
 def dmpo_head(part_ptr, B, splits, inv_n, beta, alpha, loss_ptr, stats_ptr, coef_ptr,
               ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
-    spt_w, srt_w, spr_w, sptr_w, spt_l, srt_l, spr_l, sptr_l = load_pair_sums(part_ptr, B, splits, NP, SP, ACC)
+    spt_w, srt_w, spr_w, sptr_w, smr_w, spt_l, srt_l, spr_l, sptr_l, smr_l = load_pair_sums(
+        part_ptr, B, splits, NP, SP, ACC)
     valid = tl.arange(0, NP) < B
-    inside = 0.5 * beta * (policy_minus_ref(sptr_l, spr_l, inv_n) - policy_minus_ref(sptr_w, spr_w, inv_n))
+    inside = 0.5 * beta * pair_ell(smr_w, smr_l, inv_n)
     loss, mu_w = dmpo_terms(inside, beta, alpha, valid, B)
     a_w = 2.0 * inv_n * mu_w
     store_pair_coefs(coef_ptr, B, a_w, -a_w, NP)

@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from .._math import sigmoid, softplus
-from .common import (fraction, load_pair_sums, masked_mean, pair_means, policy_minus_ref, store_pair_coefs,
+from .common import (fraction, load_pair_sums, masked_mean, nan_of, pair_ell, pair_means, store_pair_coefs,
                      store_vector)
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -21,7 +21,7 @@ def dpo_terms(inside, ell, beta, valid, B, LOSS_TYPE: tl.constexpr):
         term = softplus(-inside)
         mu_w = beta * sigmoid(-inside) / (2 * B)
     elif LOSS_TYPE == 1:
-        term = tl.maximum(1.0 - inside, 0.0)
+        term = tl.maximum(1.0 - inside, 0.0) + nan_of(inside)     # maxNum would drop a NaN on the GPU
         mu_w = tl.where(inside < 1.0, beta / (2 * B), 0.0)
     else:
         gap = ell - 1.0 / beta
@@ -33,9 +33,10 @@ def dpo_terms(inside, ell, beta, valid, B, LOSS_TYPE: tl.constexpr):
 @triton.jit
 def dpo_head(part_ptr, B, splits, inv_n, beta, loss_ptr, stats_ptr, coef_ptr,
              LOSS_TYPE: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
-    spt_w, srt_w, spr_w, sptr_w, spt_l, srt_l, spr_l, sptr_l = load_pair_sums(part_ptr, B, splits, NP, SP, ACC)
+    spt_w, srt_w, spr_w, sptr_w, smr_w, spt_l, srt_l, spr_l, sptr_l, smr_l = load_pair_sums(
+        part_ptr, B, splits, NP, SP, ACC)
     valid = tl.arange(0, NP) < B
-    ell = policy_minus_ref(sptr_l, spr_l, inv_n) - policy_minus_ref(sptr_w, spr_w, inv_n)    # Δref - Δθ
+    ell = pair_ell(smr_w, smr_l, inv_n)    # Δref - Δθ
     inside = 0.5 * beta * ell
     loss, mu_w = dpo_terms(inside, ell, beta, valid, B, LOSS_TYPE)
     a_w = 2.0 * inv_n * mu_w
@@ -70,10 +71,11 @@ def step_weights(ts_ptr, ts_stride, B, gamma, steps, train_steps, scale, NP: tl.
 @triton.jit
 def dense_dpo_head(part_ptr, B, splits, inv_n, beta, gamma, steps, train_steps, scale, ts_ptr, ts_stride,
                    loss_ptr, stats_ptr, coef_ptr, ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
-    spt_w, srt_w, spr_w, sptr_w, spt_l, srt_l, spr_l, sptr_l = load_pair_sums(part_ptr, B, splits, NP, SP, ACC)
+    spt_w, srt_w, spr_w, sptr_w, smr_w, spt_l, srt_l, spr_l, sptr_l, smr_l = load_pair_sums(
+        part_ptr, B, splits, NP, SP, ACC)
     valid = tl.arange(0, NP) < B
     w = step_weights(ts_ptr, ts_stride, B, gamma, steps, train_steps, scale, NP).to(ACC)
-    ell = policy_minus_ref(sptr_l, spr_l, inv_n) - policy_minus_ref(sptr_w, spr_w, inv_n)
+    ell = pair_ell(smr_w, smr_l, inv_n)
     inside = 0.5 * (beta * w) * ell     # with w == 1: dpo_head's operations, bit for bit
     loss, mu_w = dpo_terms(inside, ell, beta * w, valid, B, 0)
     a_w = 2.0 * inv_n * mu_w

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .._math import sigmoid
-from .common import (load_pair_sums, masked_mean, policy_minus_ref, store_loss_acc_mse, store_pair_b,
+from .common import (load_pair_sums, masked_mean, pair_ell, store_loss_acc_mse, store_pair_b,
                      store_pair_coefs)
 
 VARIANTS = ("sd15", "sdxl")
@@ -42,9 +42,10 @@ def dspo_terms(inside, spt_w, spr_w, sptr_w, beta, threshold, inv_n, valid, B, V
 @triton.jit
 def dspo_head(part_ptr, B, splits, inv_n, beta, threshold, loss_ptr, stats_ptr, ints_ptr, coef_ptr,
               VARIANT: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
-    spt_w, srt_w, spr_w, sptr_w, spt_l, srt_l, spr_l, sptr_l = load_pair_sums(part_ptr, B, splits, NP, SP, ACC)
+    spt_w, srt_w, spr_w, sptr_w, smr_w, spt_l, srt_l, spr_l, sptr_l, smr_l = load_pair_sums(
+        part_ptr, B, splits, NP, SP, ACC)
     valid = tl.arange(0, NP) < B
-    inside = 0.5 * beta * (policy_minus_ref(sptr_l, spr_l, inv_n) - policy_minus_ref(sptr_w, spr_w, inv_n))
+    inside = 0.5 * beta * pair_ell(smr_w, smr_l, inv_n)
     loss, a_w, a_l, b_w, branch, g = dspo_terms(inside, spt_w, spr_w, sptr_w, beta, threshold, inv_n, valid, B,
                                                 VARIANT)
     store_pair_coefs(coef_ptr, B, a_w, a_l, NP)

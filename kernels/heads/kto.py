@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from .._math import sigmoid
-from .common import fraction, load_sum, masked_mean
+from .common import fraction, load_row_sums, masked_mean, nan_of, policy_minus_ref
 
 SCALARS = ("loss", "kl", "acc", "model_mse")
 
@@ -15,12 +15,11 @@ def kto_head(part_ptr, rows, splits, inv_n, beta, lambda_d, lambda_u, kl_value, 
              KL_MODE: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
     offs = tl.arange(0, NP)
     valid = offs < rows
-    spt = load_sum(part_ptr, 0, 0, rows, rows, splits, NP, SP, ACC)
-    spr = load_sum(part_ptr, 2, 0, rows, rows, splits, NP, SP, ACC)
-    sptr = load_sum(part_ptr, 3, 0, rows, rows, splits, NP, SP, ACC)
-    g = -(2.0 * sptr - spr) * inv_n                     # r - m, cancellation-free
+    spt, srt, spr, sptr, smr = load_row_sums(part_ptr, 0, rows, rows, splits, NP, SP, ACC)
+    g = -policy_minus_ref(smr, inv_n)                   # r - m
     if KL_MODE == 0:
-        z = tl.maximum(masked_mean(g, valid, rows), 0.0)
+        mean_g = masked_mean(g, valid, rows)
+        z = tl.maximum(mean_g, 0.0) + nan_of(mean_g)    # a NaN row: NaN (maxNum would drop it on the GPU)
     elif KL_MODE == 1:
         z = kl_value
     else:

@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from .._math import sigmoid, softplus
-from .common import fraction, load_sum, masked_mean, store_pair_coefs
+from .common import fraction, load_model_sums, masked_mean, nan_of, poison_pairs, store_pair_coefs
 
 SCALARS = ("loss", "win_score", "lose_score", "or_loss", "model_mse_w", "model_mse_l", "margin_acc")
 
@@ -24,15 +24,16 @@ def h_and_slope(x, ACC: tl.constexpr):
     h = tl.where(x < small, 1.0 - 0.5 * x + x2 / 12.0 - x2 * x2 / 720.0, h)
     slope = h * (1.0 - h - x) / tl.where(x == 0.0, 1.0, x)
     slope = tl.where(x < small, -0.5 + x / 6.0 - x2 * x / 180.0, slope)
-    return h, slope
+    # A NaN x fails every comparison above (and tl.minimum drops it on the GPU): carry it.
+    return h + nan_of(x), slope + nan_of(x)
 
 
 @triton.jit
 def mapo_head(part_ptr, B, splits, inv_n, beta, snr, train_steps, loss_ptr, stats_ptr, coef_ptr,
               ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
     valid = tl.arange(0, NP) < B
-    m_w = load_sum(part_ptr, 0, 0, B, 2 * B, splits, NP, SP, ACC) * inv_n
-    m_l = load_sum(part_ptr, 0, B, B, 2 * B, splits, NP, SP, ACC) * inv_n
+    m_w, m_l = poison_pairs(load_model_sums(part_ptr, 0, B, 2 * B, splits, NP, SP, ACC) * inv_n,
+                            load_model_sums(part_ptr, B, B, 2 * B, splits, NP, SP, ACC) * inv_n)
     f_w, slope_w = h_and_slope(snr * m_w, ACC)
     f_l, slope_l = h_and_slope(snr * m_l, ACC)
     u = train_steps * (f_w - f_l)
@@ -50,4 +51,4 @@ def mapo_head(part_ptr, B, splits, inv_n, beta, snr, train_steps, loss_ptr, stat
     tl.store(stats_ptr + 3, or_loss)
     tl.store(stats_ptr + 4, model_w)
     tl.store(stats_ptr + 5, masked_mean(m_l, valid, B))
-    tl.store(stats_ptr + 6, fraction(f_w > f_l, valid, B, f_w))
+    tl.store(stats_ptr + 6, fraction(f_w > f_l, valid, B, u))

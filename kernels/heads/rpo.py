@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from .._math import sigmoid, softplus
-from .common import fraction, load_pair_sums, masked_mean, pair_means, policy_minus_ref, store_pair_coefs
+from .common import (fraction, load_pair_sums, masked_mean, nan_of, pair_means, policy_minus_ref,
+                     store_pair_coefs)
 
 SCALARS = ("loss", "implicit_acc", "pair_acc_all", "diag_weight_mean", "model_mse", "ref_mse")
 MATRICES = ("weights",)
@@ -44,13 +45,14 @@ def rpo_head(part_ptr, B, splits, inv_n, beta, tau_or_wd, emb_w_ptr, emb_l_ptr, 
              loss_ptr, stats_ptr, coef_ptr,
              DIAGONAL: tl.constexpr, HAS_EMB: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr,
              SP: tl.constexpr, DC: tl.constexpr):
-    spt_w, srt_w, spr_w, sptr_w, spt_l, srt_l, spr_l, sptr_l = load_pair_sums(part_ptr, B, splits, NP, SP, ACC)
+    spt_w, srt_w, spr_w, sptr_w, smr_w, spt_l, srt_l, spr_l, sptr_l, smr_l = load_pair_sums(
+        part_ptr, B, splits, NP, SP, ACC)
     offs = tl.arange(0, NP)
     valid = offs < B
     both = valid[:, None] & valid[None, :]
     diag = offs[:, None] == offs[None, :]
-    rho_w = -policy_minus_ref(sptr_w, spr_w, inv_n)
-    rho_l = -policy_minus_ref(sptr_l, spr_l, inv_n)
+    rho_w = -policy_minus_ref(smr_w, inv_n)
+    rho_l = -policy_minus_ref(smr_l, inv_n)
     ell = rho_w[:, None] - rho_l[None, :]
     ones = tl.full([NP, NP], 1.0, ACC)
     if DIAGONAL:
@@ -74,7 +76,8 @@ def rpo_head(part_ptr, B, splits, inv_n, beta, tau_or_wd, emb_w_ptr, emb_l_ptr, 
     tl.store(stats_ptr + 0, loss)
     tl.store(stats_ptr + 1, fraction(diag_ell > 0, valid, B, diag_ell))
     if not DIAGONAL:
-        pair_wins = tl.sum(tl.sum(tl.where(both & (ell > 0), 1.0, 0.0).to(ell.dtype), axis=1), axis=0) / (B * B)
+        wins = tl.where(ell > 0, 1.0, 0.0).to(ell.dtype) + nan_of(ell)       # NaN where ell is
+        pair_wins = tl.sum(tl.sum(tl.where(both, wins, 0.0), axis=1), axis=0) / (B * B)
         model_w, model_l, ref_w, ref_l = pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
         tl.store(stats_ptr + 2, pair_wins)
         tl.store(stats_ptr + 3, masked_mean(tl.sum(tl.where(diag, weight, 0.0), axis=1), valid, B))

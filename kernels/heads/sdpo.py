@@ -5,8 +5,8 @@ loss value is the base's exactly; λ is a constant."""
 import triton
 import triton.language as tl
 
-from .common import (load_pair_sums, load_sum, masked_mean, policy_minus_ref, store_loss_acc_mse,
-                     store_pair_b, store_pair_coefs, store_vector)
+from .common import (load_pair_sums, load_sum, masked_mean, nan_of, pair_ell, policy_minus_ref,
+                     store_loss_acc_mse, store_pair_b, store_pair_coefs, store_vector)
 from .dmpo import dmpo_terms
 from .dpo import dpo_terms
 from .dspo import dspo_terms
@@ -23,15 +23,17 @@ def sdpo_head(part_ptr, B, splits, inv_n, beta, mu, eps, max_scale, threshold, a
               loss_ptr, stats_ptr, ints_ptr, coef_ptr,
               BASE: tl.constexpr, SAFEGUARD: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr,
               SP: tl.constexpr):
-    spt_w, srt_w, spr_w, sptr_w, spt_l, srt_l, spr_l, sptr_l = load_pair_sums(part_ptr, B, splits, NP, SP, ACC)
-    s_wl = load_sum(part_ptr, 4, 0, B, 2 * B, splits, NP, SP, ACC)
+    spt_w, srt_w, spr_w, sptr_w, smr_w, spt_l, srt_l, spr_l, sptr_l, smr_l = load_pair_sums(
+        part_ptr, B, splits, NP, SP, ACC)
+    s_wl = load_sum(part_ptr, 5, 0, B, 2 * B, splits, NP, SP, ACC) + nan_of(spt_w)    # the pair's NaN
     valid = tl.arange(0, NP) < B
-    diff_w = policy_minus_ref(sptr_w, spr_w, inv_n)
-    diff_l = policy_minus_ref(sptr_l, spr_l, inv_n)
-    inside = -0.5 * beta * (diff_w - diff_l)
+    diff_w = policy_minus_ref(smr_w, inv_n)
+    diff_l = policy_minus_ref(smr_l, inv_n)
+    ell = pair_ell(smr_w, smr_l, inv_n)       # Δref - Δθ
+    inside = 0.5 * beta * ell
     # BASE: 0 dpo, 1 dspo sd15, 2 dspo sdxl, 3 dmpo
     if BASE == 0:
-        loss, mu_w = dpo_terms(inside, -(diff_w - diff_l), beta, valid, B, 0)
+        loss, mu_w = dpo_terms(inside, ell, beta, valid, B, 0)
         a_w = 2.0 * inv_n * mu_w
         a_l = -a_w
         branch = 0
@@ -54,6 +56,7 @@ def sdpo_head(part_ptr, B, splits, inv_n, beta, mu, eps, max_scale, threshold, a
     if SAFEGUARD:
         ratio = (1.0 - mu) * num / tl.where(den > 0, den + eps, 1.0)
         lam = tl.where(den > 0, tl.minimum(tl.maximum(ratio, 0.0), max_scale), max_scale)
+        lam += nan_of(num) + nan_of(den)            # a non-finite pair: NaN, not max_scale
     else:
         lam = tl.full([], 1.0, ACC)
     store_pair_coefs(coef_ptr, B, a_w, lam * a_l, NP)

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .common import load_sum
+from .common import load_model_sums
 
 SCALARS = ("loss",)
 VECTORS = ()
@@ -12,7 +12,7 @@ VECTORS = ()
 def sft_head(part_ptr, rows, splits, keep, inv_n, loss_ptr, stats_ptr, coef_ptr,
              ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
     offs = tl.arange(0, NP)
-    spt = load_sum(part_ptr, 0, 0, keep, rows, splits, NP, SP, ACC)
+    spt = load_model_sums(part_ptr, 0, keep, rows, splits, NP, SP, ACC)
     loss = tl.sum(spt, axis=0) * inv_n / keep
     a = tl.where(offs < keep, 2.0 * inv_n / keep, 0.0)
     tl.store(coef_ptr + offs, a, mask=offs < rows)
