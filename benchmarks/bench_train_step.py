@@ -139,25 +139,26 @@ def train_step(unet, opt, params, batch, loss_fn, dtype, device):
 
 def graphed_step(unet, params, batch, dtype, device):
     """The trainer's captured step (``fastpref-cudagraph``): returns ``(step, eager_step)``;
-    ``step()`` replays after ``WARMUP_STEPS`` side-stream calls and one capture."""
+    ``step()`` replays after ``WARMUP_STEPS`` side-stream calls and one capture. Optimizer and
+    step come from the trainer's own builders (``fastpref.train.optimizer_and_schedule`` and
+    ``make_step``) for the config ``--cuda_graph --learning_rate 1e-8``; only the model (random
+    SD1.5 weights) and the pre-noised batch are the benchmark's."""
     import fastpref
-    from fastpref.training.graph import StaticStep, make_optimizer
-    from fastpref.training.step import TrainStep
+    from fastpref import train
+    from fastpref.training.config import parse_config
 
-    opt = make_optimizer(params, 1e-8, static=True, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    config = parse_config(cuda_graph=True, learning_rate=1e-8)
+    opt, _ = train.optimizer_and_schedule(config, params)
 
     def loss_fn(b):
         noisy, t, emb, target = b
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
             model_pred = unet(noisy, t, emb).sample
-            unet.disable_adapters()
-            with torch.no_grad():
+            with train.adapters_disabled(unet), torch.no_grad():
                 ref_pred = unet(noisy, t, emb).sample
-            unet.enable_adapters()
         return fastpref.diffusion_dpo_loss(model_pred, ref_pred, target, beta=5000.0)
 
-    inner = TrainStep(loss_fn, params, opt, max_grad_norm=1.0)
-    static = StaticStep(inner, use_graph=True)
+    inner, static = train.make_step(config, loss_fn, params, opt)
     return (lambda: static([batch])), (lambda: inner([batch]))
 
 

@@ -22,10 +22,10 @@ from fastpref.tiny.reward import colourfulness
 from fastpref.tiny.sampling import sample_images
 from fastpref.tiny.shapes import random_prompts
 from fastpref.training.args import DEFAULT_MODEL
+from fastpref.training.config import parse_config
 
 # trainer settings of the demo; any trainer flag given to fastpref-demo overrides them
-DEMO_TRAIN_DEFAULTS = ["--train_batch_size", "16", "--learning_rate", "1e-3", "--rank", "8",
-                       "--report_to", "csv"]
+DEMO_TRAIN_DEFAULTS = {"train_batch_size": 16, "learning_rate": 1e-3, "rank": 8, "report_to": "csv"}
 
 
 def win_rate(trained: np.ndarray, reference: np.ndarray) -> float:
@@ -38,7 +38,7 @@ def side_by_side(reference: np.ndarray, trained: np.ndarray, columns: int = 8, s
     n, h, w, _ = reference.shape
     gap = np.full((h, 2, 3), 255, np.uint8)
     cells = [np.concatenate([r, gap, t, np.full((h, 6, 3), 255, np.uint8)], axis=1)
-             for r, t in zip(reference, trained)]
+             for r, t in zip(reference, trained, strict=True)]
     blank = np.full_like(cells[0], 255)
     cells += [blank] * (-n % columns)
     rows = [np.concatenate(cells[i:i + columns], axis=1) for i in range(0, len(cells), columns)]
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--num_samples: expected >= 1, got {args.num_samples}")
     output_dir = Path(args.output_dir)
 
+    config = parse_config(train_args, **DEMO_TRAIN_DEFAULTS, output_dir=str(output_dir),
+                          max_train_steps=args.max_train_steps, checkpointing_steps=10**9)
     start = time.time()
-    train.main([*DEMO_TRAIN_DEFAULTS, "--output_dir", str(output_dir),
-                "--max_train_steps", str(args.max_train_steps),
-                "--checkpointing_steps", str(10**9), *train_args])
+    train.train(train.build(config))
     train_seconds = time.time() - start
 
     rng = np.random.default_rng(args.eval_seed)
@@ -103,7 +103,7 @@ def cli() -> None:
     try:
         main()
     except ValueError as error:
-        raise SystemExit(f"fastpref-demo: error: {error}")
+        raise SystemExit(f"fastpref-demo: error: {error}") from error
 
 
 if __name__ == "__main__":

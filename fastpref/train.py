@@ -1,20 +1,32 @@
-"""Preference alignment of a Stable-Diffusion-layout model with fastpref's fused losses.
+"""Preference alignment of a diffusion model with fastpref's fused losses.
 
     fastpref-train                                  # DPO on the bundled tiny model and data
     fastpref-train --loss_type sspo --cuda_graph    # any --loss_type; one CUDA graph per step
     torchrun --nproc_per_node 2 -m fastpref.train --loss_type dspo --reference copy ...
 
+From Python: ``train(build(parse_config(loss_type="kto", max_train_steps=10)))``. ``build``
+turns one read-only ``Config`` (the parsed flags) into a ``Run``: every check, the model family's
+components (``fastpref.training.family``, chosen by the pipeline's ``model_index.json``), the
+optimizer, a resumed checkpoint and the step. ``train`` is the loop: batches -> step -> LR
+schedule -> log -> checkpoint, then the final weights. The loop knows no model: the family does.
+
 Rows 0..B-1 of a paired micro-batch are winners, B..2B-1 losers, and a pair shares its noise,
 timestep and prompt (``fastpref.training.batches`` has the layouts, KTO's unpaired one
 included). Every random draw of a stream item comes from a generator seeded by the item's
 position in the data stream, so a run is independent of the process count and resumes
-exactly. The step (``fastpref.training.step``) makes no host synchronisation: metrics are
-read at logging steps only.
+exactly. The step (``fastpref.training.step``: the forward, loss and backward of a micro-batch,
+then clipping and the optimizer) makes no host synchronisation: metrics are read at logging
+steps only.
 """
+
+from __future__ import annotations
 
 import json
 import os
 import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,181 +34,225 @@ from diffusers.optimization import get_scheduler
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from fastpref.training.args import build_parser, parse_args
-from fastpref.training.batches import LAYOUTS, Encoders
+from fastpref.training.args import build_parser
+from fastpref.training.batches import LAYOUTS, Batch, Encoders
 from fastpref.training.checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from fastpref.training.config import Config, parse_config
 from fastpref.training.data import PreferencePairs, parquet_files
-from fastpref.training.distributed import (barrier, cleanup, init_distributed, kto_global_baseline,
-                                           read_metrics)
+from fastpref.training.distributed import (
+    DistState,
+    barrier,
+    cleanup,
+    init_distributed,
+    kto_global_baseline,
+    read_metrics,
+)
+from fastpref.training.family import ModelFamily, family_class, load_family
 from fastpref.training.graph import StaticStep, graph_refusal, make_optimizer
 from fastpref.training.logging import MetricsLogger
-from fastpref.training.losses import get_loss_type
-from fastpref.training.models import (add_lora, check_pipeline_dir, frozen_copy, load_components,
-                                      load_trainable_state, save_final_weights, set_attention,
-                                      trainable_state, vae_sample_size)
+from fastpref.training.losses import LossType, get_loss_type
+from fastpref.training.models import frozen_copy, load_trainable_state, trainable_state
 from fastpref.training.replay import REPLAY_FILE, CheckpointReplay, self_sampler
 from fastpref.training.step import TrainStep, preference_loss
 from fastpref.training.stopping import StopRequest
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SHOWN_METRICS = ("loss", "implicit_acc", "acc", "margin_acc", "dpo_fraction")  # the progress bar's
 
 
-def validate(args):
-    """Every check that needs files, before anything is written: returns (loss_type, pairs,
-    resolution, resume checkpoint or None)."""
-    loss_type = get_loss_type(args.loss_type)
-    if args.train_batch_size < loss_type.min_pairs:
-        raise ValueError(f"--train_batch_size: --loss_type {args.loss_type} needs at least "
-                         f"{loss_type.min_pairs} pairs per process, got {args.train_batch_size}")
-    vae_factor = check_pipeline_dir(args.pretrained_model_name_or_path)
-    args.resolution = args.resolution or vae_sample_size(args.pretrained_model_name_or_path)
-    if args.resolution % vae_factor:
+@dataclass
+class Run:
+    """A training run as ``build`` makes it and ``train`` runs it."""
+
+    config: Config
+    dist: DistState
+    family: ModelFamily            # the model: frozen encoders, schedule, trainable ``family.denoiser``
+    loss_type: LossType
+    batch: Callable[[int], Batch]  # stream position -> this process's micro-batch starting there
+    per_process: int               # stream items of one micro-batch of one process
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    scaler: torch.amp.GradScaler | None
+    train_step: TrainStep          # the eager step
+    step: Callable[[list[Batch]], dict[str, torch.Tensor]]  # what the loop calls: train_step or its StaticStep
+    replay: CheckpointReplay | None  # SSPO's snapshot pool, whose replay model is the reference
+    encoders: Encoders
+    start_step: int = 0            # optimizer steps already taken (a resumed checkpoint's)
+    start_position: int = 0        # stream position of the next micro-batch
+
+
+def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | None]:
+    """Every check that needs files, before anything is written: returns (config with the
+    resolution filled in, loss type, pairs, resume checkpoint or None)."""
+    loss_type = get_loss_type(config.loss_type)
+    if config.train_batch_size < loss_type.min_pairs:
+        raise ValueError(f"--train_batch_size: --loss_type {config.loss_type} needs at least "
+                         f"{loss_type.min_pairs} pairs per process, got {config.train_batch_size}")
+    family = family_class(config.pretrained_model_name_or_path)
+    factor = family.check(config.pretrained_model_name_or_path)
+    resolution = config.resolution or family.default_resolution(config.pretrained_model_name_or_path)
+    config = config.replace(resolution=resolution)
+    if config.resolution % factor:
         raise ValueError(f"--resolution: expected a multiple of the VAE downsampling factor "
-                         f"{vae_factor}, got {args.resolution}")
-    pairs = PreferencePairs(parquet_files(args.data_path, args.data_argument), args.data_argument)
-    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if args.cuda_graph:
+                         f"{factor}, got {config.resolution}")
+    pairs = PreferencePairs(parquet_files(config.data_path, config.data_argument), config.data_argument)
+    resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    if config.cuda_graph:
         refusal = graph_refusal(cuda_available=torch.cuda.is_available(),
-                                gradient_checkpointing=args.gradient_checkpointing,
+                                gradient_checkpointing=config.gradient_checkpointing,
                                 world_size=int(os.environ.get("WORLD_SIZE", "1")))
         if refusal:
             raise ValueError(refusal)
-    return loss_type, pairs, resume
+    return config, loss_type, pairs, resume
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Train; returns the output directory. Bad input raises ValueError before any write."""
-    args = parse_args(argv)
-    loss_type, pairs, resume = validate(args)
+def optimizer_and_schedule(config: Config, params: list[torch.nn.Parameter], world_size: int = 1):
+    """AdamW over ``params`` (``--cuda_graph``: the tensor-LR one a captured step needs) and its
+    ``--lr_scheduler``; ``--scale_lr`` multiplies the LR by the global batch."""
+    lr = config.learning_rate * (config.train_batch_size * config.gradient_accumulation_steps * world_size
+                                 if config.scale_lr else 1)
+    optimizer = make_optimizer(params, lr, static=config.cuda_graph, betas=(config.adam_beta1, config.adam_beta2),
+                               weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=config.max_train_steps)
+    return optimizer, lr_scheduler
+
+
+def make_step(config: Config, loss_fn: Callable, params: list[torch.nn.Parameter], optimizer, *,
+              scaler=None, no_sync: Callable | None = None) -> tuple[TrainStep, Callable]:
+    """``(train_step, step)``: the eager ``TrainStep`` of ``loss_fn(batch) -> (loss, metrics)``
+    and what the loop calls, the same step captured in a CUDA graph under ``--cuda_graph``."""
+    train_step = TrainStep(loss_fn, params, optimizer, max_grad_norm=config.max_grad_norm, scaler=scaler,
+                           no_sync=no_sync)
+    step = StaticStep(train_step, use_graph=True, capture_optimizer=scaler is None) \
+        if config.cuda_graph else train_step
+    return train_step, step
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """LoRA's reference: ``model`` with its adapters off for the duration."""
+    model.disable_adapters()
+    try:
+        yield model
+    finally:
+        model.enable_adapters()
+
+
+def build(config: Config) -> Run:
+    """The run of ``config``, ready to ``train``. Bad input raises ValueError before any write."""
+    config, loss_type, pairs, resume = validate(config)
     dist = init_distributed()
-    device, weight_dtype = dist.device, DTYPES[args.mixed_precision]
-    torch.manual_seed(args.seed)
+    weight_dtype = DTYPES[config.mixed_precision]
+    torch.manual_seed(config.seed)
 
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(
-        args.pretrained_model_name_or_path, device, weight_dtype)
-    set_attention(unet, True if args.enable_xformers_memory_efficient_attention else None)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    params = add_lora(unet, args.rank, weight_dtype) if args.reference == "lora" else list(unet.parameters())
-    replay = None
+    family = load_family(config.pretrained_model_name_or_path, dist.device, weight_dtype)
+    family.set_attention(True if config.enable_xformers_memory_efficient_attention else None)
+    denoiser = family.denoiser
+    if config.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    params = family.add_lora(config.rank) if config.reference == "lora" else list(denoiser.parameters())
+    replay, reference_model = None, None  # LoRA: the reference is the denoiser with its adapters disabled
     if loss_type.data == "winners":  # SSPO: the replayed checkpoint is the reference
-        reference_unet = frozen_copy(unet, weight_dtype)
-        replay = CheckpointReplay(unet, reference_unet, snapshot_steps=args.sspo_snapshot_steps,
-                                  num_snapshots=args.sspo_num_snapshots, seed=args.seed)
-    elif args.reference == "copy" and loss_type.needs_reference:
-        reference_unet = frozen_copy(unet, weight_dtype)
-    else:
-        reference_unet = None  # LoRA: the reference is the UNet with its adapters disabled
-    unet.train()
+        reference_model = frozen_copy(denoiser, weight_dtype)
+        replay = CheckpointReplay(denoiser, reference_model, snapshot_steps=config.sspo_snapshot_steps,
+                                  num_snapshots=config.sspo_num_snapshots, seed=config.seed)
+    elif config.reference == "copy" and loss_type.needs_reference:
+        reference_model = frozen_copy(denoiser, weight_dtype)
+    denoiser.train()
 
-    per_process = args.train_batch_size * (2 if loss_type.data == "images" else 1)  # stream items
-    per_step = per_process * args.gradient_accumulation_steps * dist.world_size
-    lr = args.learning_rate * (args.train_batch_size * args.gradient_accumulation_steps * dist.world_size
-                               if args.scale_lr else 1)
-    optimizer = make_optimizer(params, lr, static=args.cuda_graph, betas=(args.adam_beta1, args.adam_beta2),
-                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
-    scaler = torch.amp.GradScaler(device.type) if args.mixed_precision == "fp16" and device.type == "cuda" else None
-
-    step, position = 0, 0
+    optimizer, lr_scheduler = optimizer_and_schedule(config, params, dist.world_size)
+    scaler = torch.amp.GradScaler(dist.device.type) \
+        if config.mixed_precision == "fp16" and dist.device.type == "cuda" else None
+    start_step, start_position = 0, 0
     if resume is not None:
         tensors, state = load_checkpoint(resume, optimizer, lr_scheduler, scaler)
-        load_trainable_state(unet, args.reference, tensors)
-        step, position = state["step"], state["data_position"]
+        load_trainable_state(denoiser, config.reference, tensors)
+        start_step, start_position = state["step"], state["data_position"]
         if replay is not None:
             if "sspo_pool_steps" not in state["extra"]:
                 raise ValueError(f"--resume_from_checkpoint: {str(resume)!r} holds no SSPO replay pool "
                                  f"(written by another --loss_type); start --loss_type sspo afresh")
             replay.restore(resume, state["extra"]["sspo_pool_steps"])
-    model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.enabled else unet
+    model = DistributedDataParallel(denoiser, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
+        if dist.enabled else denoiser
 
     # a graph-captured step must not reuse autocast's weight-cast cache across capture
-    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no",
-                              cache_enabled=not args.cuda_graph)
+    autocast = torch.autocast(dist.device.type, dtype=weight_dtype, enabled=config.mixed_precision != "no",
+                              cache_enabled=not config.cuda_graph)
 
-    def policy(x, t, e):
+    def policy(noisy, t, emb, pooled):
         with autocast:
-            return model(x, t, e).sample
+            return family.denoise(model, noisy, t, emb, pooled)
 
-    def reference(x, t, e):
+    def reference(noisy, t, emb, pooled):
         with autocast:
-            if reference_unet is not None:
-                return reference_unet(x, t, e).sample
-            unet.disable_adapters()
-            try:
-                return unet(x, t, e).sample
-            finally:
-                unet.enable_adapters()
+            if reference_model is not None:
+                return family.denoise(reference_model, noisy, t, emb, pooled)
+            with adapters_disabled(denoiser):
+                return family.denoise(denoiser, noisy, t, emb, pooled)
 
-    encoders = Encoders(vae, tokenizer, text_encoder, noise_scheduler.config.num_train_timesteps, device,
-                        weight_dtype, args.resolution, args.random_crop, not args.no_hflip, args.seed)
-    build = LAYOUTS[loss_type.data]
-    sampler = () if replay is None else (self_sampler(reference, encoders, noise_scheduler.config,
-                                                      num_steps=args.sspo_sample_steps,
-                                                      guidance_scale=args.sspo_guidance_scale),)
     kl_baseline = kto_global_baseline(dist)
-    train_step = TrainStep(
-        lambda batch: preference_loss(policy, reference, noise_scheduler, loss_type, batch, beta=args.beta,
-                                      rpo_tau=args.rpo_tau, kl_baseline=kl_baseline),
-        params, optimizer, max_grad_norm=args.max_grad_norm, scaler=scaler,
-        no_sync=model.no_sync if dist.enabled else None)
-    run_step = StaticStep(train_step, use_graph=True, capture_optimizer=scaler is None) \
-        if args.cuda_graph else train_step
 
-    output_dir = Path(args.output_dir)
-    logger = None
-    if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
-        logger = MetricsLogger(output_dir, args.report_to, resume_step=step)
-    barrier(dist)
+    def loss_fn(batch):
+        return preference_loss(policy, reference, family, loss_type, batch, beta=config.beta,
+                               rpo_tau=config.rpo_tau, kl_baseline=kl_baseline)
 
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not dist.is_main, desc="train")
+    train_step, step = make_step(config, loss_fn, params, optimizer, scaler=scaler,
+                                 no_sync=model.no_sync if dist.enabled else None)
+
+    encoders = Encoders(family, config.resolution, config.random_crop, not config.no_hflip, config.seed)
+    layout = LAYOUTS[loss_type.data]
+    sampler = () if replay is None else (self_sampler(reference, family, num_steps=config.sspo_sample_steps,
+                                                      guidance_scale=config.sspo_guidance_scale),)
+    per_process = config.train_batch_size * (2 if loss_type.data == "images" else 1)  # stream items
+
+    def batch(start: int) -> Batch:
+        return layout(pairs, list(range(start, start + per_process)), encoders, *sampler)
+
+    return Run(config, dist, family, loss_type, batch, per_process, params, optimizer, lr_scheduler, scaler,
+               train_step, step, replay, encoders, start_step, start_position)
+
+
+def train(run: Run) -> Path:
+    """Run the training loop of ``run`` to ``--max_train_steps`` (or a stop signal); returns the
+    output directory. Only rank 0 writes."""
+    config, dist = run.config, run.dist
+    output_dir = Path(config.output_dir)
+    logger = start_output(run, output_dir)
+    step, position = run.start_step, run.start_position
+    progress = tqdm(total=config.max_train_steps, initial=step, disable=not dist.is_main, desc="train")
     stopping = False
     with StopRequest() as stop:
-        while step < args.max_train_steps and not stopping:
+        while step < config.max_train_steps and not stopping:
             replayed_step = None
-            if replay is not None:
-                index = replay.pick(step)
-                replay.load(index)
-                replayed_step = replay.steps[index]
-            batches = []
-            for micro in range(args.gradient_accumulation_steps):
-                start = position + (micro * dist.world_size + dist.rank) * per_process
-                batches.append(build(pairs, list(range(start, start + per_process)), encoders, *sampler))
-            metrics = run_step(batches)
-            position += per_step
-            lr_scheduler.step()
+            if run.replay is not None:  # SSPO: this step's reference weights
+                index = run.replay.pick(step)
+                run.replay.load(index)
+                replayed_step = run.replay.steps[index]
+            batches = [run.batch(position + (micro * dist.world_size + dist.rank) * run.per_process)
+                       for micro in range(config.gradient_accumulation_steps)]
+            metrics = run.step(batches)
+            position += run.per_process * config.gradient_accumulation_steps * dist.world_size
+            run.lr_scheduler.step()
             step += 1
-            if replay is not None:
-                replay.after_step(unet, step)
+            if run.replay is not None:
+                run.replay.after_step(run.family.denoiser, step)
             progress.update(1)
 
-            logging_step = step % args.logging_steps == 0 or step == args.max_train_steps
+            logging_step = step % config.logging_steps == 0 or step == config.max_train_steps
             if logging_step:
                 values = read_metrics(metrics, dist)
-                values["lr"] = float(optimizer.param_groups[0]["lr"])  # host-ok: logging step
+                values["lr"] = float(run.optimizer.param_groups[0]["lr"])  # host-ok: logging step
                 if replayed_step is not None:
                     values["replayed_step"] = replayed_step
                 if dist.is_main:
                     logger.log(step, values)
-                    shown = {key: values[key] for key in ("loss", "implicit_acc", "acc", "margin_acc", "dpo_fraction")
-                             if key in values}
-                    progress.set_postfix({key: f"{value:.4f}" for key, value in shown.items()})
+                    progress.set_postfix({k: f"{values[k]:.4f}" for k in SHOWN_METRICS if k in values})
             stopping = stop.agreed(dist, logging_step)
-            if step % args.checkpointing_steps == 0 or stopping:
-                if dist.is_main:
-                    logger.flush()
-                    extra, files = {}, {}
-                    if replay is not None:
-                        files[REPLAY_FILE], extra["sspo_pool_steps"] = replay.state()
-                    save_checkpoint(output_dir, step, trainable=trainable_state(unet, args.reference),
-                                    optimizer=optimizer, lr_scheduler=lr_scheduler, data_position=position,
-                                    grad_scaler=scaler, extra=extra, extra_files=files)
-                    prune_checkpoints(output_dir, args.checkpoints_total_limit)
-                barrier(dist)
+            if step % config.checkpointing_steps == 0 or stopping:
+                write_checkpoint(run, logger, output_dir, step, position)
     progress.close()
 
     if dist.is_main:
@@ -204,11 +260,43 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"fastpref-train: stopped by a signal after step {step}; wrote {output_dir}/checkpoint-{step}, "
                   f"continue with --resume_from_checkpoint latest", file=sys.stderr)
         else:
-            save_final_weights(unet, args.reference, output_dir)
+            run.family.save_weights(config.reference, output_dir)
         logger.close()
     barrier(dist)
     cleanup(dist)
     return output_dir
+
+
+def start_output(run: Run, output_dir: Path) -> MetricsLogger | None:
+    """Rank 0: the output directory, ``args.json`` (the config) and the metrics logger."""
+    logger = None
+    if run.dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(run.config.as_dict(), indent=1))
+        logger = MetricsLogger(output_dir, run.config.report_to, resume_step=run.start_step)
+    barrier(run.dist)
+    return logger
+
+
+def write_checkpoint(run: Run, logger: MetricsLogger | None, output_dir: Path, step: int, position: int) -> None:
+    """Rank 0: ``checkpoint-<step>`` (trainable tensors, optimizer, schedule, data position,
+    SSPO's pool), then pruning to ``--checkpoints_total_limit``; every rank waits for it."""
+    if run.dist.is_main:
+        logger.flush()
+        extra, files = {}, {}
+        if run.replay is not None:
+            files[REPLAY_FILE], extra["sspo_pool_steps"] = run.replay.state()
+        save_checkpoint(output_dir, step, trainable=trainable_state(run.family.denoiser, run.config.reference),
+                        optimizer=run.optimizer, lr_scheduler=run.lr_scheduler, data_position=position,
+                        grad_scaler=run.scaler, extra=extra, extra_files=files)
+        prune_checkpoints(output_dir, run.config.checkpoints_total_limit)
+    barrier(run.dist)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train from command-line flags (None: ``sys.argv[1:]``); returns the output directory.
+    Bad input raises ValueError before any write."""
+    return train(build(parse_config(argv)))
 
 
 def cli() -> None:

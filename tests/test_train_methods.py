@@ -15,8 +15,8 @@ from fastpref import train
 from fastpref.training.args import DEFAULT_DATA, DEFAULT_MODEL
 from fastpref.training.batches import Encoders, image_batch, paired_batch
 from fastpref.training.data import PreferencePairs, parquet_files
+from fastpref.training.family import load_family
 from fastpref.training.losses import LOSS_TYPES
-from fastpref.training.models import load_components
 from helpers import needs_kernels
 from train_helpers import FAST
 
@@ -74,8 +74,8 @@ def test_reference_forward_only_where_the_loss_needs_it(tmp_path, monkeypatch, l
 
 
 def test_kto_rows_are_unpaired_labelled_images():
-    tokenizer, text_encoder, vae, _, _ = load_components(DEFAULT_MODEL, torch.device("cpu"), torch.float32)
-    enc = Encoders(vae, tokenizer, text_encoder, 1000, torch.device("cpu"), torch.float32, 32, False, True, 0)
+    family = load_family(DEFAULT_MODEL, torch.device("cpu"), torch.float32)
+    enc = Encoders(family, 32, False, True, 0)
     pairs = PreferencePairs(parquet_files(DEFAULT_DATA))
     rows = image_batch(pairs, list(range(64)), enc)
     paired = paired_batch(pairs, list(range(4)), enc)

@@ -35,42 +35,30 @@ def write_pairs(path, labels, captions=None, drop_column=None):
     return path
 
 
-def tiny_step(device, static: bool, loss_type: str, weight_dtype=None):
-    """The bundled tiny model with LoRA rank 4 (seeded), an AdamW (``static``: the tensor-LR one
-    a captured step needs) with a linear schedule (warm-up 2 of 6 steps), and its ``TrainStep``.
-    Returns ``(params, step, lr_scheduler, encoders)``."""
+def tiny_run(device, static: bool, loss_type: str, **flags):
+    """The trainer's run (``fastpref.train.build``) on the bundled tiny model: LoRA rank 4, an
+    AdamW (``static``: the tensor-LR one a captured step needs, i.e. ``--cuda_graph``, let
+    through on a machine without CUDA) at LR 2e-3 with a linear schedule (warm-up 2 of 6
+    steps), random crops, SDPA attention; ``flags`` override. ``device`` must be the trainer's (CUDA where there
+    is one)."""
+    import pytest
     import torch
-    from diffusers.optimization import get_scheduler
 
-    from fastpref.training.batches import Encoders
-    from fastpref.training.graph import make_optimizer
-    from fastpref.training.losses import LOSS_TYPES
-    from fastpref.training.models import add_lora, load_components, set_attention
-    from fastpref.training.step import TrainStep, preference_loss
+    from fastpref import train
+    from fastpref.training.config import parse_config
 
-    weight_dtype = weight_dtype or torch.float32
-    tokenizer, text_encoder, vae, unet, scheduler = load_components(DEFAULT_MODEL, device, weight_dtype)
-    set_attention(unet, False)
-    torch.manual_seed(0)
-    params = add_lora(unet, 4, weight_dtype)
-    optimizer = make_optimizer(params, 2e-3, static=static, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    lr_scheduler = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=6)
-    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32,
-                              cache_enabled=False)
+    config = parse_config(pretrained_model_name_or_path=str(DEFAULT_MODEL), train_batch_size=1, report_to="none",
+                          learning_rate=2e-3, lr_scheduler="linear", lr_warmup_steps=2, max_train_steps=6,
+                          random_crop=True, loss_type=loss_type, cuda_graph=static, **flags)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "graph_refusal", lambda **_: None)
+        run = train.build(config)
+    run.family.set_attention(False)  # PyTorch SDPA even where xformers runs (deterministic on CUDA)
+    assert run.dist.device.type == torch.device(device).type, (run.dist.device, device)
+    return run
 
-    def policy(x, t, e):
-        with autocast:
-            return unet(x, t, e).sample
 
-    def reference(x, t, e):
-        unet.disable_adapters()
-        try:
-            with autocast:
-                return unet(x, t, e).sample
-        finally:
-            unet.enable_adapters()
-
-    step = TrainStep(lambda b: preference_loss(policy, reference, scheduler, LOSS_TYPES[loss_type], b),
-                     params, optimizer, max_grad_norm=1.0)
-    encoders = Encoders(vae, tokenizer, text_encoder, 1000, device, weight_dtype, 32, True, True, 0)
-    return params, step, lr_scheduler, encoders
+def tiny_step(device, static: bool, loss_type: str):
+    """``tiny_run``'s ``(params, eager TrainStep, lr_scheduler, encoders)``."""
+    run = tiny_run(device, static, loss_type)
+    return run.params, run.train_step, run.lr_scheduler, run.encoders

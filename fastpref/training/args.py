@@ -92,9 +92,12 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"--{name}: expected {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and check the flags that need no file access; ValueError names the flag."""
-    args = build_parser().parse_args(argv)
+def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> argparse.Namespace:
+    """Parse and check the flags that need no file access; ValueError names the flag.
+    ``defaults`` (flag name -> value) replace the parser's defaults; ``argv`` overrides them."""
+    parser = build_parser()
+    parser.set_defaults(**(defaults or {}))
+    args = parser.parse_args(argv)
     if args.beta_dpo is not None:
         raise ValueError(beta_dpo_message(args.beta_dpo))
     if args.loss_type not in LOSS_TYPES:

@@ -20,14 +20,17 @@ from typing import NamedTuple
 import torch
 
 from .data import PreferencePairs, load_pixels, pair_indices
+from .family import ModelFamily, to_device
 
 
 class Batch(NamedTuple):
     """One micro-batch, all tensors on the training device; R rows (2B for paired layouts).
 
-    latents ``[R, C, h, w]`` float32 scaled VAE latents; embeddings ``[R, L, D]`` and pooled
-    ``[R, D]`` text-encoder outputs (weight dtype); noise ``[R, C, h, w]`` float32; timesteps
-    ``[R]`` int64; labels ``[R]`` float32 (1 = desirable / winner, 0 = undesirable / loser).
+    latents ``[R, *latent_shape]`` float32 latents in the denoiser's space (``ModelFamily.
+    encode_images``; images ``(C, h, w)``, video ``(C, F, h, w)``); embeddings ``[R, L, D]`` and
+    pooled ``[R, P]`` prompt embeddings (``ModelFamily.encode_prompts``, weight dtype); noise like
+    latents, float32; timesteps ``[R]`` int64; labels ``[R]`` float32 (1 = desirable / winner,
+    0 = undesirable / loser).
     """
 
     latents: torch.Tensor
@@ -40,48 +43,31 @@ class Batch(NamedTuple):
 
 @dataclass
 class Encoders:
-    """The frozen parts that turn stream items into a ``Batch``, with the data settings."""
+    """What turns stream items into a ``Batch``: the model family (its frozen encoders and
+    schedule) with the data settings."""
 
-    vae: torch.nn.Module
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    num_train_timesteps: int
-    device: torch.device
-    weight_dtype: torch.dtype
+    family: ModelFamily
     resolution: int
     random_crop: bool
     hflip: bool
     seed: int
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` on the training device. A host tensor goes to a GPU through pinned memory
-        without blocking the host, which can then prepare the next batch during the step."""
-        if t.device.type != "cpu" or self.device.type != "cuda":
-            return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
+        """``t`` on the training device (pinned, non-blocking from the host to a GPU)."""
+        return to_device(t, self.family.device)
 
     def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[N, L, D]`` last hidden states and ``[N, D]`` pooled outputs of the text encoder."""
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        ids = self.to_device(ids)
-        with torch.no_grad():
-            out = self.text_encoder(ids)
-        return out[0], out[1]
+        """``[N, L, D]`` prompt embeddings and ``[N, P]`` pooled embeddings."""
+        return self.family.encode_prompts(captions)
 
     def encode_pixels(self, pixels: torch.Tensor, latent_eps: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, H, W]`` pixels in [-1, 1] -> ``[N, C, h, w]`` float32 scaled latents, sampled
+        """``[N, 3, H, W]`` pixels in [-1, 1] -> ``[N, *latent_shape]`` float32 latents, sampled
         from the VAE posterior with the given standard-normal ``latent_eps``."""
-        with torch.no_grad():
-            dist = self.vae.encode(self.to_device(pixels).to(self.weight_dtype)).latent_dist
-        latents = dist.mean.float() + dist.std.float() * self.to_device(latent_eps)
-        return latents * self.vae.config.scaling_factor
+        return self.family.encode_images(pixels, latent_eps)
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        """``(C, h, w)`` of one latent at the training resolution."""
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        size = self.resolution // factor
-        return self.vae.config.latent_channels, size, size
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one latent at the training resolution."""
+        return self.family.latent_shape(self.resolution)
 
     def generator(self, position: int) -> torch.Generator:
         """The generator of the stream item at global ``position``."""
@@ -92,20 +78,20 @@ class Encoders:
                            generator=generator)
 
     def draw_noise_and_timestep(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.randn(self.latent_shape(), generator=generator),
-                torch.randint(0, self.num_train_timesteps, (), generator=generator))
+        noise = torch.randn(self.latent_shape(), generator=generator)
+        return noise, self.family.draw_timestep(generator)
 
 
-def stream_length(pairs: PreferencePairs, layout: str) -> int:
-    """How many stream items one epoch has: images for ``images``, pairs otherwise."""
-    return 2 * len(pairs) if layout == "images" else len(pairs)
+def _rows_twice(t: torch.Tensor) -> torch.Tensor:
+    """``t`` stacked on itself along the rows (winners' values for the losers)."""
+    return t.repeat(2, *[1] * (t.ndim - 1))
 
 
 def paired_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders) -> Batch:
     """``2B`` rows, winners first, for the pairs at stream ``positions``."""
     indices = pair_indices(positions[0], len(positions), len(pairs), enc.seed)
     winners, losers, captions, eps, noise, timesteps = [], [], [], [], [], []
-    for index, position in zip(indices, positions):
+    for index, position in zip(indices, positions, strict=True):
         g = enc.generator(position)
         caption, winner, loser = pairs[index]
         w, l = enc.pixels([winner, loser], g)
@@ -118,8 +104,8 @@ def paired_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders) ->
         timesteps.append(t)
     latent_eps = torch.cat([torch.stack([e[0] for e in eps]), torch.stack([e[1] for e in eps])])
     latents = enc.encode_pixels(torch.stack(winners + losers), latent_eps)
-    return _assemble(enc, latents, captions, torch.stack(noise).repeat(2, 1, 1, 1),
-                     torch.stack(timesteps).repeat(2), [1.0] * len(captions) + [0.0] * len(captions),
+    return _assemble(enc, latents, captions, _rows_twice(torch.stack(noise)),
+                     _rows_twice(torch.stack(timesteps)), [1.0] * len(captions) + [0.0] * len(captions),
                      repeat=2)
 
 
@@ -128,7 +114,7 @@ def image_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders) -> 
     timestep per row, label 1 for a pair's winner and 0 for its loser."""
     indices = pair_indices(positions[0], len(positions), 2 * len(pairs), enc.seed)
     pixels, captions, labels, eps, noise, timesteps = [], [], [], [], [], []
-    for index, position in zip(indices, positions):
+    for index, position in zip(indices, positions, strict=True):
         g = enc.generator(position)
         caption, image, desirable = pairs.image(index)
         pixels.extend(enc.pixels([image], g))
@@ -148,7 +134,7 @@ def winner_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders,
     start_noise, latent_eps)``'s ``[B, C, h, w]`` latents (self-samples for the same prompts)."""
     indices = pair_indices(positions[0], len(positions), len(pairs), enc.seed)
     winners, captions, eps, noise, timesteps, start, sample_eps = [], [], [], [], [], [], []
-    for index, position in zip(indices, positions):
+    for index, position in zip(indices, positions, strict=True):
         g = enc.generator(position)
         caption, winner, _ = pairs[index]
         winners.extend(enc.pixels([winner], g))
@@ -163,14 +149,15 @@ def winner_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders,
     half = _assemble(enc, winner_latents, captions, torch.stack(noise), torch.stack(timesteps),
                      [1.0] * len(captions))
     losers = sample_losers(half, enc.to_device(torch.stack(start)), torch.stack(sample_eps))
-    return Batch(torch.cat([half.latents, losers]), half.embeddings.repeat(2, 1, 1), half.pooled.repeat(2, 1),
-                 half.noise.repeat(2, 1, 1, 1), half.timesteps.repeat(2),
+    return Batch(torch.cat([half.latents, losers]), _rows_twice(half.embeddings), _rows_twice(half.pooled),
+                 _rows_twice(half.noise), _rows_twice(half.timesteps),
                  torch.cat([half.labels, torch.zeros_like(half.labels)]))
 
 
 def _assemble(enc: Encoders, latents, captions, noise, timesteps, labels, repeat: int = 1) -> Batch:
     embeddings, pooled = enc.encode_prompts(captions)  # once per prompt, then repeated per row
-    embeddings, pooled = embeddings.repeat(repeat, 1, 1), pooled.repeat(repeat, 1)
+    if repeat == 2:
+        embeddings, pooled = _rows_twice(embeddings), _rows_twice(pooled)
     return Batch(latents, embeddings, pooled, enc.to_device(noise), enc.to_device(timesteps),
                  enc.to_device(torch.tensor(labels, dtype=torch.float32)))
 

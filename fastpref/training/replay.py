@@ -4,13 +4,13 @@ The pool holds the initial trainable weights (always) and a snapshot every
 ``--sspo_snapshot_steps`` optimizer steps, at most ``--sspo_num_snapshots`` of them (the oldest
 periodic one is dropped first; the initial weights stay). Each step one entry is picked
 uniformly, with a generator seeded by ``(seed, step)`` so a resumed run picks the same, and
-loaded into the replay model: a frozen copy of the policy UNet (LoRA layers included) in the
+loaded into the replay model: a frozen copy of the policy denoiser (LoRA layers included) in the
 weight dtype. That model is SSPO's reference and samples the self-sample that fills each pair's
-loser slot: a few-step DDIM run with classifier-free guidance on the winner's prompt, decoded
-and VAE-encoded like a dataset image.
+loser slot: a few-step run of the family's sampler (SD: DDIM) with classifier-free guidance on
+the winner's prompt, decoded and VAE-encoded like a dataset image.
 
 Memory: the pool stores the trainable tensors once per entry (LoRA: a few MB; full fine-tuning:
-a UNet per entry, in the weight dtype), plus the replay model itself.
+a denoiser per entry, in the weight dtype), plus the replay model itself.
 """
 
 import torch
@@ -95,18 +95,17 @@ def ddim_sample(unet, scheduler_config, embeddings: torch.Tensor, negative: torc
     return latents
 
 
-def self_sampler(unet, encoders, scheduler_config, *, num_steps: int, guidance_scale: float):
-    """The ``sample_losers(winners, start, latent_eps)`` of ``batches.winner_batch``: DDIM
-    samples for the winners' prompts, decoded by the VAE and encoded back like a dataset image
-    (``[B, C, h, w]`` float32 scaled latents)."""
-    negative = encoders.encode_prompts([""])[0]
-    vae = encoders.vae
+def self_sampler(predict, family, *, num_steps: int, guidance_scale: float):
+    """The ``sample_losers(winners, start, latent_eps)`` of ``batches.winner_batch``: samples of
+    ``family.sample`` (SD: DDIM) for the winners' prompts by ``predict(x, t, emb, pooled)`` (the
+    replay model's forward), decoded and encoded back like a dataset image (``[B, *latent_shape]``
+    float32 latents)."""
+    negative, negative_pooled = family.encode_prompts([""])
 
     def sample_losers(winners, start: torch.Tensor, latent_eps: torch.Tensor) -> torch.Tensor:
-        latents = ddim_sample(unet, scheduler_config, winners.embeddings, negative, start,
-                              num_steps=num_steps, guidance_scale=guidance_scale)
-        with torch.no_grad():
-            pixels = vae.decode((latents / vae.config.scaling_factor).to(encoders.weight_dtype)).sample
-        return encoders.encode_pixels(pixels.clamp(-1, 1), latent_eps)
+        latents = family.sample(predict, winners.embeddings, winners.pooled, negative, negative_pooled, start,
+                                num_steps=num_steps, guidance_scale=guidance_scale)
+        pixels = family.decode_latents(latents)
+        return family.encode_images(pixels.clamp(-1, 1), latent_eps)
 
     return sample_losers

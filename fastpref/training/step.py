@@ -1,5 +1,6 @@
 """One training step: policy and reference predictions, the fused loss, backward, gradient
-clipping and the optimizer step, with no host synchronisation anywhere in it.
+clipping and the optimizer step, with no host synchronisation anywhere in it. What depends on
+the model (noising, target, the denoiser's conditioning) is the ``ModelFamily``'s.
 
 ``TrainStep`` is the step ``fastpref.train`` runs eagerly; ``fastpref.training.graph`` runs
 the very same object on static buffers and captures it in a CUDA graph. Metrics come back
@@ -8,8 +9,9 @@ as device tensors, read on the host only at logging steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,37 +19,27 @@ from .losses import LossType
 
 if TYPE_CHECKING:  # batches.py needs the data libraries (pyarrow, PIL), the step does not
     from .batches import Batch
+    from .family import ModelFamily
 
 
-def regression_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
-                      timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet regresses under the scheduler config: epsilon or v."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"scheduler prediction_type: expected 'epsilon' or 'v_prediction', got {kind!r}")
-
-
-def preference_loss(policy: Callable, reference: Callable | None, scheduler, loss_type: LossType,
+def preference_loss(policy: Callable, reference: Callable | None, family: ModelFamily, loss_type: LossType,
                     batch: Batch, *, beta: float | None = None, rpo_tau: float = 0.5,
                     kl_baseline: Callable | None = None) -> tuple[torch.Tensor, dict]:
-    """Loss and metrics of one micro-batch (``Batch``: ``[R, C, h, w]`` latents, per-row noise,
-    timesteps and embeddings).
+    """Loss and metrics of one micro-batch (``Batch``: ``[R, *latent_shape]`` latents, per-row
+    noise, timesteps and prompt embeddings).
 
-    ``policy(noisy, t, emb)`` is the policy forward; ``reference(noisy, t, emb)`` the reference
-    one, run under no_grad and only when the loss type needs it (never for SFT and MaPO).
+    The family noises the latents and names the target (epsilon, v, flow); ``policy(noisy, t,
+    emb, pooled)`` is the policy forward, ``reference(noisy, t, emb, pooled)`` the reference one,
+    run under no_grad and only when the loss type needs it (never for SFT and MaPO).
     ``kl_baseline(model_pred, ref_pred, target)``, when given, supplies KTO's baseline (the
     cross-process mean of a multi-process run).
     """
-    noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-    target = regression_target(scheduler, batch.latents, batch.noise, batch.timesteps)
-    model_pred = policy(noisy, batch.timesteps, batch.embeddings)
+    noisy, target = family.add_noise(batch.latents, batch.noise, batch.timesteps)
+    model_pred = policy(noisy, batch.timesteps, batch.embeddings, batch.pooled)
     ref_pred = None
     if loss_type.needs_reference:
         with torch.no_grad():
-            ref_pred = reference(noisy, batch.timesteps, batch.embeddings)
+            ref_pred = reference(noisy, batch.timesteps, batch.embeddings, batch.pooled)
     baseline = None
     if kl_baseline is not None and loss_type.extra_input == "labels":
         baseline = kl_baseline(model_pred, ref_pred, target)
