@@ -9,6 +9,8 @@ pytest.importorskip("diffusers", reason="the training tests need the train extra
 import ast
 import csv
 import json
+import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -81,6 +83,13 @@ def test_config_is_read_only_and_checked():
         parse_config(report_to="bogus")
     with pytest.raises(ValueError, match="--learning_rate: expected > 0, got -1"):
         parse_config(learning_rate=-1)
+    with pytest.raises(TypeError, match="--learning_rate: expected float, got str '1e-3'"):
+        parse_config(learning_rate="1e-3")
+    with pytest.raises(TypeError, match="--train_batch_size: expected int, got float 2.0"):
+        parse_config(train_batch_size=2.0)
+    with pytest.raises(TypeError, match="--random_crop: expected bool, got int 1"):
+        parse_config(random_crop=1)
+    assert isinstance(parse_config(learning_rate=1).learning_rate, float)
     with pytest.raises(ValueError, match="--loss_type: expected one of"):
         parse_config(loss_type="cpo")
 
@@ -172,3 +181,40 @@ def test_docs_list_every_method_of_the_family_interface():
     missing = [m for m in abstract if f"`{m}(" not in docs]
     assert not missing, f"docs/training.md does not describe ModelFamily.{missing}"
     assert family_module.LEGACY_CLASS_NAME in docs
+
+
+class _FlowMatchingToy(StableDiffusionFamily):
+    """The SD family with flow matching's noising and target (docs/training.md: SD3/Flux), under
+    its own _class_name: a second family that the trainer must run without any change."""
+
+    class_names = ("ToyFlowMatchingPipeline",)
+    noised: list = []
+
+    def add_noise(self, latents, noise, timesteps):
+        sigma = ((timesteps.float() + 1) / self.scheduler.config.num_train_timesteps).view(-1, 1, 1, 1)
+        self.noised.append(tuple(latents.shape))
+        return (1 - sigma) * latents + sigma * noise, noise - latents
+
+
+@needs_kernels
+def test_a_second_family_trains_through_the_same_loop(tmp_path):
+    model = tmp_path / "toy-flow"
+    shutil.copytree(DEFAULT_MODEL, model)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "ToyFlowMatchingPipeline"}))
+    flags = dict(train_batch_size=2, report_to="csv", learning_rate=1e-3, max_train_steps=2, checkpointing_steps=2)
+    register(_FlowMatchingToy)
+    try:
+        run = train.build(parse_config(pretrained_model_name_or_path=str(model), output_dir=str(tmp_path / "flow"),
+                                       **flags))
+        assert type(run.family) is _FlowMatchingToy
+        flow = train.train(run)
+    finally:
+        del FAMILIES["ToyFlowMatchingPipeline"]
+    assert _FlowMatchingToy.noised == [(4, 4, 8, 8)] * 2  # one micro-batch of 2 pairs per step
+    sd = train.main([*FAST, *(f"--{k}={v}" for k, v in flags.items()), "--output_dir", str(tmp_path / "sd")])
+    flow_rows, sd_rows = _rows(flow), _rows(sd)
+    assert [r["step"] for r in flow_rows] == ["1", "2"]
+    assert all(math.isfinite(float(r["loss"])) for r in flow_rows)
+    assert [r["model_mse"] for r in flow_rows] != [r["model_mse"] for r in sd_rows]  # another target
+    assert (flow / "pytorch_lora_weights.safetensors").is_file()

@@ -57,13 +57,28 @@ class Config:
 def parse_config(argv: Sequence[str] | None = (), **flags) -> Config:
     """The checked ``Config`` of command line ``argv`` (default: none; None: ``sys.argv[1:]``)
     over keyword ``flags`` (argparse names, e.g. ``learning_rate=1e-3``) over the trainer's
-    defaults. ValueError names a bad flag value, TypeError an unknown flag name."""
+    defaults. ValueError names a bad flag value, TypeError an unknown flag name or a value of
+    the wrong type."""
     actions = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
     unknown = sorted(set(flags) - set(actions))
     if unknown:
         raise TypeError(f"parse_config: unknown flags {unknown}; expected names among {sorted(actions)}")
-    for name, value in flags.items():
-        choices = actions[name].choices
-        if choices is not None and value not in choices:
-            raise ValueError(f"--{name}: expected one of {list(choices)}, got {value!r}")
+    flags = {name: _typed(name, actions[name], value) for name, value in flags.items()}
     return Config(vars(parse_args(None if argv is None else list(argv), defaults=flags)))
+
+
+_ACCEPTED = {float: (int, float), int: (int,), bool: (bool,), str: (str,)}
+
+
+def _typed(name: str, action, value):
+    """A keyword flag checked as the command line would check it: its type (an int for a float
+    flag becomes a float) and its choices."""
+    kind = bool if isinstance(action.default, bool) and action.type is None else action.type or str
+    accepted = _ACCEPTED.get(kind)
+    if value is not None and accepted is not None:
+        if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
+            raise TypeError(f"--{name}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        value = float(value) if kind is float else value
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"--{name}: expected one of {list(action.choices)}, got {value!r}")
+    return value
