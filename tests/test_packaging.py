@@ -1,9 +1,11 @@
 """Packaging facts a user relies on: one version source, the kernels installed as
 fastpref.kernels by pyproject.toml (not by a path hack), the licence text shipped."""
+
 import importlib.metadata
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 import fastpref
 
