@@ -1,34 +1,59 @@
 # Set-up and entry points. `make demo` and `make test` each do all set-up on a fresh machine.
 #
-# A machine without torch gets the pinned CPU wheel (an unpinned torch would pull
-# multi-GB CUDA wheels); a GPU machine keeps its own CUDA torch and triton. Without CUDA
-# the kernels run under Triton's interpreter, which needs numpy < 2.4. Installing needs no
-# network where everything is already there (--no-build-isolation).
-# Use a python3 that already has torch (a GPU machine's, or the user's environment) as it
-# is; otherwise make .venv with the pinned CPU torch.
-VENV ?= .venv
-PY := $(shell python3 -c "import torch" >/dev/null 2>&1 && command -v python3 || echo $(VENV)/bin/python)
-STAMP := .fastpref-ready
+# Everything runs in the project's own virtual environment `.venv`, made on first use, unless
+# you point the Makefile at an interpreter: `make test PYTHON=/path/to/python` (e.g. a GPU
+# machine's python, which keeps its own CUDA torch and triton).
+# A machine without torch gets the pinned CPU wheel (an unpinned torch would pull multi-GB
+# CUDA wheels); without CUDA the kernels run under Triton's interpreter, which needs
+# numpy < 2.4. Every install step is loud and a failed one stops make: no silent fallback.
+# The readiness stamp lives inside the environment it describes, so deleting `.venv` (or
+# editing pyproject.toml) makes the next command set up again.
+VENV := .venv
+ifdef PYTHON
+PY := $(PYTHON)
+STAMP := .fastpref-ready-$(subst /,_,$(PYTHON))
+else
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastpref-ready
+endif
 
-.PHONY: demo test bench-quick clean
+.PHONY: setup demo test lint format bench-quick clean
+
+setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	[ -x "$(PY)" ] || python3 -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "triton==3.6.*"
-	$(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || $(PY) -m pip install -q "numpy<2.4"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,train]" || $(PY) -m pip install -q --no-build-isolation -e ".[test]"
+ifdef PYTHON
+	@command -v "$(PY)" >/dev/null || { echo "make: PYTHON=$(PY) is not an interpreter" >&2; exit 1; }
+else
+	@[ -x "$(PY)" ] || { echo "make: creating $(VENV)"; python3 -m venv $(VENV); }
+endif
+	@$(PY) -c "import setuptools" 2>/dev/null || $(PY) -m pip install "setuptools>=64"
+	@$(PY) -c "import torch" 2>/dev/null || { echo "make: installing torch==2.13.0 (CPU)"; $(PY) -m pip install torch==2.13.0; }
+	@$(PY) -c "import triton" 2>/dev/null || { echo "make: installing triton 3.6"; $(PY) -m pip install "triton==3.6.*"; }
+	@$(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || $(PY) -m pip install "numpy<2.4"
+	$(PY) -m pip install --no-build-isolation -e ".[test,train,dev]"
+	@$(PY) -c "import fastpref, diffusers, peft, transformers, pytest, ruff" || { echo "make: the installed environment is incomplete" >&2; exit 1; }
 	touch $@
 
 demo: $(STAMP)
 	$(PY) -m fastpref.demo
 
+# Every test that can run here: the loss suite under Triton's interpreter (compiled on CUDA),
+# the trainer, and the benchmark's own tests. GPU-only tests skip on a machine without CUDA.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests benchmarks/test_bench_losses.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 # Loss-block benchmark: the headline GPU subset on CUDA, the device-independent figures elsewhere.
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bench_losses.py $$($(PY) -c "import torch; print('--quick' if torch.cuda.is_available() else '--cpu-quick')")
 
 clean:
-	rm -rf $(VENV) $(STAMP) build *.egg-info
+	rm -rf $(VENV) .fastpref-ready* build *.egg-info

@@ -27,9 +27,13 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 # aten ops that force a device->host read (a sync on CUDA) whatever the inputs
 SYNC_OPS = {
     "aten._local_scalar_dense",
-    "aten.nonzero", "aten.nonzero_static",
+    "aten.nonzero",
+    "aten.nonzero_static",
     "aten.masked_select",
-    "aten._unique", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive",
+    "aten._unique",
+    "aten._unique2",
+    "aten.unique_dim",
+    "aten.unique_consecutive",
     "aten.equal",
 }
 
@@ -76,11 +80,13 @@ def triton_launches():
     patched = []
     try:
         from triton.runtime.jit import JITFunction
+
         patched.append(JITFunction)
     except ImportError:
         pass
     try:
         from triton.runtime.interpreter import InterpretedFunction
+
         patched.append(InterpretedFunction)
     except ImportError:
         pass
@@ -96,6 +102,7 @@ def triton_launches():
             # caller: hide it from any active OpCounter
             with _disable_current_modes():
                 return orig(self, *args, grid=grid, warmup=warmup, **kwargs)
+
         return run
 
     for cls in patched:

@@ -16,10 +16,26 @@ import platform
 import sys
 
 COLUMNS = [
-    "kernel_name", "kernel_provider", "kernel_operation_mode", "metric_name", "metric_unit",
-    "x_name", "x_value", "y_value_20", "y_value_50", "y_value_80",
-    "dtype", "shape_name", "shape", "device", "torch_version", "triton_version",
-    "cuda_version", "fastpref_version", "timestamp", "extra_benchmark_config_str",
+    "kernel_name",
+    "kernel_provider",
+    "kernel_operation_mode",
+    "metric_name",
+    "metric_unit",
+    "x_name",
+    "x_value",
+    "y_value_20",
+    "y_value_50",
+    "y_value_80",
+    "dtype",
+    "shape_name",
+    "shape",
+    "device",
+    "torch_version",
+    "triton_version",
+    "cuda_version",
+    "fastpref_version",
+    "timestamp",
+    "extra_benchmark_config_str",
 ]
 NUMERIC = ["x_value", "y_value_20", "y_value_50", "y_value_80"]
 
@@ -27,12 +43,15 @@ NUMERIC = ["x_value", "y_value_20", "y_value_50", "y_value_80"]
 def environment(device: str) -> dict:
     """Device name, library versions and a UTC timestamp for the CSV rows."""
     import torch
+
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = "missing"
     from providers import fastpref_version
+
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:
@@ -58,15 +77,25 @@ class CsvWriter:
         self._w.writeheader()
         self.n = 0
 
-    def add(self, *, kernel, provider, mode, metric, unit, x_name, x_value, y, dtype,
-            shape_name, shape, extra: dict) -> None:
+    def add(
+        self, *, kernel, provider, mode, metric, unit, x_name, x_value, y, dtype, shape_name, shape, extra: dict
+    ) -> None:
         """Write one row; ``y`` is a float or a (p20, p50, p80) tuple."""
         q = tuple(y) if isinstance(y, (tuple, list)) else (y, y, y)
         row = {
-            "kernel_name": kernel, "kernel_provider": provider, "kernel_operation_mode": mode,
-            "metric_name": metric, "metric_unit": unit, "x_name": x_name, "x_value": x_value,
-            "y_value_20": f"{q[0]:.6g}", "y_value_50": f"{q[1]:.6g}", "y_value_80": f"{q[2]:.6g}",
-            "dtype": dtype, "shape_name": shape_name, "shape": "x".join(map(str, shape)),
+            "kernel_name": kernel,
+            "kernel_provider": provider,
+            "kernel_operation_mode": mode,
+            "metric_name": metric,
+            "metric_unit": unit,
+            "x_name": x_name,
+            "x_value": x_value,
+            "y_value_20": f"{q[0]:.6g}",
+            "y_value_50": f"{q[1]:.6g}",
+            "y_value_80": f"{q[2]:.6g}",
+            "dtype": dtype,
+            "shape_name": shape_name,
+            "shape": "x".join(map(str, shape)),
             "extra_benchmark_config_str": json.dumps(extra, sort_keys=True),
             **self.env,
         }

@@ -25,12 +25,14 @@ def make_call(block, args, tkw, mode: str):
     state = {}
 
     if mode == "forward":
+
         def reset():
             x.grad = None
 
         def call():
             return block(*args, **tkw)
     elif mode == "full":
+
         def reset():
             x.grad = None
 
@@ -38,6 +40,7 @@ def make_call(block, args, tkw, mode: str):
             loss, _ = block(*args, **tkw)
             loss.backward()
     elif mode == "backward":
+
         def reset():
             x.grad = None
             state["loss"] = None
@@ -84,8 +87,9 @@ def warm_up(call, reset, device: str, n: int = 3) -> None:
     sync(device)
 
 
-def time_quantiles_ms(call, reset, device: str, rep_ms: int = 25, warmup_ms: int = 5,
-                      cpu_reps: int = 5, max_reps: int = 200) -> tuple[float, float, float]:
+def time_quantiles_ms(
+    call, reset, device: str, rep_ms: int = 25, warmup_ms: int = 5, cpu_reps: int = 5, max_reps: int = 200
+) -> tuple[float, float, float]:
     """(p20, p50, p80) of one call in ms.
 
     CUDA: CUDA events around each call, as ``triton.testing.do_bench`` does (same
@@ -113,7 +117,7 @@ def time_quantiles_ms(call, reset, device: str, rep_ms: int = 25, warmup_ms: int
             call()
             ends[i].record()
         torch.cuda.synchronize()
-        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
 
     est = _quantiles(timed(5))[1]
     n_warm = max(1, int(warmup_ms / max(est, 1e-3)))
@@ -141,12 +145,21 @@ def peak_extra_bytes(call, reset, device: str) -> int:
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - base)
     import counters
+
     return counters.peak_extra_bytes(call)[0]
 
 
 # host-side CUDA runtime/driver calls that put work on the GPU
-HOST_LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
-                     "cudaGraphLaunch", "cudaMemsetAsync", "cudaMemcpyAsync", "cudaLaunchCooperativeKernel"}
+HOST_LAUNCH_CALLS = {
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaGraphLaunch",
+    "cudaMemsetAsync",
+    "cudaMemcpyAsync",
+    "cudaLaunchCooperativeKernel",
+}
 
 
 def _gpu_activities(fn, n: int) -> tuple[int, int]:
@@ -171,6 +184,7 @@ def cuda_kernels_per_call(call, reset, n: int = 3) -> tuple[float, float]:
     replayed CUDA graph included); host launch calls are the runtime calls that enqueue
     them (one ``cudaGraphLaunch`` for a whole graph). Both are (set-up + call) minus set-up
     alone, so the forward run by ``backward``'s set-up is not counted."""
+
     def both():
         reset()
         call()
@@ -202,11 +216,12 @@ def device_copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Device memory bandwidth in GB/s (1e9 B/s) from a large device-to-device copy:
     bytes read + bytes written over the median time."""
     import triton.testing
+
     n = nbytes // 4
     src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, quantiles=[0.5])
     ms = ms[0] if isinstance(ms, (list, tuple)) else ms
-    del src, dst
+    src = dst = None  # free the 2 GiB before empty_cache
     torch.cuda.empty_cache()
     return 2 * n * 4 / (ms * 1e-3) / 1e9

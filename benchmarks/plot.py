@@ -16,7 +16,7 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import csv_io  # noqa: E402
+import csv_io
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PLOTTED = {  # metric -> (axis label, log y)
@@ -46,6 +46,7 @@ def _ordered(values, order):
 def plot_csv(rows: list[dict], out_dir: str, device: str = "") -> list[str]:
     """Write one PNG per (kernel, metric, dtype) found in ``rows``; return their paths."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -58,21 +59,26 @@ def plot_csv(rows: list[dict], out_dir: str, device: str = "") -> list[str]:
     for (kernel, metric, dtype), rs in sorted(groups.items()):
         modes = _ordered({r["kernel_operation_mode"] for r in rs}, MODE_ORDER)
         shapes = _ordered({r["shape_name"] for r in rs}, SHAPE_ORDER)
-        fig, axes = plt.subplots(len(modes), len(shapes), squeeze=False,
-                                 figsize=(max(3.6 * len(shapes) + 0.6, 6.5), 2.9 * len(modes) + 1.4))
+        fig, axes = plt.subplots(
+            len(modes), len(shapes), squeeze=False, figsize=(max(3.6 * len(shapes) + 0.6, 6.5), 2.9 * len(modes) + 1.4)
+        )
         label, logy = PLOTTED[metric]
         for i, mode in enumerate(modes):
             for j, shape in enumerate(shapes):
                 ax = axes[i][j]
                 sel = [r for r in rs if r["kernel_operation_mode"] == mode and r["shape_name"] == shape]
                 for p in sorted({r["kernel_provider"] for r in sel}, key=lambda p: (p != "fastpref", p)):
-                    pts = sorted((r["x_value"], r["y_value_20"], r["y_value_50"], r["y_value_80"])
-                                 for r in sel if r["kernel_provider"] == p)
+                    pts = sorted(
+                        (r["x_value"], r["y_value_20"], r["y_value_50"], r["y_value_80"])
+                        for r in sel
+                        if r["kernel_provider"] == p
+                    )
                     xs = [q[0] for q in pts]
                     ax.plot(xs, [q[2] for q in pts], label=p, **STYLE.get(p, dict(marker=".")))
                     if metric in ("time", "train_step_time"):
-                        ax.fill_between(xs, [q[1] for q in pts], [q[3] for q in pts], alpha=0.2,
-                                        color=STYLE.get(p, {}).get("color"))
+                        ax.fill_between(
+                            xs, [q[1] for q in pts], [q[3] for q in pts], alpha=0.2, color=STYLE.get(p, {}).get("color")
+                        )
                 ax.set_xscale("log", base=2)
                 if logy:
                     ax.set_yscale("log")
@@ -86,7 +92,7 @@ def plot_csv(rows: list[dict], out_dir: str, device: str = "") -> list[str]:
         for row in axes:
             for ax in row:
                 h, lab = ax.get_legend_handles_labels()
-                for hh, ll in zip(h, lab):
+                for hh, ll in zip(h, lab, strict=True):
                     if ll not in labels:
                         handles.append(hh)
                         labels.append(ll)

@@ -170,16 +170,26 @@ def spec_dpo(model_pred, ref_pred, target, *, beta=5000.0):
     return loss, {"implicit_acc": (inside > 0).float().mean(), "model_mse": m.mean(), "ref_mse": r.mean()}
 
 
-def spec_dense_dpo(model_pred, ref_pred, target, timesteps, *, beta=5000.0, gamma=0.9,
-                   num_inference_steps=50, num_train_timesteps=1000, normalize=True):
+def spec_dense_dpo(
+    model_pred,
+    ref_pred,
+    target,
+    timesteps,
+    *,
+    beta=5000.0,
+    gamma=0.9,
+    num_inference_steps=50,
+    num_train_timesteps=1000,
+    normalize=True,
+):
     """Dense-reward temporally discounted DPO (spec §2.6), float32."""
     T, K = num_train_timesteps, num_inference_steps
     B = model_pred.shape[0] // 2
     t = timesteps[:B].to(torch.float64)
     k = torch.clamp(torch.floor((T - 1 - t) * K / T), 0, K - 1)
-    w = gamma ** k
+    w = gamma**k
     if normalize:
-        w = w * (K / sum(gamma ** j for j in range(K)))
+        w = w * (K / sum(gamma**j for j in range(K)))
     w = w.float()
     m, r = _errors(model_pred, ref_pred, target)
     inside = _dpo_inside(m, r, beta) * w
@@ -290,8 +300,9 @@ def spec_sdpo(model_pred, ref_pred, target, *, beta=5000.0, mu=0.9, eps=1e-9, ma
         K = e_w.numel()
         num = 4 * e_w.pow(2).sum() / K**2
         den = 4 * (e_w * e_l).sum() / K**2
-        lam = torch.where(den > 0, torch.clamp((1 - mu) * num / (den + eps), 0, max_scale),
-                          torch.full_like(den, max_scale))
+        lam = torch.where(
+            den > 0, torch.clamp((1 - mu) * num / (den + eps), 0, max_scale), torch.full_like(den, max_scale)
+        )
     m, r = _errors(model_pred, ref_pred, target)
     m_w, m_l = m.chunk(2)
     m_l = _ScaleGrad.apply(m_l, lam)

@@ -10,12 +10,12 @@ import math
 import torch
 
 SHAPES: dict[str, tuple[int, ...]] = {
-    "sd15_256": (4, 32, 32),        # SD1.5 at 256 px
-    "sd15_512": (4, 64, 64),        # SD1.5 at 512 px
-    "sdxl_1024": (4, 128, 128),     # SDXL at 1024 px
-    "video": (4, 16, 64, 64),       # 16-frame video latents
-    "tiny": (4, 8, 8),              # CPU / interpreter only
-    "tiny_video": (4, 2, 8, 8),     # CPU / interpreter only
+    "sd15_256": (4, 32, 32),  # SD1.5 at 256 px
+    "sd15_512": (4, 64, 64),  # SD1.5 at 512 px
+    "sdxl_1024": (4, 128, 128),  # SDXL at 1024 px
+    "video": (4, 16, 64, 64),  # 16-frame video latents
+    "tiny": (4, 8, 8),  # CPU / interpreter only
+    "tiny_video": (4, 2, 8, 8),  # CPU / interpreter only
 }
 GPU_SHAPES = ["sd15_256", "sd15_512", "sdxl_1024", "video"]
 CPU_SHAPES = ["tiny", "tiny_video"]

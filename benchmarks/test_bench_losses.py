@@ -22,10 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import measure  # noqa: E402
-import providers as prov  # noqa: E402
-import registry  # noqa: E402
-import shapes as shp  # noqa: E402
+import measure
+import providers as prov
+import registry
+import shapes as shp
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -55,6 +55,7 @@ def test_loss_fwd_bwd(benchmark, method_name, point, provider):
         call()
         measure.sync(DEVICE)
 
-    benchmark.extra_info.update(method=method_name, provider=provider, shape=shape_name, B=B,
-                                dtype=str(DTYPE), device=DEVICE)
+    benchmark.extra_info.update(
+        method=method_name, provider=provider, shape=shape_name, B=B, dtype=str(DTYPE), device=DEVICE
+    )
     benchmark.pedantic(target, setup=reset, rounds=50 if CUDA else 3, iterations=1, warmup_rounds=2)

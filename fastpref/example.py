@@ -3,6 +3,7 @@
 Builds a paired batch of SD1.5-like latents (winners first), runs each fused loss forward and
 backward, and checks it against the eager PyTorch block an upstream trainer would write.
 Runs on a GPU when there is one, else on the CPU under Triton's interpreter."""
+
 import time
 
 import torch
@@ -24,19 +25,23 @@ def eager_dpo(model_pred, ref_pred, target, beta):
 
 def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pairs, shape = 4, (4, 32, 32)               # SD1.5 latents of 256 px images
+    pairs, shape = 4, (4, 32, 32)  # SD1.5 latents of 256 px images
     g = torch.Generator().manual_seed(0)
-    target = torch.randn(2 * pairs, *shape, generator=g)             # the noise ε
+    target = torch.randn(2 * pairs, *shape, generator=g)  # the noise ε
     ref_pred = target + 0.5 * torch.randn(target.shape, generator=g)
     model_pred = ref_pred + 0.01 * torch.randn(target.shape, generator=g)
     target, ref_pred, model_pred = (x.to(device) for x in (target, ref_pred, model_pred))
-    print(f"device: {device} ({'compiled Triton' if device.type == 'cuda' else 'Triton interpreter'}), "
-          f"batch {tuple(model_pred.shape)}: {pairs} winners then {pairs} losers\n")
+    print(
+        f"device: {device} ({'compiled Triton' if device.type == 'cuda' else 'Triton interpreter'}), "
+        f"batch {tuple(model_pred.shape)}: {pairs} winners then {pairs} losers\n"
+    )
 
     calls = [
         ("diffusion_dpo_loss", lambda p: fastpref.diffusion_dpo_loss(p, ref_pred, target, beta=5000.0)),
-        ("diffusion_dpo_loss hinge", lambda p: fastpref.diffusion_dpo_loss(p, ref_pred, target, beta=5000.0,
-                                                                          loss_type="hinge")),
+        (
+            "diffusion_dpo_loss hinge",
+            lambda p: fastpref.diffusion_dpo_loss(p, ref_pred, target, beta=5000.0, loss_type="hinge"),
+        ),
         ("dspo_loss sd15", lambda p: fastpref.dspo_loss(p, ref_pred, target, beta=0.001)),
         ("dspo_loss sdxl", lambda p: fastpref.dspo_loss(p, ref_pred, target, beta=5000.0, variant="sdxl")),
         ("sft_loss", lambda p: fastpref.sft_loss(p, target)),
@@ -48,14 +53,18 @@ def main():
         loss.backward()
         elapsed = time.perf_counter() - start
         shown = {k: round(float(v), 4) for k, v in metrics.items() if v.dim() == 0 and k != "loss"}
-        print(f"{name:26s} loss {float(loss.detach()):.6f}  |grad| {float(p.grad.norm()):.3e}  ({elapsed * 1e3:.0f} ms)")
+        print(
+            f"{name:26s} loss {float(loss.detach()):.6f}  |grad| {float(p.grad.norm()):.3e}  ({elapsed * 1e3:.0f} ms)"
+        )
         print(f"{'':26s} {shown}")
 
     # Both fp32 computations against the exact (float64) value of the same loss.
     grads = {}
-    for label, fn, dtype in [("fused", fastpref.diffusion_dpo_loss, torch.float32),
-                             ("eager", lambda *a, **k: (eager_dpo(*a, **k),), torch.float32),
-                             ("float64", lambda *a, **k: (eager_dpo(*a, **k),), torch.float64)]:
+    for label, fn, dtype in [
+        ("fused", fastpref.diffusion_dpo_loss, torch.float32),
+        ("eager", lambda *a, **k: (eager_dpo(*a, **k),), torch.float32),
+        ("float64", lambda *a, **k: (eager_dpo(*a, **k),), torch.float64),
+    ]:
         p = model_pred.to(dtype).clone().requires_grad_(True)
         loss = fn(p, ref_pred.to(dtype), target.to(dtype), beta=5000.0)[0]
         loss.backward()

@@ -52,7 +52,9 @@ def train_vae(steps: int, batch_size: int, seed: int, log_every: int = 100):
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
-            print(f"vae step {step}: loss {loss.item():.4f}", flush=True)  # host-ok: offline build script, progress print
+            print(
+                f"vae step {step}: loss {loss.item():.4f}", flush=True
+            )  # host-ok: offline build script, progress print
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         x = to_pixels(random_dataset(512, seed=seed + 7)[0])
@@ -61,8 +63,7 @@ def train_vae(steps: int, batch_size: int, seed: int, log_every: int = 100):
     return vae
 
 
-def train_unet(vae, tokenizer, text_encoder, steps: int, batch_size: int, seed: int,
-               log_every: int = 100):
+def train_unet(vae, tokenizer, text_encoder, steps: int, batch_size: int, seed: int, log_every: int = 100):
     """Pretrain the tiny UNet (epsilon prediction) on latents of fresh procedural images."""
     torch.manual_seed(seed)
     unet = tiny_unet(text_encoder.config.hidden_size)
@@ -75,8 +76,13 @@ def train_unet(vae, tokenizer, text_encoder, steps: int, batch_size: int, seed: 
         prompts = ["" if rng.random() < 0.1 else p for p in prompts]
         with torch.no_grad():
             latents = vae.encode(to_pixels(images)).latent_dist.sample() * vae.config.scaling_factor
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
+            ids = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             embeddings = text_encoder(ids)[0]
         noise = torch.randn_like(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
@@ -88,7 +94,9 @@ def train_unet(vae, tokenizer, text_encoder, steps: int, batch_size: int, seed: 
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
-            print(f"unet step {step}: loss {loss.item():.4f}", flush=True)  # host-ok: offline build script, progress print
+            print(
+                f"unet step {step}: loss {loss.item():.4f}", flush=True
+            )  # host-ok: offline build script, progress print
     return unet.eval().requires_grad_(False)
 
 
@@ -102,8 +110,10 @@ def encode_jpeg(image: np.ndarray) -> bytes:
 def preference_labels(jpg_0: list[bytes], jpg_1: list[bytes]) -> np.ndarray:
     """Pick-a-Pic ``label_0`` of each pair from the ``colourfulness`` of the stored JPEGs
     (what the trainer reads): 1.0 when image 0 scores higher, 0.0 when lower, 0.5 on a tie."""
+
     def scores(blobs):
         return colourfulness(np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]))
+
     s0, s1 = scores(jpg_0), scores(jpg_1)
     return np.where(s0 > s1, 1.0, np.where(s0 < s1, 0.0, 0.5))
 
@@ -116,16 +126,20 @@ def build_preference_table(pipe, num_pairs: int, seed: int) -> pa.Table:
     """
     rng = np.random.default_rng(seed)
     prompts = random_prompts(num_pairs, rng)
-    seeds = rng.choice(2**31 - 1, size=2 * num_pairs, replace=False).tolist()  # host-ok: numpy seeds in the offline build script
+    seeds = rng.choice(
+        2**31 - 1, size=2 * num_pairs, replace=False
+    ).tolist()  # host-ok: numpy seeds in the offline build script
     images = sample_images(pipe, prompts + prompts, seeds)
     jpegs = [encode_jpeg(im) for im in images]
     labels = preference_labels(jpegs[:num_pairs], jpegs[num_pairs:])
-    return pa.table({
-        "jpg_0": pa.array(jpegs[:num_pairs], pa.binary()),
-        "jpg_1": pa.array(jpegs[num_pairs:], pa.binary()),
-        "label_0": pa.array(labels, pa.float64()),
-        "caption": pa.array(prompts, pa.string()),
-    })
+    return pa.table(
+        {
+            "jpg_0": pa.array(jpegs[:num_pairs], pa.binary()),
+            "jpg_1": pa.array(jpegs[num_pairs:], pa.binary()),
+            "label_0": pa.array(labels, pa.float64()),
+            "caption": pa.array(prompts, pa.string()),
+        }
+    )
 
 
 def main(argv=None):
@@ -146,16 +160,23 @@ def main(argv=None):
     vae = train_vae(args.vae_steps, args.batch_size, args.seed)
     unet = train_unet(vae, tokenizer, text_encoder, args.unet_steps, args.batch_size, args.seed)
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=tiny_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out / "tiny-sd", safe_serialization=True)
     table = build_preference_table(pipe, args.num_pairs, args.seed + 1)
     pq.write_table(table, out / "tiny-prefs.parquet")
     labels = table.column("label_0").to_numpy()
-    print(f"wrote {out / 'tiny-sd'} and {len(labels)} pairs "
-          f"({(labels == 0.5).sum()} ties) to {out / 'tiny-prefs.parquet'} in {time.time() - start:.0f}s")
+    print(
+        f"wrote {out / 'tiny-sd'} and {len(labels)} pairs "
+        f"({(labels == 0.5).sum()} ties) to {out / 'tiny-prefs.parquet'} in {time.time() - start:.0f}s"
+    )
 
 
 if __name__ == "__main__":

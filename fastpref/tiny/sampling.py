@@ -5,9 +5,15 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 
-def sample_images(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], *,
-                  num_inference_steps: int = 20, guidance_scale: float = 3.0,
-                  batch_size: int = 128) -> np.ndarray:
+def sample_images(
+    pipe: StableDiffusionPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 3.0,
+    batch_size: int = 128,
+) -> np.ndarray:
     """Generate one image per (prompt, seed) with DDIM: ``[N, H, W, 3]`` uint8.
 
     Each image's initial noise comes from its own seed, so two pipelines sampled with the
@@ -22,8 +28,12 @@ def sample_images(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list
         chunk = slice(start, start + batch_size)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]
         with torch.no_grad():
-            images = pipe(prompt=prompts[chunk], generator=generators, output_type="np",
-                          num_inference_steps=num_inference_steps,
-                          guidance_scale=guidance_scale).images
+            images = pipe(
+                prompt=prompts[chunk],
+                generator=generators,
+                output_type="np",
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+            ).images
         out.append(np.round(np.clip(images, 0, 1) * 255).astype(np.uint8))
     return np.concatenate(out)

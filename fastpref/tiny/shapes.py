@@ -10,8 +10,14 @@ import colorsys
 import numpy as np
 
 COLORS = {  # name -> hue in [0, 1)
-    "red": 0.0, "orange": 0.08, "yellow": 0.16, "green": 0.33,
-    "cyan": 0.5, "blue": 0.64, "purple": 0.78, "pink": 0.9,
+    "red": 0.0,
+    "orange": 0.08,
+    "yellow": 0.16,
+    "green": 0.33,
+    "cyan": 0.5,
+    "blue": 0.64,
+    "purple": 0.78,
+    "pink": 0.9,
 }
 SHAPES = ("circle", "square", "triangle")
 CAPTION_WORDS = ["a", *COLORS, *SHAPES]
@@ -26,7 +32,7 @@ def random_prompts(n: int, rng: np.random.Generator) -> list[str]:
     """``n`` captions with uniformly drawn colour and shape."""
     colors = rng.choice(list(COLORS), size=n)
     shapes = rng.choice(SHAPES, size=n)
-    return [caption(c, s) for c, s in zip(colors, shapes)]
+    return [caption(c, s) for c, s in zip(colors, shapes, strict=True)]
 
 
 def _mask(shape: str, size: int, cx: float, cy: float, radius: float) -> np.ndarray:

@@ -15,11 +15,10 @@ def learn_bpe(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     the vocabulary holds every single character, every merge result and the special tokens.
     """
     segmentations = {w: tuple(w[:-1]) + (w[-1] + END_OF_WORD,) for w in sorted(set(words))}
-    vocab = sorted({sym for seg in segmentations.values() for sym in seg} |
-                   {c for w in segmentations for c in w})
+    vocab = sorted({sym for seg in segmentations.values() for sym in seg} | {c for w in segmentations for c in w})
     merges: list[tuple[str, str]] = []
     while any(len(seg) > 1 for seg in segmentations.values()):
-        pairs = Counter(p for seg in segmentations.values() for p in zip(seg, seg[1:]))
+        pairs = Counter(p for seg in segmentations.values() for p in zip(seg, seg[1:], strict=False))
         best = max(pairs, key=lambda p: (pairs[p], p))  # deterministic tie-break
         merges.append(best)
         merged = best[0] + best[1]
