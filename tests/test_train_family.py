@@ -218,3 +218,13 @@ def test_a_second_family_trains_through_the_same_loop(tmp_path):
     assert all(math.isfinite(float(r["loss"])) for r in flow_rows)
     assert [r["model_mse"] for r in flow_rows] != [r["model_mse"] for r in sd_rows]  # another target
     assert (flow / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_every_family_module_is_packaged():
+    """A non-editable install ships fastpref/training/families (pyproject lists packages by hand)."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert "fastpref.training.families" in packages
+    modules = [m.stem for m in (ROOT / "fastpref" / "training" / "families").glob("*.py") if m.stem != "__init__"]
+    assert "stable_diffusion" in modules
