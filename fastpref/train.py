@@ -195,8 +195,8 @@ def build(config: Config) -> Run:
 
     kl_baseline = kto_global_baseline(dist)
 
-    def loss_fn(batch):
-        return preference_loss(policy, reference, family, loss_type, batch, beta=config.beta,
+    def loss_fn(micro_batch: Batch):
+        return preference_loss(policy, reference, family, loss_type, micro_batch, beta=config.beta,
                                rpo_tau=config.rpo_tau, kl_baseline=kl_baseline)
 
     train_step, step = make_step(config, loss_fn, params, optimizer, scaler=scaler,
@@ -208,10 +208,10 @@ def build(config: Config) -> Run:
                                                       guidance_scale=config.sspo_guidance_scale),)
     per_process = config.train_batch_size * (2 if loss_type.data == "images" else 1)  # stream items
 
-    def batch(start: int) -> Batch:
+    def batch_at(start: int) -> Batch:
         return layout(pairs, list(range(start, start + per_process)), encoders, *sampler)
 
-    return Run(config, dist, family, loss_type, batch, per_process, params, optimizer, lr_scheduler, scaler,
+    return Run(config, dist, family, loss_type, batch_at, per_process, params, optimizer, lr_scheduler, scaler,
                train_step, step, replay, encoders, start_step, start_position)
 
 
