@@ -1,10 +1,14 @@
 """The trainer as ``build(config)`` + ``train(run)``: the config path equals the command line bit
 for bit; the config is read-only and checked; the model family comes from the pipeline's
 model_index.json through a registry; the loop and the step name no model component."""
+
 import pytest
 
-pytest.importorskip("diffusers", reason="the training tests need the train extra (diffusers), which `make test` "
-                                      "installs where a package index is reachable")
+pytest.importorskip(
+    "diffusers",
+    reason="the training tests need the train extra (diffusers), which `make test` "
+    "installs where a package index is reachable",
+)
 
 import ast
 import csv
@@ -44,12 +48,35 @@ def _tensors_equal(a: Path, b: Path) -> bool:
 @pytest.mark.parametrize("loss_type", ["dpo", "kto"])
 def test_build_and_train_from_a_config_equal_the_command_line(tmp_path, loss_type):
     """Same losses (the CSV text), checkpoint tensors, final LoRA file and args.json."""
-    cli = train.main([*FAST, "--train_batch_size", "2", "--max_train_steps", "2", "--checkpointing_steps", "2",
-                      "--report_to", "csv", "--loss_type", loss_type, "--random_crop",
-                      "--output_dir", str(tmp_path / "cli")])
-    config = parse_config(pretrained_model_name_or_path=str(DEFAULT_MODEL), train_batch_size=2, report_to="csv",
-                          learning_rate=1e-3, max_train_steps=2, checkpointing_steps=2, loss_type=loss_type,
-                          random_crop=True, output_dir=str(tmp_path / "config"))
+    cli = train.main(
+        [
+            *FAST,
+            "--train_batch_size",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "2",
+            "--report_to",
+            "csv",
+            "--loss_type",
+            loss_type,
+            "--random_crop",
+            "--output_dir",
+            str(tmp_path / "cli"),
+        ]
+    )
+    config = parse_config(
+        pretrained_model_name_or_path=str(DEFAULT_MODEL),
+        train_batch_size=2,
+        report_to="csv",
+        learning_rate=1e-3,
+        max_train_steps=2,
+        checkpointing_steps=2,
+        loss_type=loss_type,
+        random_crop=True,
+        output_dir=str(tmp_path / "config"),
+    )
     run = train.build(config)
     assert isinstance(run.family, StableDiffusionFamily) and run.config.resolution == 32  # the VAE's sample_size
     out = train.train(run)
@@ -57,13 +84,17 @@ def test_build_and_train_from_a_config_equal_the_command_line(tmp_path, loss_typ
     rows = _rows(out)
     assert [r["step"] for r in rows] == ["1", "2"] and rows == _rows(cli)
     assert rows[0]["loss"] != rows[1]["loss"]  # the runs trained on changing data
-    for name in ("checkpoint-2/trainable.safetensors", "checkpoint-2/optimizer.safetensors",
-                 "pytorch_lora_weights.safetensors"):
+    for name in (
+        "checkpoint-2/trainable.safetensors",
+        "checkpoint-2/optimizer.safetensors",
+        "pytorch_lora_weights.safetensors",
+    ):
         assert _tensors_equal(out / name, cli / name), name
     args_cli, args_config = (json.loads((d / "args.json").read_text()) for d in (cli, out))
     assert list(args_cli) == list(args_config)
-    assert {k: v for k, v in args_cli.items() if k != "output_dir"} == \
-        {k: v for k, v in args_config.items() if k != "output_dir"}
+    assert {k: v for k, v in args_cli.items() if k != "output_dir"} == {
+        k: v for k, v in args_config.items() if k != "output_dir"
+    }
 
 
 def test_config_is_read_only_and_checked():
@@ -104,8 +135,11 @@ def test_family_comes_from_model_index_class_name(tmp_path):
     assert family_class(DEFAULT_MODEL) is StableDiffusionFamily
     assert FAMILIES["StableDiffusionPipeline"] is StableDiffusionFamily
     assert family_class(tmp_path) is StableDiffusionFamily  # no model_index.json: the SD layout, as before
-    with pytest.raises(ValueError, match=r"model_index.json names _class_name 'FluxPipeline', which no model "
-                                         r"family trains; known: \[.*'StableDiffusionPipeline'.*\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"model_index.json names _class_name 'FluxPipeline', which no model "
+        r"family trains; known: \[.*'StableDiffusionPipeline'.*\]",
+    ):
         family_class(_pipeline_dir(tmp_path / "flux", "FluxPipeline"))
     with pytest.raises(ValueError, match="has no string _class_name, got None"):
         family_class(_pipeline_dir(tmp_path / "nameless", None))
@@ -155,8 +189,17 @@ def _identifiers(path: Path) -> tuple[set[str], set[str]]:
     return names, modules
 
 
-MODEL_WORDS = ("unet", "vae", "text_encoder", "tokenizer", "cliptext", "stablediffusion", "noise_scheduler",
-               "encoder_hidden_states", "unet2dconditionmodel")
+MODEL_WORDS = (
+    "unet",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "cliptext",
+    "stablediffusion",
+    "noise_scheduler",
+    "encoder_hidden_states",
+    "unet2dconditionmodel",
+)
 
 
 @pytest.mark.parametrize("module", [train, step_module], ids=["train", "step"])
@@ -167,9 +210,13 @@ def test_loop_and_step_know_no_model(module):
     assert "family" in " ".join(names)  # the check sees the module's identifiers
     offending = sorted(n for n in names if any(w in n.lower() for w in MODEL_WORDS))
     assert not offending, f"{module.__name__} names model components: {offending}"
-    model_libraries = sorted(m for m in modules if m.split(".")[0] in ("transformers", "peft")
-                             or (m.startswith("diffusers") and m != "diffusers.optimization")
-                             or "families" in m)
+    model_libraries = sorted(
+        m
+        for m in modules
+        if m.split(".")[0] in ("transformers", "peft")
+        or (m.startswith("diffusers") and m != "diffusers.optimization")
+        or "families" in m
+    )
     assert not model_libraries, f"{module.__name__} imports {model_libraries}"
 
 
@@ -205,8 +252,9 @@ def test_a_second_family_trains_through_the_same_loop(tmp_path):
     flags = dict(train_batch_size=2, report_to="csv", learning_rate=1e-3, max_train_steps=2, checkpointing_steps=2)
     register(_FlowMatchingToy)
     try:
-        run = train.build(parse_config(pretrained_model_name_or_path=str(model), output_dir=str(tmp_path / "flow"),
-                                       **flags))
+        run = train.build(
+            parse_config(pretrained_model_name_or_path=str(model), output_dir=str(tmp_path / "flow"), **flags)
+        )
         assert type(run.family) is _FlowMatchingToy
         flow = train.train(run)
     finally:

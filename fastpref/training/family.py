@@ -121,22 +121,38 @@ class ModelFamily(ABC):
     # --- the step (device only, no host synchronisation) ---
 
     @abstractmethod
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor,
-                  timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_noise(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(noisy, target)``, both ``[R, *latent_shape]``: the latents noised to ``timesteps``
         and what the denoiser regresses there (epsilon, v, or flow matching's ``noise - x0``)."""
 
     @abstractmethod
-    def denoise(self, model: Callable, noisy: torch.Tensor, timesteps: torch.Tensor,
-                embeddings: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def denoise(
+        self,
+        model: Callable,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+        pooled: torch.Tensor,
+    ) -> torch.Tensor:
         """``model`` (the denoiser, a DDP wrapper of it, or the reference copy) called with the
         family's conditioning; returns the prediction ``[R, *latent_shape]``, comparable with
         ``add_noise``'s target. ``timesteps`` is ``[R]`` or 0-dim (the sampler's)."""
 
     @abstractmethod
-    def sample(self, predict: Callable, embeddings: torch.Tensor, pooled: torch.Tensor,
-               negative: torch.Tensor, negative_pooled: torch.Tensor, start: torch.Tensor, *,
-               num_steps: int, guidance_scale: float) -> torch.Tensor:
+    def sample(
+        self,
+        predict: Callable,
+        embeddings: torch.Tensor,
+        pooled: torch.Tensor,
+        negative: torch.Tensor,
+        negative_pooled: torch.Tensor,
+        start: torch.Tensor,
+        *,
+        num_steps: int,
+        guidance_scale: float,
+    ) -> torch.Tensor:
         """SSPO's self-sampler: ``[B, *latent_shape]`` latents sampled in ``num_steps`` steps from
         ``start`` noise with classifier-free guidance of the prompts ``embeddings [B, L, D]``,
         ``pooled [B, P]`` against ``negative [1, L, D]``, ``negative_pooled [1, P]``.
@@ -170,8 +186,10 @@ def pipeline_class_name(path: str | Path) -> str:
     try:
         name = json.loads(index.read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError) as error:
-        raise ValueError(f"--pretrained_model_name_or_path: could not read {str(index)!r} as a diffusers "
-                         f"model_index.json ({type(error).__name__}: {error})") from error
+        raise ValueError(
+            f"--pretrained_model_name_or_path: could not read {str(index)!r} as a diffusers "
+            f"model_index.json ({type(error).__name__}: {error})"
+        ) from error
     if not isinstance(name, str):
         raise ValueError(f"--pretrained_model_name_or_path: {str(index)!r} has no string _class_name, got {name!r}")
     return name
@@ -183,9 +201,11 @@ def family_class(path: str | Path) -> type[ModelFamily]:
     name = pipeline_class_name(path)
     _import_families()
     if name not in FAMILIES:
-        raise ValueError(f"--pretrained_model_name_or_path: model_index.json names _class_name {name!r}, which no "
-                         f"model family trains; known: {sorted(FAMILIES)} (a family is one file in "
-                         f"fastpref/training/families/, see docs/training.md)")
+        raise ValueError(
+            f"--pretrained_model_name_or_path: model_index.json names _class_name {name!r}, which no "
+            f"model family trains; known: {sorted(FAMILIES)} (a family is one file in "
+            f"fastpref/training/families/, see docs/training.md)"
+        )
     return FAMILIES[name]
 
 

@@ -30,9 +30,16 @@ class StableDiffusionFamily(ModelFamily):
 
     class_names = ("StableDiffusionPipeline",)
 
-    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, vae: AutoencoderKL,
-                 unet: UNet2DConditionModel, scheduler: DDPMScheduler, device: torch.device,
-                 weight_dtype: torch.dtype):
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel,
+        vae: AutoencoderKL,
+        unet: UNet2DConditionModel,
+        scheduler: DDPMScheduler,
+        device: torch.device,
+        weight_dtype: torch.dtype,
+    ):
         kind = scheduler.config.prediction_type
         if kind not in PREDICTION_TYPES:
             raise ValueError(f"scheduler prediction_type: expected 'epsilon' or 'v_prediction', got {kind!r}")
@@ -44,9 +51,11 @@ class StableDiffusionFamily(ModelFamily):
         path = Path(path)
         missing = [s for s in PIPELINE_SUBFOLDERS if not (path / s).is_dir()]
         if not path.is_dir() or missing:
-            raise ValueError(f"--pretrained_model_name_or_path: expected a local diffusers Stable Diffusion "
-                             f"directory with subfolders {list(PIPELINE_SUBFOLDERS)}, got {str(path)!r}"
-                             + (f" (missing {missing})" if path.is_dir() else " (not a directory)"))
+            raise ValueError(
+                f"--pretrained_model_name_or_path: expected a local diffusers Stable Diffusion "
+                f"directory with subfolders {list(PIPELINE_SUBFOLDERS)}, got {str(path)!r}"
+                + (f" (missing {missing})" if path.is_dir() else " (not a directory)")
+            )
         with open(path / "vae" / "config.json") as f:
             return 2 ** (len(json.load(f)["block_out_channels"]) - 1)
 
@@ -90,8 +99,13 @@ class StableDiffusionFamily(ModelFamily):
         return torch.randint(0, self.scheduler.config.num_train_timesteps, (), generator=generator)
 
     def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         with torch.no_grad():
             out = self.text_encoder(to_device(ids, self.device))
         return out[0], out[1]
@@ -106,20 +120,38 @@ class StableDiffusionFamily(ModelFamily):
         with torch.no_grad():
             return self.vae.decode((latents / self.vae.config.scaling_factor).to(self.weight_dtype)).sample
 
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor,
-                  timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_noise(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         if self.scheduler.config.prediction_type == "epsilon":
             return noisy, noise
         return noisy, self.scheduler.get_velocity(latents, noise, timesteps)
 
-    def denoise(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor,
-                pooled: torch.Tensor) -> torch.Tensor:
+    def denoise(
+        self, model, noisy: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
         return model(noisy, timesteps, embeddings).sample
 
-    def sample(self, predict, embeddings: torch.Tensor, pooled: torch.Tensor, negative: torch.Tensor,
-               negative_pooled: torch.Tensor, start: torch.Tensor, *, num_steps: int,
-               guidance_scale: float) -> torch.Tensor:
+    def sample(
+        self,
+        predict,
+        embeddings: torch.Tensor,
+        pooled: torch.Tensor,
+        negative: torch.Tensor,
+        negative_pooled: torch.Tensor,
+        start: torch.Tensor,
+        *,
+        num_steps: int,
+        guidance_scale: float,
+    ) -> torch.Tensor:
         both_pooled = torch.cat([negative_pooled.expand_as(pooled), pooled])  # ddim_sample's [uncond, cond] rows
-        return ddim_sample(lambda x, t, e: predict(x, t, e, both_pooled), self.scheduler.config, embeddings,
-                           negative, start, num_steps=num_steps, guidance_scale=guidance_scale)
+        return ddim_sample(
+            lambda x, t, e: predict(x, t, e, both_pooled),
+            self.scheduler.config,
+            embeddings,
+            negative,
+            start,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+        )
