@@ -12,9 +12,11 @@ grad-norm clip 1.0): policy forward, reference forward with the adapters disable
 ``reference_blocks.diffusers_dpo`` (beta_dpo 2500) or ``fastpref.diffusion_dpo_loss``
 (beta 5000, the same loss). Provider ``fastpref-cudagraph`` is the same step run by the
 trainer's ``--cuda_graph`` machinery (``fastpref.training.graph.StaticStep`` around a
-``TrainStep``, capturable AdamW with a tensor LR): 3 eager warm-up steps, capture, then timed
-replays (CUDA only; autocast without its weight cache, as the trainer runs it). Inputs are random: 512 px latents ``[2B, 4, 64, 64]``, text
-embeddings ``[2B, 77, 768]``, timesteps shared within a pair. Weights are random (the SD1.5
+``TrainStep``, capturable AdamW with a tensor LR, built by ``fastpref.train.optimizer_and_schedule``
+and ``make_step`` from a ``--cuda_graph`` config): 3 eager warm-up steps, capture, then timed
+replays (CUDA only; autocast without its weight cache, as the trainer runs it). Inputs are
+random: 512 px latents ``[2B, 4, 64, 64]``, text embeddings ``[2B, 77, 768]``, timesteps shared
+within a pair. Weights are random (the SD1.5
 UNet config is written inline; nothing is downloaded).
 
 Figures: time per step (CUDA events, p20/p50/p80 over the timed steps, after warm-up),
@@ -32,42 +34,65 @@ cached blocks and a graph's pool included), the comparable footprint; ``graph_po
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import csv_io  # noqa: E402
-import reference_blocks as rb  # noqa: E402
+import csv_io
+import reference_blocks as rb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Stable Diffusion 1.5 UNet (runwayml/stable-diffusion-v1-5 unet/config.json values)
 SD15_UNET_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False,
-    flip_sin_to_cos=True, freq_shift=0,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1,
-    mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
-    cross_attention_dim=768, attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
 )
 # a miniature of the same architecture for CPU smoke tests (--tiny)
 TINY_UNET_CONFIG = dict(
-    SD15_UNET_CONFIG, sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+    SD15_UNET_CONFIG,
+    sample_size=8,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=4,
     norm_num_groups=16,
 )
 # dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by device-name substring
-PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
-                    ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0)]
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+]
 TEXT_LEN = 77
 LORA_RANK = 8
 
@@ -94,8 +119,14 @@ def build_unet(config: dict, device: str, dtype: torch.dtype):
         unet = UNet2DConditionModel(**config)
     unet.requires_grad_(False)
     unet.to(device=device, dtype=dtype)
-    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=LORA_RANK,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
     unet.train()
     return unet
 
@@ -117,6 +148,7 @@ def make_loss(provider: str):
     if provider == "eager-diffusers":
         return lambda p, r, t: rb.diffusers_dpo(p, r, t, beta_dpo=2500.0, loss_type="sigmoid")[0]
     import fastpref
+
     return lambda p, r, t: fastpref.diffusion_dpo_loss(p, r, t, beta=5000.0, loss_type="sigmoid")[0]
 
 
@@ -194,8 +226,11 @@ def run(args) -> None:
     t0 = time.time()
     unet = build_unet(config, device, dtype)
     params = [p for p in unet.parameters() if p.requires_grad]
-    print(f"UNet params {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M, LoRA trainable "
-          f"{sum(p.numel() for p in params) / 1e6:.2f} M, peak {peak} TFLOP/s ({peak_src})", flush=True)
+    print(
+        f"UNet params {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M, LoRA trainable "
+        f"{sum(p.numel() for p in params) / 1e6:.2f} M, peak {peak} TFLOP/s ({peak_src})",
+        flush=True,
+    )
     kernel = "train_step_sd15_lora8" + ("_tiny" if args.tiny else "")
     for B in args.batches:
         batch = make_batch(config, B, device, dtype)
@@ -211,6 +246,7 @@ def run(args) -> None:
                 torch.cuda.empty_cache()
             if provider == "fastpref-cudagraph":
                 from fastpref.training.graph import WARMUP_STEPS
+
                 step, eager_step = graphed_step(unet, params, batch, dtype, device)
                 capture_at = WARMUP_STEPS  # the call that captures (and replays once)
                 warmup += WARMUP_STEPS + 1  # side-stream warm-up and the capture, untimed
@@ -218,8 +254,7 @@ def run(args) -> None:
                 loss_fn = make_loss(provider)
                 opt = torch.optim.AdamW(params, lr=1e-8, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
-                def step():
-                    return train_step(unet, opt, params, batch, loss_fn, dtype, device)
+                step = functools.partial(train_step, unet, opt, params, batch, loss_fn, dtype, device)
 
             try:
                 for call in range(warmup):
@@ -259,11 +294,24 @@ def run(args) -> None:
                 continue
             tt = torch.tensor(times, dtype=torch.float64)
             q = tuple(float(torch.quantile(tt, x)) for x in (0.2, 0.5, 0.8))
-            row = dict(kernel=kernel, provider=provider, mode="full", x_name="B", x_value=B,
-                       dtype="bf16", shape_name="sd15_512" if not args.tiny else "tiny",
-                       shape=tuple(batch[0].shape),
-                       extra={"lora_rank": LORA_RANK, "steps": args.steps, "warmup": warmup,
-                              "peak_tflops": peak, "peak_source": peak_src, "text_len": TEXT_LEN})
+            row = dict(
+                kernel=kernel,
+                provider=provider,
+                mode="full",
+                x_name="B",
+                x_value=B,
+                dtype="bf16",
+                shape_name="sd15_512" if not args.tiny else "tiny",
+                shape=tuple(batch[0].shape),
+                extra={
+                    "lora_rank": LORA_RANK,
+                    "steps": args.steps,
+                    "warmup": warmup,
+                    "peak_tflops": peak,
+                    "peak_source": peak_src,
+                    "text_len": TEXT_LEN,
+                },
+            )
             w.add(metric="train_step_time", unit="ms", y=q, **row)
             w.add(metric="steps_per_s", unit="1/s", y=1e3 / q[1], **row)
             w.add(metric="unet_tflop_per_step", unit="TFLOP", y=flops / 1e12, **row)
@@ -277,16 +325,27 @@ def run(args) -> None:
                 mfu = 100.0 * flops / (q[1] * 1e-3) / (peak * 1e12)
                 w.add(metric="mfu", unit="%", y=mfu, **row)
             w.flush()
-            print(f"B={B:<3d} {provider:16s} step {q[1]:.2f} ms (p20 {q[0]:.2f}, p80 {q[2]:.2f}), "
-                  f"{1e3 / q[1]:.3f} steps/s, {flops / 1e12:.3f} TFLOP/step"
-                  + (f", peak allocated {mem:.2f} GiB, peak reserved {reserved_peak:.2f} GiB" if mem is not None else "")
-                  + (f" (graph pool {pool:.2f} GiB)" if pool is not None else "")
-                  + (f", MFU {mfu:.1f}%" if mfu is not None else ""), flush=True)
+            print(
+                f"B={B:<3d} {provider:16s} step {q[1]:.2f} ms (p20 {q[0]:.2f}, p80 {q[2]:.2f}), "
+                f"{1e3 / q[1]:.3f} steps/s, {flops / 1e12:.3f} TFLOP/step"
+                + (f", peak allocated {mem:.2f} GiB, peak reserved {reserved_peak:.2f} GiB" if mem is not None else "")
+                + (f" (graph pool {pool:.2f} GiB)" if pool is not None else "")
+                + (f", MFU {mfu:.1f}%" if mfu is not None else ""),
+                flush=True,
+            )
         del batch
     w.close()
-    csv_io.write_meta(args.out, {"command": csv_io.command_line(), "env": env, "notes": notes,
-                                 "elapsed_s": round(time.time() - t0, 1), "peak_tflops": peak,
-                                 "peak_source": peak_src})
+    csv_io.write_meta(
+        args.out,
+        {
+            "command": csv_io.command_line(),
+            "env": env,
+            "notes": notes,
+            "elapsed_s": round(time.time() - t0, 1),
+            "peak_tflops": peak,
+            "peak_source": peak_src,
+        },
+    )
     print(f"wrote {w.n} rows to {args.out}", flush=True)
 
 

@@ -37,11 +37,13 @@ def side_by_side(reference: np.ndarray, trained: np.ndarray, columns: int = 8, s
     """A grid whose cells are (reference | trained) pairs of ``[N, H, W, 3]`` uint8 images."""
     n, h, w, _ = reference.shape
     gap = np.full((h, 2, 3), 255, np.uint8)
-    cells = [np.concatenate([r, gap, t, np.full((h, 6, 3), 255, np.uint8)], axis=1)
-             for r, t in zip(reference, trained, strict=True)]
+    cells = [
+        np.concatenate([r, gap, t, np.full((h, 6, 3), 255, np.uint8)], axis=1)
+        for r, t in zip(reference, trained, strict=True)
+    ]
     blank = np.full_like(cells[0], 255)
     cells += [blank] * (-n % columns)
-    rows = [np.concatenate(cells[i:i + columns], axis=1) for i in range(0, len(cells), columns)]
+    rows = [np.concatenate(cells[i : i + columns], axis=1) for i in range(0, len(cells), columns)]
     grid = np.concatenate([np.concatenate([r, np.full((4, r.shape[1], 3), 255, np.uint8)]) for r in rows])
     return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
 
@@ -61,8 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--num_samples: expected >= 1, got {args.num_samples}")
     output_dir = Path(args.output_dir)
 
-    config = parse_config(train_args, **DEMO_TRAIN_DEFAULTS, output_dir=str(output_dir),
-                          max_train_steps=args.max_train_steps, checkpointing_steps=10**9)
+    config = parse_config(
+        train_args,
+        **DEMO_TRAIN_DEFAULTS,
+        output_dir=str(output_dir),
+        max_train_steps=args.max_train_steps,
+        checkpointing_steps=10**9,
+    )
     start = time.time()
     train.train(train.build(config))
     train_seconds = time.time() - start
@@ -74,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     reference = sample_images(pipe, prompts, seeds, guidance_scale=args.guidance_scale)
     if (output_dir / "unet").is_dir():  # --reference copy: a fully fine-tuned UNet
         from diffusers import UNet2DConditionModel
+
         pipe.unet = UNet2DConditionModel.from_pretrained(output_dir / "unet")
     else:
         pipe.load_lora_weights(output_dir)
@@ -89,12 +97,17 @@ def main(argv: list[str] | None = None) -> dict:
         "total_seconds": time.time() - start,
     }
     side_by_side(reference[:32], trained[:32]).save(output_dir / "demo_grid.png")
-    print(f"mean reward (colourfulness): reference {figures['reward_reference']:.4f}, "
-          f"trained {figures['reward_trained']:.4f}")
-    print(f"win-rate of trained over reference: {100 * figures['win_rate']:.1f}% "
-          f"over {args.num_samples} same-seed pairs")
-    print(f"training {train_seconds:.0f}s, total {figures['total_seconds']:.0f}s; grid (reference | trained): "
-          f"{output_dir / 'demo_grid.png'}")
+    print(
+        f"mean reward (colourfulness): reference {figures['reward_reference']:.4f}, "
+        f"trained {figures['reward_trained']:.4f}"
+    )
+    print(
+        f"win-rate of trained over reference: {100 * figures['win_rate']:.1f}% over {args.num_samples} same-seed pairs"
+    )
+    print(
+        f"training {train_seconds:.0f}s, total {figures['total_seconds']:.0f}s; grid (reference | trained): "
+        f"{output_dir / 'demo_grid.png'}"
+    )
     return figures
 
 

@@ -1,4 +1,5 @@
 """Helpers of the training tests: tiny Pick-a-Pic tables and short trainer runs."""
+
 import io
 
 import numpy as np
@@ -8,8 +9,16 @@ from PIL import Image
 
 from fastpref.training.args import DEFAULT_MODEL
 
-FAST = ["--pretrained_model_name_or_path", str(DEFAULT_MODEL),
-        "--train_batch_size", "1", "--report_to", "none", "--learning_rate", "1e-3"]
+FAST = [
+    "--pretrained_model_name_or_path",
+    str(DEFAULT_MODEL),
+    "--train_batch_size",
+    "1",
+    "--report_to",
+    "none",
+    "--learning_rate",
+    "1e-3",
+]
 
 
 def png_bytes(value: int, size: int = 32) -> bytes:
@@ -47,9 +56,19 @@ def tiny_run(device, static: bool, loss_type: str, **flags):
     from fastpref import train
     from fastpref.training.config import parse_config
 
-    config = parse_config(pretrained_model_name_or_path=str(DEFAULT_MODEL), train_batch_size=1, report_to="none",
-                          learning_rate=2e-3, lr_scheduler="linear", lr_warmup_steps=2, max_train_steps=6,
-                          random_crop=True, loss_type=loss_type, cuda_graph=static, **flags)
+    config = parse_config(
+        pretrained_model_name_or_path=str(DEFAULT_MODEL),
+        train_batch_size=1,
+        report_to="none",
+        learning_rate=2e-3,
+        lr_scheduler="linear",
+        lr_warmup_steps=2,
+        max_train_steps=6,
+        random_crop=True,
+        loss_type=loss_type,
+        cuda_graph=static,
+        **flags,
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "graph_refusal", lambda **_: None)
         run = train.build(config)

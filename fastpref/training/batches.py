@@ -74,8 +74,7 @@ class Encoders:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + position)
 
     def pixels(self, images: list[bytes], generator: torch.Generator) -> list[torch.Tensor]:
-        return load_pixels(images, self.resolution, random_crop=self.random_crop, hflip=self.hflip,
-                           generator=generator)
+        return load_pixels(images, self.resolution, random_crop=self.random_crop, hflip=self.hflip, generator=generator)
 
     def draw_noise_and_timestep(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         noise = torch.randn(self.latent_shape(), generator=generator)
@@ -104,9 +103,15 @@ def paired_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders) ->
         timesteps.append(t)
     latent_eps = torch.cat([torch.stack([e[0] for e in eps]), torch.stack([e[1] for e in eps])])
     latents = enc.encode_pixels(torch.stack(winners + losers), latent_eps)
-    return _assemble(enc, latents, captions, _rows_twice(torch.stack(noise)),
-                     _rows_twice(torch.stack(timesteps)), [1.0] * len(captions) + [0.0] * len(captions),
-                     repeat=2)
+    return _assemble(
+        enc,
+        latents,
+        captions,
+        _rows_twice(torch.stack(noise)),
+        _rows_twice(torch.stack(timesteps)),
+        [1.0] * len(captions) + [0.0] * len(captions),
+        repeat=2,
+    )
 
 
 def image_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders) -> Batch:
@@ -128,8 +133,7 @@ def image_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders) -> 
     return _assemble(enc, latents, captions, torch.stack(noise), torch.stack(timesteps), labels)
 
 
-def winner_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders,
-                 sample_losers) -> Batch:
+def winner_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders, sample_losers) -> Batch:
     """SSPO: ``2B`` rows, the dataset winners first, then ``sample_losers(batch_so_far,
     start_noise, latent_eps)``'s ``[B, C, h, w]`` latents (self-samples for the same prompts)."""
     indices = pair_indices(positions[0], len(positions), len(pairs), enc.seed)
@@ -146,20 +150,30 @@ def winner_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders,
         start.append(torch.randn(enc.latent_shape(), generator=g))
         sample_eps.append(torch.randn(enc.latent_shape(), generator=g))
     winner_latents = enc.encode_pixels(torch.stack(winners), torch.stack(eps))
-    half = _assemble(enc, winner_latents, captions, torch.stack(noise), torch.stack(timesteps),
-                     [1.0] * len(captions))
+    half = _assemble(enc, winner_latents, captions, torch.stack(noise), torch.stack(timesteps), [1.0] * len(captions))
     losers = sample_losers(half, enc.to_device(torch.stack(start)), torch.stack(sample_eps))
-    return Batch(torch.cat([half.latents, losers]), _rows_twice(half.embeddings), _rows_twice(half.pooled),
-                 _rows_twice(half.noise), _rows_twice(half.timesteps),
-                 torch.cat([half.labels, torch.zeros_like(half.labels)]))
+    return Batch(
+        torch.cat([half.latents, losers]),
+        _rows_twice(half.embeddings),
+        _rows_twice(half.pooled),
+        _rows_twice(half.noise),
+        _rows_twice(half.timesteps),
+        torch.cat([half.labels, torch.zeros_like(half.labels)]),
+    )
 
 
 def _assemble(enc: Encoders, latents, captions, noise, timesteps, labels, repeat: int = 1) -> Batch:
     embeddings, pooled = enc.encode_prompts(captions)  # once per prompt, then repeated per row
     if repeat == 2:
         embeddings, pooled = _rows_twice(embeddings), _rows_twice(pooled)
-    return Batch(latents, embeddings, pooled, enc.to_device(noise), enc.to_device(timesteps),
-                 enc.to_device(torch.tensor(labels, dtype=torch.float32)))
+    return Batch(
+        latents,
+        embeddings,
+        pooled,
+        enc.to_device(noise),
+        enc.to_device(timesteps),
+        enc.to_device(torch.tensor(labels, dtype=torch.float32)),
+    )
 
 
 LAYOUTS = {"pairs": paired_batch, "images": image_batch, "winners": winner_batch}

@@ -29,29 +29,35 @@ def set_attention(model: torch.nn.Module, use_xformers: bool | None, sdpa_proces
     """
     installed = importlib.util.find_spec("xformers") is not None
     if use_xformers and not installed:
-        raise ValueError("--enable_xformers_memory_efficient_attention: xformers is not installed "
-                         "(pip install xformers), drop the flag to use PyTorch SDPA attention")
+        raise ValueError(
+            "--enable_xformers_memory_efficient_attention: xformers is not installed "
+            "(pip install xformers), drop the flag to use PyTorch SDPA attention"
+        )
     if use_xformers or (use_xformers is None and installed and model.device.type == "cuda"):
         try:
             model.enable_xformers_memory_efficient_attention()
             return "xformers"
         except Exception as error:  # diffusers raises several types when the kernels cannot run
             if use_xformers:
-                raise ValueError(f"--enable_xformers_memory_efficient_attention: xformers cannot run "
-                                 f"here ({type(error).__name__}: {error})") from error
-            warnings.warn(f"xformers is installed but cannot run here ({type(error).__name__}); "
-                          f"using PyTorch SDPA attention", stacklevel=2)
+                raise ValueError(
+                    f"--enable_xformers_memory_efficient_attention: xformers cannot run "
+                    f"here ({type(error).__name__}: {error})"
+                ) from error
+            warnings.warn(
+                f"xformers is installed but cannot run here ({type(error).__name__}); using PyTorch SDPA attention",
+                stacklevel=2,
+            )
     model.set_attn_processor(sdpa_processor if sdpa_processor is not None else AttnProcessor2_0())
     return "sdpa"
 
 
-def add_lora(model: torch.nn.Module, rank: int, weight_dtype: torch.dtype,
-             target_modules: list[str]) -> list[torch.nn.Parameter]:
+def add_lora(
+    model: torch.nn.Module, rank: int, weight_dtype: torch.dtype, target_modules: list[str]
+) -> list[torch.nn.Parameter]:
     """Freeze ``model`` (cast to ``weight_dtype``), attach float32 LoRA adapters of rank ``rank``
     (alpha = rank, gaussian init) to ``target_modules``; returns the trainable adapter parameters."""
     cast(model.requires_grad_(False), weight_dtype)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                 target_modules=target_modules))
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=target_modules))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

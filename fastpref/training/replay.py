@@ -23,16 +23,27 @@ REPLAY_FILE = "replay.safetensors"
 class CheckpointReplay:
     """The snapshot pool of Random Checkpoint Replay and the replay model it loads into."""
 
-    def __init__(self, policy: torch.nn.Module, replay_model: torch.nn.Module, *, snapshot_steps: int,
-                 num_snapshots: int, seed: int):
-        self.replay_model, self.snapshot_steps, self.num_snapshots, self.seed = \
-            replay_model, snapshot_steps, num_snapshots, seed
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        replay_model: torch.nn.Module,
+        *,
+        snapshot_steps: int,
+        num_snapshots: int,
+        seed: int,
+    ):
+        self.replay_model, self.snapshot_steps, self.num_snapshots, self.seed = (
+            replay_model,
+            snapshot_steps,
+            num_snapshots,
+            seed,
+        )
         self.names = [n for n, p in policy.named_parameters() if p.requires_grad]
         self.targets = dict(replay_model.named_parameters())
         missing = [n for n in self.names if n not in self.targets]
         if missing:
             raise ValueError(f"replay model: lacks the trainable parameters {missing[:4]}")
-        self.steps: list[int] = []              # step of each pool entry, initial weights first
+        self.steps: list[int] = []  # step of each pool entry, initial weights first
         self.pool: list[dict[str, torch.Tensor]] = []
         self.add(policy, 0)
 
@@ -73,14 +84,23 @@ class CheckpointReplay:
             index, name = key.split("/", 1)
             pool[int(index)][name] = value.to(self.targets[name].device)
         if any(set(entry) != set(self.names) for entry in pool):
-            raise ValueError(f"--resume_from_checkpoint: {path / REPLAY_FILE} does not match the "
-                             f"trainable parameters of this run")
+            raise ValueError(
+                f"--resume_from_checkpoint: {path / REPLAY_FILE} does not match the trainable parameters of this run"
+            )
         self.pool, self.steps = pool, list(steps)
 
 
 @torch.no_grad()
-def ddim_sample(unet, scheduler_config, embeddings: torch.Tensor, negative: torch.Tensor,
-                start: torch.Tensor, *, num_steps: int, guidance_scale: float) -> torch.Tensor:
+def ddim_sample(
+    unet,
+    scheduler_config,
+    embeddings: torch.Tensor,
+    negative: torch.Tensor,
+    start: torch.Tensor,
+    *,
+    num_steps: int,
+    guidance_scale: float,
+) -> torch.Tensor:
     """Latents ``[B, C, h, w]`` sampled by ``num_steps`` DDIM steps from ``start`` noise,
     classifier-free guided by ``embeddings`` ``[B, L, D]`` against ``negative`` ``[1, L, D]``.
     ``unet(x, t, emb)`` returns the model output the scheduler config's prediction type names."""
@@ -103,8 +123,16 @@ def self_sampler(predict, family, *, num_steps: int, guidance_scale: float):
     negative, negative_pooled = family.encode_prompts([""])
 
     def sample_losers(winners, start: torch.Tensor, latent_eps: torch.Tensor) -> torch.Tensor:
-        latents = family.sample(predict, winners.embeddings, winners.pooled, negative, negative_pooled, start,
-                                num_steps=num_steps, guidance_scale=guidance_scale)
+        latents = family.sample(
+            predict,
+            winners.embeddings,
+            winners.pooled,
+            negative,
+            negative_pooled,
+            start,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+        )
         pixels = family.decode_latents(latents)
         return family.encode_images(pixels.clamp(-1, 1), latent_eps)
 

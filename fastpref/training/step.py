@@ -22,9 +22,17 @@ if TYPE_CHECKING:  # batches.py needs the data libraries (pyarrow, PIL), the ste
     from .family import ModelFamily
 
 
-def preference_loss(policy: Callable, reference: Callable | None, family: ModelFamily, loss_type: LossType,
-                    batch: Batch, *, beta: float | None = None, rpo_tau: float = 0.5,
-                    kl_baseline: Callable | None = None) -> tuple[torch.Tensor, dict]:
+def preference_loss(
+    policy: Callable,
+    reference: Callable | None,
+    family: ModelFamily,
+    loss_type: LossType,
+    batch: Batch,
+    *,
+    beta: float | None = None,
+    rpo_tau: float = 0.5,
+    kl_baseline: Callable | None = None,
+) -> tuple[torch.Tensor, dict]:
     """Loss and metrics of one micro-batch (``Batch``: ``[R, *latent_shape]`` latents, per-row
     noise, timesteps and prompt embeddings).
 
@@ -58,9 +66,16 @@ class TrainStep:
     entered for every micro-batch but the last.
     """
 
-    def __init__(self, loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]], params: list[torch.nn.Parameter],
-                 optimizer: torch.optim.Optimizer, *, max_grad_norm: float, scaler=None,
-                 no_sync: Callable | None = None):
+    def __init__(
+        self,
+        loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]],
+        params: list[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        *,
+        max_grad_norm: float,
+        scaler=None,
+        no_sync: Callable | None = None,
+    ):
         self.loss_fn, self.params, self.optimizer = loss_fn, params, optimizer
         self.max_grad_norm, self.scaler, self.no_sync = max_grad_norm, scaler, no_sync
 
