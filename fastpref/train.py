@@ -28,6 +28,7 @@ from fastpref.training.checkpoint import load_checkpoint, prune_checkpoints, res
 from fastpref.training.data import PreferencePairs, parquet_files
 from fastpref.training.distributed import (barrier, cleanup, init_distributed, kto_global_baseline,
                                            read_metrics)
+from fastpref.training.finite import EXIT_NON_FINITE, NonFiniteError, check_finite
 from fastpref.training.graph import StaticStep, graph_refusal, make_optimizer
 from fastpref.training.logging import MetricsLogger
 from fastpref.training.losses import get_loss_type
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> Path:
             logging_step = step % args.logging_steps == 0 or step == args.max_train_steps
             if logging_step:
                 values = read_metrics(metrics, dist)
+                check_finite(step, values, params, where="logging it")
                 values["lr"] = float(optimizer.param_groups[0]["lr"])  # host-ok: logging step
                 if replayed_step is not None:
                     values["replayed_step"] = replayed_step
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> Path:
                     progress.set_postfix({key: f"{value:.4f}" for key, value in shown.items()})
             stopping = stop.agreed(dist, logging_step)
             if step % args.checkpointing_steps == 0 or stopping:
+                check_finite(step, None, params, where=f"writing checkpoint-{step}")
                 if dist.is_main:
                     logger.flush()
                     extra, files = {}, {}
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> Path:
                 barrier(dist)
     progress.close()
 
+    check_finite(step, None, params, where="saving the final weights")
     if dist.is_main:
         if stopping:
             print(f"fastpref-train: stopped by a signal after step {step}; wrote {output_dir}/checkpoint-{step}, "
@@ -217,6 +221,8 @@ def cli() -> None:
         main()
     except ValueError as error:
         build_parser().exit(2, f"fastpref-train: error: {error}\n")
+    except NonFiniteError as error:
+        build_parser().exit(EXIT_NON_FINITE, f"fastpref-train: error: {error}\n")
 
 
 if __name__ == "__main__":
