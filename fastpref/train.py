@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> Path:
             save_final_weights(unet, args.reference, output_dir)
         logger.close()
     barrier(dist)
-    cleanup(dist)
+    cleanup(dist, model)
     return output_dir
 
 
