@@ -149,3 +149,30 @@ def check_aux_tensor(name, x, device, shape_text, ok_shape):
 def check_float_tensor(name, x):
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+
+
+def check_unit_interval(name, value):
+    check_range(name, value, 0.0, 1.0)
+
+
+def check_open_unit_interval(name, value):
+    check_range(name, value, 0.0, 1.0, low_open=True)
+
+
+_CHECKS = {"positive_finite": check_positive_finite, "finite": check_finite, "nonnegative": check_nonnegative,
+           "unit_interval": check_unit_interval, "open_unit_interval": check_open_unit_interval,
+           "positive_int": check_positive_int}
+
+
+def check_hyperparameters(method, values, options=None):
+    """Run the checks of `method`'s descriptor (kernels/method.py) on `values` (hyperparameter
+    name -> value; "bool"/"none" ones are the public function's to check), in descriptor order,
+    then check each option in `options` (name -> value) against its choices. Returns the float
+    hyperparameters the head reads (name -> value)."""
+    for hyper in method.hypers:
+        if hyper.check in _CHECKS:
+            _CHECKS[hyper.check](hyper.name, values[hyper.name])
+    for option in method.options:
+        if option.public and options is not None and option.name in options:
+            check_choice(option.name, options[option.name], option.choices)
+    return {h.name: values[h.name] for h in method.hypers if h.head}

@@ -4,30 +4,25 @@ import inspect
 import torch
 
 from fastpref import _validate, losses
+from fastpref.kernels import REGISTRY
 
-METHODS = {
-    "dpo": losses.diffusion_dpo_loss,
-    "sft": losses.sft_loss,
-    "dspo": losses.dspo_loss,
-    "rpo": losses.rpo_loss,
-    "rpo_diagonal": losses.rpo_diagonal_loss,
-    "sspo": losses.sspo_loss,
-    "dense_dpo": losses.dense_dpo_loss,
-    "kto": losses.kto_loss,
-    "mapo": losses.mapo_loss,
-    "sdpo": losses.sdpo_loss,
-    "dmpo": losses.dmpo_loss,
-}
+METHODS = {name: getattr(losses, method.function) for name, method in REGISTRY.items()}
+"""Method name (the registry's, kernels/registry.py) -> its public loss function."""
+
+ALIASES = {alias: name for name, method in REGISTRY.items() for alias in method.aliases + (name.replace("_", "-"),)
+           if alias != name}
+"""Other accepted spellings of a method name: each descriptor's aliases, and dashes for underscores."""
 
 
 class PreferenceLoss(torch.nn.Module):
     """PreferenceLoss(method="dpo", **hyperparameters)(model_pred, ref_pred, target, **inputs)
-    -> (loss, metrics). `method` is a key of METHODS; hyperparameters are that loss's keyword
+    -> (loss, metrics). `method` is a key of METHODS (or of ALIASES); hyperparameters are that loss's keyword
     arguments (beta, loss_type, ...); `inputs` its per-batch tensors (timesteps, labels,
     emb_w/emb_l). ref_pred is None for reference-free methods (sft, mapo)."""
 
     def __init__(self, method="dpo", **hyperparameters):
         super().__init__()
+        method = ALIASES.get(method, method) if isinstance(method, str) else method
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
         fn = METHODS[method]
