@@ -74,6 +74,9 @@ def providers_for(method, requested: list[str]) -> tuple[list[str], list[str]]:
         base = GRAPHED.get(p, p)
         if base in EAGER and base not in method.eager:
             continue
+        if p in COMPILE_MODES and method.compile_base is None:
+            notes.append(f"SKIP {method.name}/{p}: no eager block to compile")
+            continue
         if base == "fastpref":
             if fastpref_fn(method) is None:
                 notes.append(f"SKIP {method.name}/fastpref: installed fastpref has no "

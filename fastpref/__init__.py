@@ -7,8 +7,10 @@ from fastpref import kernels  # noqa: F401  (first: decides interpreter vs compi
 from fastpref.functions import (DenseDPOFunction, DiffusionDPOFunction, DMPOFunction, DSPOFunction, KTOFunction,
                                 MaPOFunction, RPODiagonalFunction, RPOFunction, SDPOFunction, SFTFunction,
                                 SSPOFunction)
-from fastpref.losses import (dense_dpo_loss, diffusion_dpo_loss, dmpo_loss, dspo_loss, kto_loss, mapo_loss,
-                             rpo_diagonal_loss, rpo_loss, sdpo_loss, sft_loss, sspo_loss)
+from fastpref.functions import FusedLossFunction, Launch
+from fastpref.kernels import REGISTRY
+from fastpref.losses import (FUNCTIONS, dense_dpo_loss, diffusion_dpo_loss, dmpo_loss, dspo_loss, kto_loss,
+                             mapo_loss, rpo_diagonal_loss, rpo_loss, sdpo_loss, sft_loss, sspo_loss)
 from fastpref.metrics import kto_baseline, row_errors
 from fastpref.module import METHODS, PreferenceLoss
 
@@ -19,4 +21,11 @@ __all__ = [
     "MaPOFunction", "PreferenceLoss", "RPODiagonalFunction", "RPOFunction", "SDPOFunction", "SFTFunction",
     "SSPOFunction", "dense_dpo_loss", "diffusion_dpo_loss", "dmpo_loss", "dspo_loss", "kto_baseline", "kto_loss",
     "mapo_loss", "row_errors", "rpo_diagonal_loss", "rpo_loss", "sdpo_loss", "sft_loss", "sspo_loss",
+    "FusedLossFunction", "Launch", "REGISTRY",
 ]
+# Every registered method's public function, also one that only has a head file (losses.generic_loss).
+for _name, _function in FUNCTIONS.items():
+    globals()[REGISTRY[_name].function] = _function
+    if REGISTRY[_name].function not in __all__:
+        __all__.append(REGISTRY[_name].function)
+

@@ -21,12 +21,16 @@ branch 2); rows a loss does not read (the losers of `sft_loss(winners_only=True)
 count. The gradient of that pair's rows may be NaN or inf, and every row's where one batch
 quantity couples the pairs (RPO, KTO's own baseline, SDPO's safeguard λ).
 """
+import inspect
+import sys
+
 import torch
 
 from fastpref import _validate as v
 from fastpref import functions as fn
 from fastpref.functions import Launch
 from fastpref.kernels import REGISTRY
+from fastpref.kernels.method import POSITIONAL_INPUTS
 
 DPO, SFT, DSPO, RPO, RPO_DIAGONAL, SSPO, DENSE_DPO, KTO, MAPO, SDPO, DMPO = (
     REGISTRY[name] for name in ("dpo", "sft", "dspo", "rpo", "rpo_diagonal", "sspo", "dense_dpo", "kto", "mapo",
@@ -193,3 +197,50 @@ def dmpo_loss(model_pred, ref_pred, target, *, beta=2000.0, alpha=0.01):
 
 def _capturing(x):
     return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def generic_loss(method):
+    """The public function of a method that has no explicit one above (a new head file only):
+    signature (model_pred, [ref_pred,] target, *positional inputs, *, hyperparameters, public
+    options, keyword inputs) from its descriptor, hyperparameters and options checked by the
+    descriptor, tensors by the shared checks; an extra input is any tensor on model_pred's
+    device (detached). Write an explicit function here when the method needs more checks."""
+    P = inspect.Parameter
+    params = [P("model_pred", P.POSITIONAL_OR_KEYWORD)]
+    params += [P("ref_pred", P.POSITIONAL_OR_KEYWORD)] if method.needs_ref else []
+    params += [P("target", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(n, P.POSITIONAL_OR_KEYWORD) for n in POSITIONAL_INPUTS if n in method.inputs]
+    params += [P(h.name, P.KEYWORD_ONLY, default=h.default) for h in method.hypers]
+    params += [P(o.name, P.KEYWORD_ONLY, default=o.default) for o in method.options if o.public]
+    params += [P(n, P.KEYWORD_ONLY, default=None) for n in method.inputs if n not in POSITIONAL_INPUTS]
+    signature = inspect.Signature(params)
+
+    def loss(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = bound.arguments
+        options = {o.name: values[o.name] for o in method.options if o.public}
+        floats = v.check_hyperparameters(method, values, options)
+        model_pred = values["model_pred"]
+        v.check_predictions(method.paired, model_pred, values["target"], values.get("ref_pred"))
+        inputs = {}
+        for name in method.inputs:
+            x = values.get(name)
+            if x is not None:
+                v.check_aux_tensor(name, x, model_pred.device, "a tensor", lambda s: True)
+                inputs[name] = x.detach()
+        return fn.run(model_pred, values.get("ref_pred"), values["target"], Launch(method, floats, options, inputs))
+
+    loss.__name__ = loss.__qualname__ = method.function
+    loss.__signature__ = signature
+    loss.__doc__ = (f"{method.description} (docs/methods.md §{method.section}), from its descriptor. Metrics: "
+                    f"{', '.join(method.layout.names)}.")
+    return loss
+
+
+for _method in REGISTRY.values():
+    if not hasattr(sys.modules[__name__], _method.function):
+        setattr(sys.modules[__name__], _method.function, generic_loss(_method))
+
+FUNCTIONS = {name: getattr(sys.modules[__name__], method.function) for name, method in REGISTRY.items()}
+"""Method name -> its public function (explicit above, or `generic_loss`)."""

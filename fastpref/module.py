@@ -6,7 +6,7 @@ import torch
 from fastpref import _validate, losses
 from fastpref.kernels import REGISTRY
 
-METHODS = {name: getattr(losses, method.function) for name, method in REGISTRY.items()}
+METHODS = dict(losses.FUNCTIONS)
 """Method name (the registry's, kernels/registry.py) -> its public loss function."""
 
 ALIASES = {alias: name for name, method in REGISTRY.items() for alias in method.aliases + (name.replace("_", "-"),)

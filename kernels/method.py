@@ -40,6 +40,9 @@ class Hyper:
             raise ValueError(f"Hyper {self.name!r}: check must be one of {CHECKS}, got {self.check!r}")
 
 
+POSITIONAL_INPUTS = ("timesteps", "labels")
+"""Extra inputs passed positionally after target (in this order); the others are keyword arguments."""
+
 INPUT = "<input>"
 """In a preset's keyword arguments: pass the extra input of that name (a tensor the caller makes)."""
 

@@ -35,7 +35,7 @@ def test_reference_free_method_refuses_ref_pred(device):
         fastpref.PreferenceLoss("sft")(p, r, t)
 
 
-@pytest.mark.parametrize("name", ["dense-dpo", "kto", "mapo", "rpo-emb", "sdpo-dspo-sdxl"])
+@pytest.mark.parametrize("name", ["dense_dpo", "kto", "mapo", "rpo", "sdpo_dspo_sdxl"])
 def test_module_runs_every_method_with_its_inputs(name, device):
     from loss_calls import CALLS, _emb, _labels, _timesteps
     fn, uses_ref, kw, extras = CALLS[name]

@@ -12,7 +12,7 @@ import torch
 
 import fastpref
 from fastpref.kernels import REGISTRY
-from fastpref.kernels.method import INPUT
+from fastpref.kernels.method import INPUT, POSITIONAL_INPUTS
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,6 @@ class LossType:
         if self.prompt_weights:
             kwargs.update(emb_w=batch.pooled[:half], tau=rpo_tau)
         return fn(*inputs, **kwargs)
-
-
-POSITIONAL_INPUTS = ("timesteps", "labels")
-"""Extra inputs the trainer passes positionally after target (Batch fields); the others (RPO's
-prompt embeddings) are keyword arguments."""
 
 
 def _loss_type(method, preset, description) -> LossType:
