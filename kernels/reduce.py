@@ -23,7 +23,6 @@ import triton.language as tl
 
 from . import _runtime
 
-SUM_NAMES = ("S_pt", "S_rt", "S_pr", "S_ptr", "S_mr", "S_wl")
 BLOCK = 1024
 
 
@@ -96,7 +95,7 @@ def row_sums(p, r, t, acc_dtype, cross=False):
 
     cross=True (paired [2B, n] input, r given) adds the per-pair S_wl plane (rows 0..B-1).
     Returns (partials [6 (cross), 5 or 1 (no ref), R, splits] in acc_dtype, splits): the planes
-    of SUM_NAMES in order."""
+    S_pt, S_rt, S_pr, S_ptr, S_mr, S_wl in that order (`heads.common.S_PT` ... `S_WL`)."""
     rows, n = p.shape
     has_ref = r is not None
     programs_per_split = rows // 2 if cross else rows

@@ -127,7 +127,8 @@ def poison_pairs(x_w, x_l):
 def load_pair_sums(part_ptr, B, splits, NP: tl.constexpr, SP: tl.constexpr, ACC: tl.constexpr):
     """The five sums of the winner rows (0..B-1) and of the loser rows (B..2B-1), [NP] vectors:
     (S_pt_w, S_rt_w, S_pr_w, S_ptr_w, S_mr_w, S_pt_l, S_rt_l, S_pr_l, S_ptr_l, S_mr_l), all ten
-    NaN on a pair where any element of its two rows is not finite (`load_row_sums`)."""
+    NaN on a pair where any element of its two rows is not finite (`load_row_sums`). A head binds
+    the sums it does not read to `_`: they are still loaded, since a non-finite one poisons the pair."""
     rows = 2 * B
     spt_w, srt_w, spr_w, sptr_w, smr_w = load_row_sums(part_ptr, 0, B, rows, splits, NP, SP, ACC)
     spt_l, srt_l, spr_l, sptr_l, smr_l = load_row_sums(part_ptr, B, B, rows, splits, NP, SP, ACC)

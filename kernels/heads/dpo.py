@@ -30,7 +30,7 @@ def dpo_head(part_ptr, B, splits, inv_n, beta, loss_ptr, stats_ptr, coef_ptr,
              C: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
     inv_n = f64(inv_n, ACC)
     beta = f64(beta, ACC)
-    spt_w, srt_w, spr_w, sptr_w, smr_w, spt_l, srt_l, spr_l, sptr_l, smr_l = load_pair_sums(
+    spt_w, srt_w, _, _, smr_w, spt_l, srt_l, _, _, smr_l = load_pair_sums(
         part_ptr, B, splits, NP, SP, ACC)
     valid = tl.arange(0, NP) < B
     ell = pair_ell(smr_w, smr_l, inv_n)    # Δref - Δθ
@@ -76,7 +76,7 @@ def dense_dpo_head(part_ptr, B, splits, inv_n, beta, gamma, num_inference_steps,
     steps = f64(num_inference_steps, tl.float64)
     train_steps = f64(num_train_timesteps, tl.float64)
     scale = f64(weight_scale, tl.float64)
-    spt_w, srt_w, spr_w, sptr_w, smr_w, spt_l, srt_l, spr_l, sptr_l, smr_l = load_pair_sums(
+    spt_w, srt_w, _, _, smr_w, spt_l, srt_l, _, _, smr_l = load_pair_sums(
         part_ptr, B, splits, NP, SP, ACC)
     valid = tl.arange(0, NP) < B
     w = step_weights(timesteps, timesteps_strides[0], B, gamma, steps, train_steps, scale, NP).to(ACC)

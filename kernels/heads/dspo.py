@@ -42,7 +42,7 @@ def dspo_head(part_ptr, B, splits, inv_n, beta, sdxl_threshold, loss_ptr, stats_
     inv_n = f64(inv_n, ACC)
     beta = f64(beta, ACC)
     threshold = f64(sdxl_threshold, ACC)
-    spt_w, srt_w, spr_w, sptr_w, smr_w, spt_l, srt_l, spr_l, sptr_l, smr_l = load_pair_sums(
+    spt_w, srt_w, spr_w, sptr_w, smr_w, spt_l, srt_l, _, _, smr_l = load_pair_sums(
         part_ptr, B, splits, NP, SP, ACC)
     valid = tl.arange(0, NP) < B
     inside = 0.5 * beta * pair_ell(smr_w, smr_l, inv_n)

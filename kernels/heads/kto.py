@@ -20,7 +20,7 @@ def kto_head(part_ptr, rows, splits, inv_n, beta, lambda_d, lambda_u, kl_value, 
     kl_value = f64(kl_value, ACC)
     offs = tl.arange(0, NP)
     valid = offs < rows
-    spt, srt, spr, sptr, smr = load_row_sums(part_ptr, 0, rows, rows, splits, NP, SP, ACC)
+    spt, _, _, _, smr = load_row_sums(part_ptr, 0, rows, rows, splits, NP, SP, ACC)
     g = -policy_minus_ref(smr, inv_n)                   # r - m
     if C.kl_mode == "batch":
         mean_g = masked_mean(g, valid, rows)

@@ -64,7 +64,7 @@ def rpo_terms(part_ptr, B, splits, inv_n, beta, tau_or_wd, emb_w_ptr, emb_l_ptr,
               loss_ptr, stats_ptr, coef_ptr, C: tl.constexpr,
               DIAGONAL: tl.constexpr, HAS_EMB: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr,
               SP: tl.constexpr, DC: tl.constexpr):
-    spt_w, srt_w, spr_w, sptr_w, smr_w, spt_l, srt_l, spr_l, sptr_l, smr_l = load_pair_sums(
+    spt_w, srt_w, _, _, smr_w, spt_l, srt_l, _, _, smr_l = load_pair_sums(
         part_ptr, B, splits, NP, SP, ACC)
     offs = tl.arange(0, NP)
     valid = offs < B

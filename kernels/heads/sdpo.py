@@ -26,7 +26,7 @@ def sdpo_head(part_ptr, B, splits, inv_n, beta, mu, eps, max_scale, sdxl_thresho
     max_scale = f64(max_scale, ACC)
     threshold = f64(sdxl_threshold, ACC)
     alpha = f64(dmpo_alpha, ACC)
-    spt_w, srt_w, spr_w, sptr_w, smr_w, spt_l, srt_l, spr_l, sptr_l, smr_l = load_pair_sums(
+    spt_w, srt_w, spr_w, sptr_w, smr_w, spt_l, srt_l, _, _, smr_l = load_pair_sums(
         part_ptr, B, splits, NP, SP, ACC)
     s_wl = load_sum(part_ptr, S_WL, 0, B, 2 * B, splits, NP, SP, ACC) + nan_of(spt_w)    # the pair's NaN
     valid = tl.arange(0, NP) < B
@@ -47,7 +47,7 @@ def sdpo_head(part_ptr, B, splits, inv_n, beta, mu, eps, max_scale, sdxl_thresho
         branch = 0
         store_pair_b(coef_ptr, B, tl.zeros_like(a_w), NP)
     else:
-        loss, a_w, a_l, b_w, branch, g = dspo_terms(inside, spt_w, spr_w, sptr_w, beta, threshold, inv_n,
+        loss, a_w, a_l, b_w, branch, _ = dspo_terms(inside, spt_w, spr_w, sptr_w, beta, threshold, inv_n,
                                                     valid, B, C.dspo_variant)
         store_pair_b(coef_ptr, B, b_w, NP)
 
