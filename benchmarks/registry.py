@@ -11,12 +11,12 @@ with a printed note by the drivers (``providers.fastpref_fn`` returns ``None`` f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
-
-import torch
 
 import reference_blocks as rb
+import torch
+
 from fastpref.kernels import PRESETS, REGISTRY
 from fastpref.kernels.method import INPUT, POSITIONAL_INPUTS
 
@@ -36,7 +36,7 @@ class Method:
     fastpref: str
     fastpref_kwargs: dict
     eager: dict
-    compile_base: str | None      # None: no eager block, so no compile provider
+    compile_base: str | None  # None: no eager block, so no compile provider
     uses_ref: bool = True
     extra: Callable | None = None
     tensor_kwargs: Callable | None = None
@@ -64,34 +64,83 @@ def _embeddings(B, device):
 # without an entry here is still benchmarked (its first preset, fastpref only, keyword inputs
 # built by name) and its presets can be named with --methods.
 COMPARED = {
-    "dpo_sigmoid": ({"beta": 5000.0, "loss_type": "sigmoid"},
-                    {"eager-diffusers": (rb.diffusers_dpo, {"beta_dpo": 2500.0, "loss_type": "sigmoid"}),
-                     "eager-official": (rb.official_dpo, {"beta_dpo": 5000.0})}, "eager-diffusers", ("default",)),
-    "dpo_hinge": ({"beta": 5000.0, "loss_type": "hinge"},
-                  {"eager-diffusers": (rb.diffusers_dpo, {"beta_dpo": 2500.0, "loss_type": "hinge"})},
-                  "eager-diffusers", ()),
-    "dpo_ipo": ({"beta": 5000.0, "loss_type": "ipo"},
-                {"eager-diffusers": (rb.diffusers_dpo, {"beta_dpo": 2500.0, "loss_type": "ipo"})}, "eager-diffusers", ()),
+    "dpo_sigmoid": (
+        {"beta": 5000.0, "loss_type": "sigmoid"},
+        {
+            "eager-diffusers": (rb.diffusers_dpo, {"beta_dpo": 2500.0, "loss_type": "sigmoid"}),
+            "eager-official": (rb.official_dpo, {"beta_dpo": 5000.0}),
+        },
+        "eager-diffusers",
+        ("default",),
+    ),
+    "dpo_hinge": (
+        {"beta": 5000.0, "loss_type": "hinge"},
+        {"eager-diffusers": (rb.diffusers_dpo, {"beta_dpo": 2500.0, "loss_type": "hinge"})},
+        "eager-diffusers",
+        (),
+    ),
+    "dpo_ipo": (
+        {"beta": 5000.0, "loss_type": "ipo"},
+        {"eager-diffusers": (rb.diffusers_dpo, {"beta_dpo": 2500.0, "loss_type": "ipo"})},
+        "eager-diffusers",
+        (),
+    ),
     "sft": ({}, {"eager-official": (rb.official_sft, {})}, "eager-official", ()),
-    "dspo_sd15": ({"beta": 0.001, "variant": "sd15"},
-                  {"eager-official": (rb.official_dspo, {"beta_dpo": 0.001, "sdxl": False})}, "eager-official",
-                  ("default",)),
-    "dspo_sdxl": ({"beta": 5000.0, "variant": "sdxl"},
-                  {"eager-official": (rb.official_dspo, {"beta_dpo": 5000.0, "sdxl": True})}, "eager-official", ()),
-    "rpo": ({"beta": 5000.0, "tau": 0.5}, {"eager-spec": (rb.spec_rpo, {"beta": 5000.0, "tau": 0.5})}, "eager-spec", ()),
-    "rpo_diagonal": ({"beta": 5000.0, "diagonal_weight": 0.8},
-                     {"eager-spec": (rb.spec_rpo_diagonal, {"beta": 5000.0, "diagonal_weight": 0.8})}, "eager-spec", ()),
-    "sspo": ({"beta": 5000.0, "criterion": "indicator"},
-             {"eager-spec": (rb.spec_sspo, {"beta": 5000.0, "criterion": "indicator"})}, "eager-spec", ()),
-    "dense_dpo": ({"beta": 5000.0, "gamma": 0.9}, {"eager-spec": (rb.spec_dense_dpo, {"beta": 5000.0, "gamma": 0.9})},
-                  "eager-spec", ()),
+    "dspo_sd15": (
+        {"beta": 0.001, "variant": "sd15"},
+        {"eager-official": (rb.official_dspo, {"beta_dpo": 0.001, "sdxl": False})},
+        "eager-official",
+        ("default",),
+    ),
+    "dspo_sdxl": (
+        {"beta": 5000.0, "variant": "sdxl"},
+        {"eager-official": (rb.official_dspo, {"beta_dpo": 5000.0, "sdxl": True})},
+        "eager-official",
+        (),
+    ),
+    "rpo": (
+        {"beta": 5000.0, "tau": 0.5},
+        {"eager-spec": (rb.spec_rpo, {"beta": 5000.0, "tau": 0.5})},
+        "eager-spec",
+        (),
+    ),
+    "rpo_diagonal": (
+        {"beta": 5000.0, "diagonal_weight": 0.8},
+        {"eager-spec": (rb.spec_rpo_diagonal, {"beta": 5000.0, "diagonal_weight": 0.8})},
+        "eager-spec",
+        (),
+    ),
+    "sspo": (
+        {"beta": 5000.0, "criterion": "indicator"},
+        {"eager-spec": (rb.spec_sspo, {"beta": 5000.0, "criterion": "indicator"})},
+        "eager-spec",
+        (),
+    ),
+    "dense_dpo": (
+        {"beta": 5000.0, "gamma": 0.9},
+        {"eager-spec": (rb.spec_dense_dpo, {"beta": 5000.0, "gamma": 0.9})},
+        "eager-spec",
+        (),
+    ),
     "kto": ({"beta": 1000.0}, {"eager-spec": (rb.spec_kto, {"beta": 1000.0})}, "eager-spec", ()),
-    "mapo": ({"beta": 0.1, "snr_value": 0.5}, {"eager-spec": (rb.spec_mapo, {"beta": 0.1, "snr_value": 0.5})},
-             "eager-spec", ()),
-    "sdpo": ({"beta": 5000.0, "mu": 0.9, "base": "dpo"}, {"eager-spec": (rb.spec_sdpo, {"beta": 5000.0, "mu": 0.9})},
-             "eager-spec", ()),
-    "dmpo": ({"beta": 2000.0, "alpha": 0.01}, {"eager-spec": (rb.spec_dmpo, {"beta": 2000.0, "alpha": 0.01})},
-             "eager-spec", ()),
+    "mapo": (
+        {"beta": 0.1, "snr_value": 0.5},
+        {"eager-spec": (rb.spec_mapo, {"beta": 0.1, "snr_value": 0.5})},
+        "eager-spec",
+        (),
+    ),
+    "sdpo": (
+        {"beta": 5000.0, "mu": 0.9, "base": "dpo"},
+        {"eager-spec": (rb.spec_sdpo, {"beta": 5000.0, "mu": 0.9})},
+        "eager-spec",
+        (),
+    ),
+    "dmpo": (
+        {"beta": 2000.0, "alpha": 0.01},
+        {"eager-spec": (rb.spec_dmpo, {"beta": 2000.0, "alpha": 0.01})},
+        "eager-spec",
+        (),
+    ),
 }
 
 # Extra inputs by name: a builder (B, device) -> tensor. Positional inputs (timesteps, labels)
@@ -111,9 +160,20 @@ def _method(name, descriptor, preset_kwargs):
     extra = (lambda B, device: tuple(INPUTS[n](B, device) for n in positional)) if positional else None
     tensor_kwargs = (lambda B, device: {n: INPUTS[n](B, device) for n in keyword}) if keyword else None
     description = f"{descriptor.description} (docs/methods.md §{descriptor.section})" + (
-        f", {name}" if name != descriptor.name else "")
-    return Method(name, descriptor.function, kwargs, eager, compile_base, uses_ref=descriptor.needs_ref, extra=extra,
-                  tensor_kwargs=tensor_kwargs, description=description, tags=tags)
+        f", {name}" if name != descriptor.name else ""
+    )
+    return Method(
+        name,
+        descriptor.function,
+        kwargs,
+        eager,
+        compile_base,
+        uses_ref=descriptor.needs_ref,
+        extra=extra,
+        tensor_kwargs=tensor_kwargs,
+        description=description,
+        tags=tags,
+    )
 
 
 def _benchmarked(descriptor):
@@ -138,7 +198,7 @@ def select_methods(spec: str | None) -> list[Method]:
     if spec == "all":
         return list(METHODS.values())
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    names = [n.replace("-", "_") for n in names]      # dpo-hinge is dpo_hinge
+    names = [n.replace("-", "_") for n in names]  # dpo-hinge is dpo_hinge
     unknown = [n for n in names if n not in ALL_PRESETS]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; known: {sorted(ALL_PRESETS)}")

@@ -12,6 +12,7 @@ call `run`. It returns (loss, stats, ints); the descriptor's `layout.unpack` nam
 The per-method classes below (DiffusionDPOFunction, ...) keep the positional `apply`
 signatures of earlier releases, on top of the same Function.
 """
+
 import dataclasses
 
 import torch
@@ -36,6 +37,7 @@ class Launch:
     """What one call runs: the method, its float hyperparameters, options and extra input
     tensors by name (see kernels/method.py), and `count` (pairs B, or the rows a row method
     keeps; None: B = rows / 2 for paired methods, every row otherwise)."""
+
     method: Method
     floats: dict = dataclasses.field(default_factory=dict)
     options: dict = dataclasses.field(default_factory=dict)
@@ -54,13 +56,14 @@ class FusedLossFunction(torch.autograd.Function):
         if count is None:
             count = p.shape[0] // 2 if method.paired else p.shape[0]
         partials, splits = row_sums(p, r, t, compute_dtype(model_pred, ref_pred, target), cross=method.cross)
-        loss, stats, ints, coef = run_head(method, partials, splits, p.shape[0], count, p.shape[1], launch.floats,
-                                           launch.options, launch.inputs)
+        loss, stats, ints, coef = run_head(
+            method, partials, splits, p.shape[0], count, p.shape[1], launch.floats, launch.options, launch.inputs
+        )
         ctx.save_for_backward(p, r if method.has_b else None, t, coef)
         ctx.has_b = method.has_b
         ctx.shape = model_pred.shape
         ctx.mark_non_differentiable(stats, ints)
-        ctx.set_materialize_grads(False)     # no zero-filled grads for the metric outputs
+        ctx.set_materialize_grads(False)  # no zero-filled grads for the metric outputs
         return loss, stats, ints
 
     @staticmethod
@@ -86,8 +89,9 @@ class DiffusionDPOFunction(FusedLossFunction):
     @staticmethod
     def forward(ctx, model_pred, ref_pred, target, beta, loss_type_id):
         loss_type = REGISTRY["dpo"].options[0].choices[loss_type_id]
-        return FusedLossFunction.forward(ctx, model_pred, ref_pred, target,
-                                         Launch(REGISTRY["dpo"], {"beta": beta}, {"loss_type": loss_type}))
+        return FusedLossFunction.forward(
+            ctx, model_pred, ref_pred, target, Launch(REGISTRY["dpo"], {"beta": beta}, {"loss_type": loss_type})
+        )
 
 
 class SFTFunction(FusedLossFunction):
@@ -105,8 +109,17 @@ class DSPOFunction(FusedLossFunction):
     @staticmethod
     def forward(ctx, model_pred, ref_pred, target, beta, variant_id, sdxl_threshold):
         method = REGISTRY["dspo"]
-        return FusedLossFunction.forward(ctx, model_pred, ref_pred, target, Launch(
-            method, {"beta": beta, "sdxl_threshold": sdxl_threshold}, {"variant": method.options[0].choices[variant_id]}))
+        return FusedLossFunction.forward(
+            ctx,
+            model_pred,
+            ref_pred,
+            target,
+            Launch(
+                method,
+                {"beta": beta, "sdxl_threshold": sdxl_threshold},
+                {"variant": method.options[0].choices[variant_id]},
+            ),
+        )
 
 
 class RPOFunction(FusedLossFunction):
@@ -114,9 +127,18 @@ class RPOFunction(FusedLossFunction):
 
     @staticmethod
     def forward(ctx, model_pred, ref_pred, target, emb_w, emb_l, beta, tau):
-        return FusedLossFunction.forward(ctx, model_pred, ref_pred, target, Launch(
-            REGISTRY["rpo"], {"beta": beta, "tau": tau}, {"has_emb": emb_w is not None},
-            {"emb_w": emb_w, "emb_l": emb_l}))
+        return FusedLossFunction.forward(
+            ctx,
+            model_pred,
+            ref_pred,
+            target,
+            Launch(
+                REGISTRY["rpo"],
+                {"beta": beta, "tau": tau},
+                {"has_emb": emb_w is not None},
+                {"emb_w": emb_w, "emb_l": emb_l},
+            ),
+        )
 
 
 class RPODiagonalFunction(FusedLossFunction):
@@ -124,8 +146,13 @@ class RPODiagonalFunction(FusedLossFunction):
 
     @staticmethod
     def forward(ctx, model_pred, ref_pred, target, beta, diagonal_weight):
-        return FusedLossFunction.forward(ctx, model_pred, ref_pred, target, Launch(
-            REGISTRY["rpo_diagonal"], {"beta": beta, "diagonal_weight": diagonal_weight}))
+        return FusedLossFunction.forward(
+            ctx,
+            model_pred,
+            ref_pred,
+            target,
+            Launch(REGISTRY["rpo_diagonal"], {"beta": beta, "diagonal_weight": diagonal_weight}),
+        )
 
 
 class SSPOFunction(FusedLossFunction):
@@ -135,8 +162,13 @@ class SSPOFunction(FusedLossFunction):
     @staticmethod
     def forward(ctx, model_pred, ref_pred, target, beta, criterion_id):
         method = REGISTRY["sspo"]
-        return FusedLossFunction.forward(ctx, model_pred, ref_pred, target, Launch(
-            method, {"beta": beta}, {"criterion": method.options[0].choices[criterion_id]}))
+        return FusedLossFunction.forward(
+            ctx,
+            model_pred,
+            ref_pred,
+            target,
+            Launch(method, {"beta": beta}, {"criterion": method.options[0].choices[criterion_id]}),
+        )
 
 
 class DenseDPOFunction(FusedLossFunction):
@@ -145,10 +177,16 @@ class DenseDPOFunction(FusedLossFunction):
 
     @staticmethod
     def forward(ctx, model_pred, ref_pred, target, timesteps, beta, gamma, steps, train_steps, scale):
-        floats = {"beta": beta, "gamma": gamma, "num_inference_steps": steps, "num_train_timesteps": train_steps,
-                  "weight_scale": scale}
-        return FusedLossFunction.forward(ctx, model_pred, ref_pred, target, Launch(
-            REGISTRY["dense_dpo"], floats, inputs={"timesteps": timesteps}))
+        floats = {
+            "beta": beta,
+            "gamma": gamma,
+            "num_inference_steps": steps,
+            "num_train_timesteps": train_steps,
+            "weight_scale": scale,
+        }
+        return FusedLossFunction.forward(
+            ctx, model_pred, ref_pred, target, Launch(REGISTRY["dense_dpo"], floats, inputs={"timesteps": timesteps})
+        )
 
 
 class KTOFunction(FusedLossFunction):
@@ -158,9 +196,18 @@ class KTOFunction(FusedLossFunction):
     @staticmethod
     def forward(ctx, model_pred, ref_pred, target, labels, beta, lambda_d, lambda_u, kl_mode, kl_value, kl_tensor):
         floats = {"beta": beta, "lambda_d": lambda_d, "lambda_u": lambda_u, "kl_value": kl_value}
-        return FusedLossFunction.forward(ctx, model_pred, ref_pred, target, Launch(
-            REGISTRY["kto"], floats, {"kl_mode": ("batch", "value", "tensor")[kl_mode]},
-            {"labels": labels, "kl_tensor": kl_tensor}))
+        return FusedLossFunction.forward(
+            ctx,
+            model_pred,
+            ref_pred,
+            target,
+            Launch(
+                REGISTRY["kto"],
+                floats,
+                {"kl_mode": ("batch", "value", "tensor")[kl_mode]},
+                {"labels": labels, "kl_tensor": kl_tensor},
+            ),
+        )
 
 
 class MaPOFunction(FusedLossFunction):
@@ -168,8 +215,13 @@ class MaPOFunction(FusedLossFunction):
 
     @staticmethod
     def forward(ctx, model_pred, target, beta, snr_value, train_steps):
-        return FusedLossFunction.forward(ctx, model_pred, None, target, Launch(
-            REGISTRY["mapo"], {"beta": beta, "snr_value": snr_value, "num_train_timesteps": train_steps}))
+        return FusedLossFunction.forward(
+            ctx,
+            model_pred,
+            None,
+            target,
+            Launch(REGISTRY["mapo"], {"beta": beta, "snr_value": snr_value, "num_train_timesteps": train_steps}),
+        )
 
 
 class SDPOFunction(FusedLossFunction):
@@ -179,10 +231,21 @@ class SDPOFunction(FusedLossFunction):
     @staticmethod
     def forward(ctx, model_pred, ref_pred, target, base_id, safeguard, beta, mu, eps, max_scale, threshold, alpha):
         base, variant = (("dpo", "sd15"), ("dspo", "sd15"), ("dspo", "sdxl"), ("dmpo", "sd15"))[base_id]
-        floats = {"beta": beta, "mu": mu, "eps": eps, "max_scale": max_scale, "sdxl_threshold": threshold,
-                  "dmpo_alpha": alpha}
-        return FusedLossFunction.forward(ctx, model_pred, ref_pred, target, Launch(
-            REGISTRY["sdpo"], floats, {"base": base, "dspo_variant": variant, "safeguard": bool(safeguard)}))
+        floats = {
+            "beta": beta,
+            "mu": mu,
+            "eps": eps,
+            "max_scale": max_scale,
+            "sdxl_threshold": threshold,
+            "dmpo_alpha": alpha,
+        }
+        return FusedLossFunction.forward(
+            ctx,
+            model_pred,
+            ref_pred,
+            target,
+            Launch(REGISTRY["sdpo"], floats, {"base": base, "dspo_variant": variant, "safeguard": bool(safeguard)}),
+        )
 
 
 class DMPOFunction(FusedLossFunction):
@@ -190,5 +253,6 @@ class DMPOFunction(FusedLossFunction):
 
     @staticmethod
     def forward(ctx, model_pred, ref_pred, target, beta, alpha):
-        return FusedLossFunction.forward(ctx, model_pred, ref_pred, target, Launch(
-            REGISTRY["dmpo"], {"beta": beta, "alpha": alpha}))
+        return FusedLossFunction.forward(
+            ctx, model_pred, ref_pred, target, Launch(REGISTRY["dmpo"], {"beta": beta, "alpha": alpha})
+        )

@@ -21,6 +21,7 @@ branch 2); rows a loss does not read (the losers of `sft_loss(winners_only=True)
 count. The gradient of that pair's rows may be NaN or inf, and every row's where one batch
 quantity couples the pairs (RPO, KTO's own baseline, SDPO's safeguard λ).
 """
+
 import inspect
 import sys
 
@@ -33,8 +34,9 @@ from fastpref.kernels import REGISTRY
 from fastpref.kernels.method import POSITIONAL_INPUTS
 
 DPO, SFT, DSPO, RPO, RPO_DIAGONAL, SSPO, DENSE_DPO, KTO, MAPO, SDPO, DMPO = (
-    REGISTRY[name] for name in ("dpo", "sft", "dspo", "rpo", "rpo_diagonal", "sspo", "dense_dpo", "kto", "mapo",
-                                "sdpo", "dmpo"))
+    REGISTRY[name]
+    for name in ("dpo", "sft", "dspo", "rpo", "rpo_diagonal", "sspo", "dense_dpo", "kto", "mapo", "sdpo", "dmpo")
+)
 
 
 def _paired(model_pred, ref_pred, target):
@@ -84,14 +86,19 @@ def rpo_loss(model_pred, ref_pred, target, *, emb_w=None, emb_l=None, beta=5000.
     if emb_w is not None:
         emb_l = emb_w if emb_l is None else emb_l
         for name, emb in (("emb_w", emb_w), ("emb_l", emb_l)):
-            v.check_aux_tensor(name, emb, model_pred.device, f"[B={B}, D]", lambda s: len(s) == 2 and s[0] == B
-                               and s[1] > 0)
+            v.check_aux_tensor(
+                name, emb, model_pred.device, f"[B={B}, D]", lambda s: len(s) == 2 and s[0] == B and s[1] > 0
+            )
             v.check_float_tensor(name, emb)
         if emb_l.shape != emb_w.shape:
             raise ValueError(f"emb_l must have the shape of emb_w {tuple(emb_w.shape)}, got {tuple(emb_l.shape)}")
         emb_w, emb_l = emb_w.detach(), emb_l.detach()
-    return fn.run(model_pred, ref_pred, target, Launch(RPO, floats, {"has_emb": emb_w is not None},
-                                                       {"emb_w": emb_w, "emb_l": emb_l}))
+    return fn.run(
+        model_pred,
+        ref_pred,
+        target,
+        Launch(RPO, floats, {"has_emb": emb_w is not None}, {"emb_w": emb_w, "emb_l": emb_l}),
+    )
 
 
 def rpo_diagonal_loss(model_pred, ref_pred, target, *, beta=5000.0, diagonal_weight=0.8):
@@ -113,8 +120,18 @@ def sspo_loss(model_pred, ref_pred, target, *, beta=5000.0, criterion="indicator
     return fn.run(model_pred, ref_pred, target, Launch(SSPO, floats, {"criterion": criterion}))
 
 
-def dense_dpo_loss(model_pred, ref_pred, target, timesteps, *, beta=5000.0, gamma=0.9, num_inference_steps=50,
-                   num_train_timesteps=1000, normalize=True):
+def dense_dpo_loss(
+    model_pred,
+    ref_pred,
+    target,
+    timesteps,
+    *,
+    beta=5000.0,
+    gamma=0.9,
+    num_inference_steps=50,
+    num_train_timesteps=1000,
+    normalize=True,
+):
     """Diffusion-DPO with the dense-reward temporal discount (spec §2.6): pair i's β is scaled by
     w(t_i) = γ^k(t_i) (normalised to mean 1 over the K sampler steps when normalize=True).
     timesteps: 1-D, length B or 2B (then the halves must match; checked eagerly, skipped during
@@ -122,16 +139,23 @@ def dense_dpo_loss(model_pred, ref_pred, target, timesteps, *, beta=5000.0, gamm
     model_mse, ref_mse."""
     floats = v.check_hyperparameters(DENSE_DPO, locals())
     B = _paired(model_pred, ref_pred, target)
-    v.check_aux_tensor("timesteps", timesteps, model_pred.device, f"[B={B}] or [2B={2 * B}]",
-                       lambda s: len(s) == 1 and s[0] in (B, 2 * B))
+    v.check_aux_tensor(
+        "timesteps",
+        timesteps,
+        model_pred.device,
+        f"[B={B}] or [2B={2 * B}]",
+        lambda s: len(s) == 1 and s[0] in (B, 2 * B),
+    )
     if timesteps.dtype == torch.bool:
         raise TypeError("timesteps must be integer or floating, got torch.bool")
     if timesteps.shape[0] == 2 * B and not _capturing(timesteps):
         if not torch.equal(timesteps[:B], timesteps[B:]):  # host-ok: documented eager-only check (spec §2.6)
-            raise ValueError("timesteps of length 2B must repeat the winners' timesteps for the losers "
-                             "(a pair shares t); the halves differ")
+            raise ValueError(
+                "timesteps of length 2B must repeat the winners' timesteps for the losers "
+                "(a pair shares t); the halves differ"
+            )
     K = num_inference_steps
-    scale = K / sum(gamma ** j for j in range(K)) if normalize else 1.0
+    scale = K / sum(gamma**j for j in range(K)) if normalize else 1.0
     floats["weight_scale"] = float(scale)
     return fn.run(model_pred, ref_pred, target, Launch(DENSE_DPO, floats, inputs={"timesteps": timesteps.detach()}))
 
@@ -157,8 +181,17 @@ def kto_loss(model_pred, ref_pred, target, labels, *, beta=1000.0, lambda_d=1.0,
         v.check_finite("kl_baseline", kl_baseline)
         kl_mode, kl_value = 1, float(kl_baseline)
     floats["kl_value"] = kl_value
-    return fn.run(model_pred, ref_pred, target, Launch(KTO, floats, {"kl_mode": ("batch", "value", "tensor")[kl_mode]},
-                                                       {"labels": labels.detach(), "kl_tensor": kl_tensor}))
+    return fn.run(
+        model_pred,
+        ref_pred,
+        target,
+        Launch(
+            KTO,
+            floats,
+            {"kl_mode": ("batch", "value", "tensor")[kl_mode]},
+            {"labels": labels.detach(), "kl_tensor": kl_tensor},
+        ),
+    )
 
 
 def mapo_loss(model_pred, target, *, beta=0.1, snr_value=0.5, num_train_timesteps=1000):
@@ -169,8 +202,21 @@ def mapo_loss(model_pred, target, *, beta=0.1, snr_value=0.5, num_train_timestep
     return fn.run(model_pred, None, target, Launch(MAPO, floats))
 
 
-def sdpo_loss(model_pred, ref_pred, target, *, beta=5000.0, mu=0.9, base="dpo", safeguard=True, eps=1e-9,
-              max_scale=1.0, dspo_variant="sd15", sdxl_threshold=0.1, dmpo_alpha=0.01):
+def sdpo_loss(
+    model_pred,
+    ref_pred,
+    target,
+    *,
+    beta=5000.0,
+    mu=0.9,
+    base="dpo",
+    safeguard=True,
+    eps=1e-9,
+    max_scale=1.0,
+    dspo_variant="sd15",
+    sdxl_threshold=0.1,
+    dmpo_alpha=0.01,
+):
     """Diffusion-SDPO (spec §2.9): the base loss ("dpo", "dspo" or "dmpo") with every loser-row
     gradient scaled by the safeguard λ (a constant per call; 1 with safeguard=False). Metrics:
     loss, implicit_acc, model_mse, ref_mse, win_diff, lose_diff, loser_grad_scale, inside_term
@@ -233,8 +279,10 @@ def generic_loss(method):
 
     loss.__name__ = loss.__qualname__ = method.function
     loss.__signature__ = signature
-    loss.__doc__ = (f"{method.description} (docs/methods.md §{method.section}), from its descriptor. Metrics: "
-                    f"{', '.join(method.layout.names)}.")
+    loss.__doc__ = (
+        f"{method.description} (docs/methods.md §{method.section}), from its descriptor. Metrics: "
+        f"{', '.join(method.layout.names)}."
+    )
     return loss
 
 

@@ -1,4 +1,5 @@
 """`PreferenceLoss`: the losses as an nn.Module, hyperparameters checked once in __init__."""
+
 import inspect
 
 import torch
@@ -9,8 +10,12 @@ from fastpref.kernels import REGISTRY
 METHODS = dict(losses.FUNCTIONS)
 """Method name (the registry's, kernels/registry.py) -> its public loss function."""
 
-ALIASES = {alias: name for name, method in REGISTRY.items() for alias in method.aliases + (name.replace("_", "-"),)
-           if alias != name}
+ALIASES = {
+    alias: name
+    for name, method in REGISTRY.items()
+    for alias in method.aliases + (name.replace("_", "-"),)
+    if alias != name
+}
 """Other accepted spellings of a method name: each descriptor's aliases, and dashes for underscores."""
 
 
@@ -57,8 +62,9 @@ def _check_hyperparameters(method, hyperparameters):
     hyperparameters before its tensors, and stops at the stand-in model_pred)."""
     fn = METHODS[method]
     stand_in = _validate.HyperparametersOnly
-    n_tensors = sum(1 for p in inspect.signature(fn).parameters.values()
-                    if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    n_tensors = sum(
+        1 for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    )
     try:
         fn(stand_in, *([None] * (n_tensors - 1)), **hyperparameters)
     except _validate.HyperparametersChecked:

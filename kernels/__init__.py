@@ -4,6 +4,7 @@ Three passes serve every method (docs/methods.md §3): `row_sums` (per-row quadr
 `run_head` (a method's loss, metrics and gradient coefficients on those sums) and
 `elementwise_grad`. `REGISTRY` holds every method's descriptor (kernels/method.py).
 """
+
 from . import _runtime  # noqa: F401  (must come first: it may turn on the interpreter)
 from ._runtime import INTERPRET, poisoned_outputs
 from .grad import elementwise_grad
@@ -12,5 +13,16 @@ from .method import Hyper, Layout, Method, Option
 from .reduce import row_sums
 from .registry import PRESETS, REGISTRY
 
-__all__ = ["INTERPRET", "PRESETS", "REGISTRY", "Hyper", "Layout", "Method", "Option", "elementwise_grad",
-           "poisoned_outputs", "row_sums", "run_head"]
+__all__ = [
+    "INTERPRET",
+    "PRESETS",
+    "REGISTRY",
+    "Hyper",
+    "Layout",
+    "Method",
+    "Option",
+    "elementwise_grad",
+    "poisoned_outputs",
+    "row_sums",
+    "run_head",
+]

@@ -1,6 +1,7 @@
 """Numerically stable scalar functions shared by the heads (spec §4, "Stable forms").
 
 Built from exp and log only: the interpreter has no libdevice."""
+
 import triton
 import triton.language as tl
 

@@ -6,6 +6,7 @@ per method and configuration), so a new method is a new head, not a new kernel f
 line here names a method. `run_head` fills the head's runtime parameters by name
 (kernels/method.py says which names exist) and passes its constexprs C, ACC, NP, SP.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -15,8 +16,7 @@ from .method import Method
 
 
 @triton.jit
-def _head_kernel(args, HEAD: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr,
-                 SP: tl.constexpr):
+def _head_kernel(args, HEAD: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
     HEAD(*args, C, ACC, NP, SP)
 
 
@@ -38,8 +38,9 @@ def head_args(method: Method, values, floats, inputs):
     for name in method.inputs:
         x = inputs.get(name)
         x = values["part_ptr"] if x is None else x
-        available.update({name: x, f"{name}_strides": _strides(x),
-                          f"{name}_len": x.shape[-1] if x.dim() == 2 else x.numel()})
+        available.update(
+            {name: x, f"{name}_strides": _strides(x), f"{name}_len": x.shape[-1] if x.dim() == 2 else x.numel()}
+        )
     missing = [name for name in method.head_params() if name not in available]
     if missing:
         raise TypeError(f"head of {method.name!r}: no value for its parameter(s) {missing}")
@@ -62,12 +63,27 @@ def run_head(method: Method, partials, splits, rows, count, n, floats=None, opti
     stats = _runtime.empty((method.layout.size(pairs),), acc, device)
     ints = _runtime.empty((max(len(method.layout.ints), 1),), torch.int64, device)
     coef = _runtime.empty((2, rows), acc, device)
-    values = dict(part_ptr=partials, rows=rows, B=count, count=count, splits=splits,
-                  inv_n=_runtime.f64_pair(1.0 / n), loss_ptr=loss, stats_ptr=stats, ints_ptr=ints, coef_ptr=coef)
+    values = dict(
+        part_ptr=partials,
+        rows=rows,
+        B=count,
+        count=count,
+        splits=splits,
+        inv_n=_runtime.f64_pair(1.0 / n),
+        loss_ptr=loss,
+        stats_ptr=stats,
+        ints_ptr=ints,
+        coef_ptr=coef,
+    )
     args = head_args(method, values, floats or {}, inputs or {})
     np_ = _runtime.next_pow2(count if method.paired else rows)
     _head_kernel[(1,)](
-        args, HEAD=method.head, C=method.config(options or {}), ACC=_runtime.tl_dtype(acc),
-        NP=np_, SP=_runtime.next_pow2(splits), num_warps=4,
+        args,
+        HEAD=method.head,
+        C=method.config(options or {}),
+        ACC=_runtime.tl_dtype(acc),
+        NP=np_,
+        SP=_runtime.next_pow2(splits),
+        num_warps=4,
     )
     return loss, stats, ints, coef

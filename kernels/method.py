@@ -15,6 +15,7 @@ from its extra inputs (`<input>` a tensor, `<input>_strides` its (row, element) 
 and its metric layout, read through `common.store_scalar` / `store_vector` / `store_matrix`
 by metric name), ACC the accumulation dtype, NP / SP the padded pair / split counts.
 """
+
 import dataclasses
 import inspect
 
@@ -30,6 +31,7 @@ class Hyper:
     """A float (or int) hyperparameter: its public keyword name, default and check (one of CHECKS).
     head=False: checked and documented, but not passed to the head (the public function turns it
     into other values first, e.g. dense DPO's `normalize` into `weight_scale`)."""
+
     name: str
     default: object
     check: str
@@ -53,6 +55,7 @@ class Option:
     public function (loss_type, variant, criterion, base, ...), checked against the choices;
     else the public function derives it (RPO's has_emb, KTO's kl_mode, SDPO's safeguard). The
     head reads it by name as a constexpr: ``if C.loss_type == "hinge"``."""
+
     name: str
     choices: tuple
     public: bool = True
@@ -67,6 +70,7 @@ class Layout:
     """Metric layout: the stats buffer holds 0-dim `scalars` (loss first), then one [B] plane per
     name of `vectors`, then one [B, B] plane per name of `matrices`; `ints` have their own int64
     buffer. Every slot is computed from these names (the heads store by name)."""
+
     scalars: tuple
     vectors: tuple = ()
     matrices: tuple = ()
@@ -95,12 +99,12 @@ class Layout:
         out = dict(zip(self.scalars, stats[:base].unbind(0), strict=True))
         if self.vectors:
             size = len(self.vectors) * pairs
-            out.update(zip(self.vectors, stats[base:base + size].view(len(self.vectors), pairs).unbind(0),
-                           strict=True))
+            out.update(
+                zip(self.vectors, stats[base : base + size].view(len(self.vectors), pairs).unbind(0), strict=True)
+            )
             base += size
         if self.matrices:
-            out.update(zip(self.matrices, stats[base:].view(len(self.matrices), pairs, pairs).unbind(0),
-                           strict=True))
+            out.update(zip(self.matrices, stats[base:].view(len(self.matrices), pairs, pairs).unbind(0), strict=True))
         if self.ints:
             out.update(zip(self.ints, ints.unbind(0), strict=True))
         for key in drop:
@@ -117,6 +121,7 @@ class HeadConfig:
     """The compile-time constants of one head launch (the constexpr `C`): the method's name, its
     metric layout and its options as (name, value) pairs, read as attributes (``C.safeguard``).
     Hashable with a stable repr, so Triton caches one compiled head per configuration."""
+
     method: str
     layout: Layout
     options: tuple = ()
@@ -124,7 +129,7 @@ class HeadConfig:
     def __getattr__(self, name):
         for key, value in object.__getattribute__(self, "options"):
             if key == name:
-                return tl.constexpr(value)      # a constexpr, also where a head passes it on
+                return tl.constexpr(value)  # a constexpr, also where a head passes it on
         raise AttributeError(f"head {self.method!r} has no option {name!r}")
 
 
@@ -146,6 +151,7 @@ class Method:
     spellings of the name (PreferenceLoss); min_pairs: smallest B the loss accepts;
     description: one line; section: its section of docs/methods.md (the registry's order).
     """
+
     name: str
     function: str
     head: object
@@ -194,8 +200,10 @@ class Method:
         for name, value in options.items():
             option = next((o for o in self.options if o.name == name), None)
             if option is None or value not in option.choices:
-                raise ValueError(f"head {self.name!r}: option {name}={value!r} is not one of "
-                                 f"{[(o.name, o.choices) for o in self.options]}")
+                raise ValueError(
+                    f"head {self.name!r}: option {name}={value!r} is not one of "
+                    f"{[(o.name, o.choices) for o in self.options]}"
+                )
             merged[name] = value
         return HeadConfig(self.name, self.layout, tuple(sorted(merged.items())))
 

@@ -3,6 +3,7 @@ in any module of kernels/heads/ is registered, so adding a method adds no line h
 
 REGISTRY maps the method name to its descriptor, in the order of docs/methods.md; PRESETS maps
 every preset (run) name to (descriptor, keyword arguments)."""
+
 import importlib
 import pkgutil
 
@@ -28,7 +29,8 @@ def _collect():
 REGISTRY: dict[str, Method] = _collect()
 
 PRESETS: dict[str, tuple[Method, dict]] = {
-    preset: (method, dict(kwargs)) for method in REGISTRY.values() for preset, kwargs in method.presets}
+    preset: (method, dict(kwargs)) for method in REGISTRY.values() for preset, kwargs in method.presets
+}
 
 
 def get(name):

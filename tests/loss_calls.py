@@ -1,5 +1,6 @@
 """One representative call per method and variant, for the checks every method must pass
 (no host sync, memory, graph capture)."""
+
 import torch
 
 import fastpref
@@ -33,9 +34,14 @@ def _emb(model_pred):
 # Hyperparameters the tests use instead of a preset's defaults (betas that keep the tests'
 # small random inputs away from saturation); a preset missing here runs with its defaults.
 TEST_KWARGS = {
-    "dpo_hinge": dict(beta=50.0), "dpo_ipo": dict(beta=50.0), "dspo_sdxl": dict(beta=5000.0),
-    "rpo": dict(beta=500.0), "rpo_uniform": dict(beta=500.0), "rpo_diagonal": dict(beta=500.0),
-    "sdpo_dspo_sd15": dict(beta=0.001, mu=0.2), "sdpo_dmpo": dict(beta=2000.0),
+    "dpo_hinge": dict(beta=50.0),
+    "dpo_ipo": dict(beta=50.0),
+    "dspo_sdxl": dict(beta=5000.0),
+    "rpo": dict(beta=500.0),
+    "rpo_uniform": dict(beta=500.0),
+    "rpo_diagonal": dict(beta=500.0),
+    "sdpo_dspo_sd15": dict(beta=0.001, mu=0.2),
+    "sdpo_dmpo": dict(beta=2000.0),
 }
 
 

@@ -3,6 +3,7 @@ head) is compiled for sm_90 through Triton's whole NVIDIA pipeline (frontend, ML
 ptxas), in a subprocess with the interpreter off. CPU runs use the interpreter, which accepts
 constructs the compiler rejects; this catches those before a GPU run does. It also checks
 that the NaN carry of the non-finite rule (x + 0 * x) survives code generation."""
+
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import textwrap
 
 import pytest
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import re
     import triton
     import triton.language as tl
@@ -55,20 +56,22 @@ SCRIPT = textwrap.dedent('''
         if name == "sft":   # SFT: S_pt + 0 * S_pt is kept (an FMA with 0), not folded to S_pt
             assert re.search(r"fma\\.rn\\.f32\\s+%\\w+, %\\w+, 0f00000000", kernel.asm["ptx"]), "NaN carry folded away"
     print("COMPILED", len(cases) + 6)
-''')
+""")
 
 
 def test_kernels_compile_for_sm90():
     try:
         from triton.backends.nvidia.compiler import get_ptxas
+
         get_ptxas(90)
-    except Exception as error:                       # no NVIDIA backend, or no ptxas in this Triton
+    except Exception as error:  # no NVIDIA backend, or no ptxas in this Triton
         pytest.skip(f"this Triton cannot compile for sm_90: {error}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": root}
     try:
-        out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True,
-                             timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=300
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("compiling the kernels for sm_90 took more than 300 s")
     assert out.returncode == 0 and "COMPILED" in out.stdout, out.stdout[-3000:] + out.stderr[-6000:]

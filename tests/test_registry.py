@@ -2,21 +2,22 @@
 is a public `fastpref.<function>`, a `PreferenceLoss` method, a trainer `--loss_type`, a
 benchmarked method and a float64 reference in the tests, its descriptor agrees with its public
 signature and metric keys, and a method added as one head file is found and runs."""
+
 import inspect
 import sys
 import textwrap
 
 import pytest
-import torch
-
-import fastpref
 import reference
 import reference_extended
-from fastpref.kernels import REGISTRY, registry
-from fastpref.training.losses import LOSS_TYPES, get_loss_type
+import torch
 from helpers import make_inputs
 from loss_calls import CALLS, call
 from test_benchmarks_quick import _REGISTRY as BENCH
+
+import fastpref
+from fastpref.kernels import REGISTRY, registry
+from fastpref.training.losses import LOSS_TYPES, get_loss_type
 
 REFERENCES = (reference, reference_extended)
 
@@ -61,22 +62,66 @@ def test_the_walk_reports_a_method_that_is_not_exported(monkeypatch):
 def test_the_walk_reports_every_table_a_method_is_missing_from():
     dmpo = REGISTRY["dmpo"]
     assert problems({"dmpo": dmpo}, loss_types={}, bench={}, references=(), calls={}) == [
-        "dmpo: no --loss_type runs fastpref.dmpo_loss", "dmpo: no benchmark runs fastpref.dmpo_loss",
+        "dmpo: no --loss_type runs fastpref.dmpo_loss",
+        "dmpo: no benchmark runs fastpref.dmpo_loss",
         "dmpo: no float64 reference `dmpo` in tests/reference*.py",
-        "dmpo: preset 'dmpo' is not in tests/loss_calls.CALLS"]
+        "dmpo: preset 'dmpo' is not in tests/loss_calls.CALLS",
+    ]
 
 
 def test_old_spellings_still_work():
     """Names users typed before the registry: PreferenceLoss methods, --loss_type values and
     benchmark --methods names (dashes are accepted for underscores where names are typed)."""
-    for name in ("dpo", "sft", "dspo", "rpo", "rpo_diagonal", "sspo", "dense_dpo", "kto", "mapo", "sdpo", "dmpo",
-                 "rpo-diagonal", "dense-dpo"):
+    for name in (
+        "dpo",
+        "sft",
+        "dspo",
+        "rpo",
+        "rpo_diagonal",
+        "sspo",
+        "dense_dpo",
+        "kto",
+        "mapo",
+        "sdpo",
+        "dmpo",
+        "rpo-diagonal",
+        "dense-dpo",
+    ):
         assert fastpref.PreferenceLoss(name).method == name.replace("-", "_")
-    for name in ("dpo", "dpo_hinge", "dpo_ipo", "sft", "dspo", "dspo_sdxl", "dense_dpo", "rpo", "rpo_uniform",
-                 "rpo_diagonal", "kto", "mapo", "sdpo", "dmpo", "sspo"):
+    for name in (
+        "dpo",
+        "dpo_hinge",
+        "dpo_ipo",
+        "sft",
+        "dspo",
+        "dspo_sdxl",
+        "dense_dpo",
+        "rpo",
+        "rpo_uniform",
+        "rpo_diagonal",
+        "kto",
+        "mapo",
+        "sdpo",
+        "dmpo",
+        "sspo",
+    ):
         assert get_loss_type(name).function in fastpref.__all__
-    old_bench = ["dpo_sigmoid", "dpo_hinge", "dpo_ipo", "sft", "dspo_sd15", "dspo_sdxl", "rpo", "rpo_diagonal", "sspo",
-                 "dense_dpo", "kto", "mapo", "sdpo", "dmpo"]
+    old_bench = [
+        "dpo_sigmoid",
+        "dpo_hinge",
+        "dpo_ipo",
+        "sft",
+        "dspo_sd15",
+        "dspo_sdxl",
+        "rpo",
+        "rpo_diagonal",
+        "sspo",
+        "dense_dpo",
+        "kto",
+        "mapo",
+        "sdpo",
+        "dmpo",
+    ]
     assert list(BENCH.METHODS) == old_bench
     assert [m.name for m in BENCH.select_methods("dpo-hinge,rpo_uniform")] == ["dpo_hinge", "rpo_uniform"]
     with pytest.raises(ValueError, match="method must be one of"):
@@ -89,8 +134,12 @@ def test_metric_keys_are_the_descriptors(name, device):
     p, r, t = make_inputs((4, 3, 4, 4), torch.float32, device, 1, 0.1)
     _, metrics = call(m.presets[0][0], p, r, t)
     assert set(metrics) <= set(m.layout.names) and "loss" in metrics
-    assert set(m.layout.names) - set(metrics) <= {"safeguard_num", "safeguard_den", "safeguard_proxy_grad_cos",
-                                                  "dspo_branch"}
+    assert set(m.layout.names) - set(metrics) <= {
+        "safeguard_num",
+        "safeguard_den",
+        "safeguard_proxy_grad_cos",
+        "dspo_branch",
+    }
 
 
 @pytest.mark.parametrize("name", ["dpo_hinge", "dmpo", "mapo", "sspo_sign", "rpo_diagonal"])
@@ -144,6 +193,7 @@ def test_a_new_head_file_is_registered_and_runs(tmp_path, monkeypatch, device):
     tables that are built at import (this test adds the file after import) and its missing reference."""
     (tmp_path / "winner_mse.py").write_text(NEW_HEAD)
     from fastpref.kernels import heads
+
     monkeypatch.setattr(heads, "__path__", list(heads.__path__) + [str(tmp_path)])
     try:
         methods = registry._collect()
@@ -168,7 +218,8 @@ def test_a_new_head_file_is_registered_and_runs(tmp_path, monkeypatch, device):
             "winner_mse: no --loss_type runs fastpref.winner_mse_loss",
             "winner_mse: no benchmark runs fastpref.winner_mse_loss",
             "winner_mse: no float64 reference `winner_mse` in tests/reference*.py",
-            "winner_mse: preset 'winner_mse' is not in tests/loss_calls.CALLS"]
+            "winner_mse: preset 'winner_mse' is not in tests/loss_calls.CALLS",
+        ]
     finally:
         sys.modules.pop(f"{heads.__name__}.winner_mse", None)
 

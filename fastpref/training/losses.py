@@ -19,14 +19,14 @@ from fastpref.kernels.method import INPUT, POSITIONAL_INPUTS
 class LossType:
     """How one ``--loss_type`` turns (model_pred, ref_pred, target) into ``(loss, metrics)``."""
 
-    function: str                       # name of the fastpref function
-    needs_reference: bool               # whether ref_pred is computed and passed
+    function: str  # name of the fastpref function
+    needs_reference: bool  # whether ref_pred is computed and passed
     options: dict = field(default_factory=dict)  # fixed keyword arguments
     description: str = ""
-    data: str = "pairs"                 # batch layout: pairs, images (KTO) or winners (SSPO)
-    extra_input: str | None = None      # Batch field passed after target: timesteps or labels
-    prompt_weights: bool = False        # RPO: W from the pooled prompt embeddings and --rpo_tau
-    min_pairs: int = 1                  # smallest per-process micro-batch the loss accepts
+    data: str = "pairs"  # batch layout: pairs, images (KTO) or winners (SSPO)
+    extra_input: str | None = None  # Batch field passed after target: timesteps or labels
+    prompt_weights: bool = False  # RPO: W from the pooled prompt embeddings and --rpo_tau
+    min_pairs: int = 1  # smallest per-process micro-batch the loss accepts
 
     @property
     def default_beta(self) -> float | None:
@@ -34,9 +34,17 @@ class LossType:
         param = inspect.signature(getattr(fastpref, self.function)).parameters.get("beta")
         return None if param is None else param.default
 
-    def __call__(self, model_pred: torch.Tensor, ref_pred: torch.Tensor | None, target: torch.Tensor,
-                 batch, *, beta: float | None = None, rpo_tau: float = 0.5,
-                 kl_baseline: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    def __call__(
+        self,
+        model_pred: torch.Tensor,
+        ref_pred: torch.Tensor | None,
+        target: torch.Tensor,
+        batch,
+        *,
+        beta: float | None = None,
+        rpo_tau: float = 0.5,
+        kl_baseline: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict]:
         """Evaluate on ``[R, C, H, W]`` predictions of ``batch`` (a ``Batch``; paired layouts put
         winners in rows ``0..B-1``); returns fastpref's ``(loss, metrics)``."""
         fn = getattr(fastpref, self.function)
@@ -61,13 +69,23 @@ def _loss_type(method, preset, description) -> LossType:
     kwargs = method.preset(preset)
     prompt_weights = kwargs.pop("emb_w", None) == INPUT
     extra = next((name for name in method.inputs if name in POSITIONAL_INPUTS), None)
-    return LossType(method.function, method.needs_ref, kwargs, description, data=method.data, extra_input=extra,
-                    prompt_weights=prompt_weights, min_pairs=method.min_pairs)
+    return LossType(
+        method.function,
+        method.needs_ref,
+        kwargs,
+        description,
+        data=method.data,
+        extra_input=extra,
+        prompt_weights=prompt_weights,
+        min_pairs=method.min_pairs,
+    )
 
 
 LOSS_TYPES: dict[str, LossType] = {
     name: _loss_type(method, preset, description)
-    for method in REGISTRY.values() for name, preset, description in method.loss_types}
+    for method in REGISTRY.values()
+    for name, preset, description in method.loss_types
+}
 """``--loss_type`` name -> entry, from every method descriptor's ``loss_types``."""
 
 
@@ -77,6 +95,7 @@ def get_loss_type(name: str) -> LossType:
         raise ValueError(f"--loss_type: expected one of {sorted(LOSS_TYPES)}, got {name!r}")
     entry = LOSS_TYPES[name]
     if not callable(getattr(fastpref, entry.function, None)):
-        raise ValueError(f"--loss_type {name!r} needs fastpref.{entry.function}, which this "
-                         f"fastpref installation does not provide")
+        raise ValueError(
+            f"--loss_type {name!r} needs fastpref.{entry.function}, which this fastpref installation does not provide"
+        )
     return entry

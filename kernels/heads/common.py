@@ -2,12 +2,19 @@
 
 Metrics are stored by name: `C` is the launch's `method.HeadConfig`, and the slot of a name is
 computed at compile time from the method's `Layout` (constexpr functions below)."""
+
 import triton
 import triton.language as tl
 
 # The planes of the row-sum buffer (kernels/reduce.py writes them in this order).
-S_PT, S_RT, S_PR, S_PTR, S_MR, S_WL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3), \
-    tl.constexpr(4), tl.constexpr(5)
+S_PT, S_RT, S_PR, S_PTR, S_MR, S_WL = (
+    tl.constexpr(0),
+    tl.constexpr(1),
+    tl.constexpr(2),
+    tl.constexpr(3),
+    tl.constexpr(4),
+    tl.constexpr(5),
+)
 
 
 @triton.constexpr_function
@@ -74,8 +81,7 @@ def store_matrix(stats_ptr, C: tl.constexpr, NAME: tl.constexpr, B, x, NP: tl.co
 
 
 @triton.jit
-def load_sum(part_ptr, which, row0, count, rows, splits,
-             NP: tl.constexpr, SP: tl.constexpr, ACC: tl.constexpr):
+def load_sum(part_ptr, which, row0, count, rows, splits, NP: tl.constexpr, SP: tl.constexpr, ACC: tl.constexpr):
     """Sum `which` (S_PT, S_RT, S_PR, S_PTR, S_MR or S_WL: the planes of kernels/reduce.py) of rows
     row0 .. row0+count-1 as an [NP] vector (zero past `count`), adding the row's split partials
     in a fixed order."""
@@ -132,9 +138,19 @@ def load_pair_sums(part_ptr, B, splits, NP: tl.constexpr, SP: tl.constexpr, ACC:
     rows = 2 * B
     spt_w, srt_w, spr_w, sptr_w, smr_w = load_row_sums(part_ptr, 0, B, rows, splits, NP, SP, ACC)
     spt_l, srt_l, spr_l, sptr_l, smr_l = load_row_sums(part_ptr, B, B, rows, splits, NP, SP, ACC)
-    bad = nan_of(spt_w) + nan_of(spt_l)        # a row's sums are all NaN or all finite by now
-    return (spt_w + bad, srt_w + bad, spr_w + bad, sptr_w + bad, smr_w + bad,
-            spt_l + bad, srt_l + bad, spr_l + bad, sptr_l + bad, smr_l + bad)
+    bad = nan_of(spt_w) + nan_of(spt_l)  # a row's sums are all NaN or all finite by now
+    return (
+        spt_w + bad,
+        srt_w + bad,
+        spr_w + bad,
+        sptr_w + bad,
+        smr_w + bad,
+        spt_l + bad,
+        srt_l + bad,
+        spr_l + bad,
+        sptr_l + bad,
+        smr_l + bad,
+    )
 
 
 @triton.jit
@@ -184,8 +200,12 @@ def pair_ell(smr_w, smr_l, inv_n):
 @triton.jit
 def pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n):
     """(mean m_w, mean m_l, mean r_w, mean r_l) over the B pairs."""
-    return (masked_mean(spt_w, valid, B) * inv_n, masked_mean(spt_l, valid, B) * inv_n,
-            masked_mean(srt_w, valid, B) * inv_n, masked_mean(srt_l, valid, B) * inv_n)
+    return (
+        masked_mean(spt_w, valid, B) * inv_n,
+        masked_mean(spt_l, valid, B) * inv_n,
+        masked_mean(srt_w, valid, B) * inv_n,
+        masked_mean(srt_l, valid, B) * inv_n,
+    )
 
 
 @triton.jit
@@ -198,8 +218,7 @@ def fraction(cond, valid, count, like):
 
 
 @triton.jit
-def store_loss_acc_mse(loss_ptr, stats_ptr, C: tl.constexpr, loss, inside, spt_w, spt_l, srt_w, srt_l, valid, B,
-                       inv_n):
+def store_loss_acc_mse(loss_ptr, stats_ptr, C: tl.constexpr, loss, inside, spt_w, spt_l, srt_w, srt_l, valid, B, inv_n):
     """The loss, and the metrics that several heads share: loss, implicit_acc, model_mse, ref_mse."""
     model_w, model_l, ref_w, ref_l = pair_means(spt_w, spt_l, srt_w, srt_l, valid, B, inv_n)
     tl.store(loss_ptr, loss)

@@ -1,4 +1,5 @@
 """DMPO head (spec §2.10): KL(Bernoulli(σ(inside)) || Bernoulli(q)), q = clamp(1 - α)."""
+
 import triton
 import triton.language as tl
 
@@ -23,13 +24,25 @@ def dmpo_terms(inside, beta, alpha, valid, B):
 
 
 @triton.jit
-def dmpo_head(part_ptr, B, splits, inv_n, beta, alpha, loss_ptr, stats_ptr, coef_ptr,
-              C: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
+def dmpo_head(
+    part_ptr,
+    B,
+    splits,
+    inv_n,
+    beta,
+    alpha,
+    loss_ptr,
+    stats_ptr,
+    coef_ptr,
+    C: tl.constexpr,
+    ACC: tl.constexpr,
+    NP: tl.constexpr,
+    SP: tl.constexpr,
+):
     inv_n = f64(inv_n, ACC)
     beta = f64(beta, ACC)
     alpha = f64(alpha, ACC)
-    spt_w, srt_w, _, _, smr_w, spt_l, srt_l, _, _, smr_l = load_pair_sums(
-        part_ptr, B, splits, NP, SP, ACC)
+    spt_w, srt_w, _, _, smr_w, spt_l, srt_l, _, _, smr_l = load_pair_sums(part_ptr, B, splits, NP, SP, ACC)
     valid = tl.arange(0, NP) < B
     inside = 0.5 * beta * pair_ell(smr_w, smr_l, inv_n)
     loss, mu_w = dmpo_terms(inside, beta, alpha, valid, B)
@@ -39,11 +52,14 @@ def dmpo_head(part_ptr, B, splits, inv_n, beta, alpha, loss_ptr, stats_ptr, coef
 
 
 DMPO = Method(
-    "dmpo", "dmpo_loss", dmpo_head,
+    "dmpo",
+    "dmpo_loss",
+    dmpo_head,
     Layout(("loss", "implicit_acc", "model_mse", "ref_mse")),
     hypers=(Hyper("beta", 2000.0, "positive_finite"), Hyper("alpha", 0.01, "finite")),
     presets=(("dmpo", {}),),
     loss_types=(("dmpo", "dmpo", "DMPO"),),
-    description="DMPO", section="2.10",
+    description="DMPO",
+    section="2.10",
 )
 METHODS = (DMPO,)

@@ -1,4 +1,5 @@
 """SFT head (spec §2.2): plain MSE over the kept rows (all rows, or the winners only)."""
+
 import triton
 import triton.language as tl
 
@@ -8,8 +9,20 @@ from .common import load_model_sums, store_scalar
 
 
 @triton.jit
-def sft_head(part_ptr, rows, splits, count, inv_n, loss_ptr, stats_ptr, coef_ptr,
-             C: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
+def sft_head(
+    part_ptr,
+    rows,
+    splits,
+    count,
+    inv_n,
+    loss_ptr,
+    stats_ptr,
+    coef_ptr,
+    C: tl.constexpr,
+    ACC: tl.constexpr,
+    NP: tl.constexpr,
+    SP: tl.constexpr,
+):
     """count: the kept rows (all rows, or the winners 0..N/2-1)."""
     inv_n = f64(inv_n, ACC)
     keep = count
@@ -23,12 +36,16 @@ def sft_head(part_ptr, rows, splits, count, inv_n, loss_ptr, stats_ptr, coef_ptr
 
 
 SFT = Method(
-    "sft", "sft_loss", sft_head,
+    "sft",
+    "sft_loss",
+    sft_head,
     Layout(("loss",)),
     hypers=(Hyper("winners_only", False, "bool", head=False),),
-    paired=False, needs_ref=False,
+    paired=False,
+    needs_ref=False,
     presets=(("sft", {}), ("sft_winners", {"winners_only": True})),
     loss_types=(("sft", "sft_winners", "supervised fine-tuning on the winners (no reference)"),),
-    description="SFT baseline", section="2.2",
+    description="SFT baseline",
+    section="2.2",
 )
 METHODS = (SFT,)
