@@ -49,7 +49,7 @@ def check_device(name, x):
 
 
 def check_constant(name, x):
-    """`ref_pred` and `target` are constants of every loss (spec §1): one that requires grad is
+    """`ref_pred` and `target` are constants of every loss (docs/methods.md §1): one that requires grad is
     refused rather than silently treated as constant (an eager block would propagate into it)."""
     if x.requires_grad:
         raise ValueError(
@@ -114,7 +114,7 @@ def check_predictions(paired, model_pred, target, ref_pred=None):
 
 
 def compute_dtype(*tensors):
-    """float64 if any input is float64, else float32 (spec §1, "Dtypes")."""
+    """float64 if any input is float64, else float32 (docs/methods.md §1, "Dtypes")."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 

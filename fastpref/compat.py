@@ -1,5 +1,5 @@
 """Drop-in loss blocks for existing Diffusion-DPO, DSPO, Diffusion-KTO, MaPO and Diffusion-SDPO
-trainers (spec §5).
+trainers (docs/methods.md §5).
 
 Each function replaces the code between a trainer's model/reference forward and its
 `backward()`: it takes the trainer's own tensors and flags, and returns `(loss, logs)` where

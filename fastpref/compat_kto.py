@@ -1,4 +1,4 @@
-"""The drop-in loss block of jacklishufan/diffusion-kto `train_kto_sd_v1.5.py` (spec §2.7, §5),
+"""The drop-in loss block of jacklishufan/diffusion-kto `train_kto_sd_v1.5.py` (docs/methods.md §2.7, §5),
 re-exported by `fastpref.compat`.
 
 Upstream's block chooses its loss with three flags. The combinations that are a fastpref loss
@@ -68,7 +68,7 @@ def official_kto_loss(
 
     Returns (loss 0-dim float32/float64 with gradient into model_pred, logs) with upstream's
     keys `loss`, `raw_model_loss`, `kl`, `acc` (detached 0-dim). Upstream's other diagnostics
-    (`ref_loss`, `likelyhood`, `diff_pos`, `diff_neg`, `n_pos`, `n_neg`) are not spec metrics;
+    (`ref_loss`, `likelyhood`, `diff_pos`, `diff_neg`, `n_pos`, `n_neg`) are not documented metrics;
     `fastpref.row_errors` gives the per-row errors they are made of."""
     _check_modes(loss, halo, bce_offset)
     v.check_positive_finite("beta_dpo", beta_dpo)

@@ -1,4 +1,4 @@
-"""The drop-in loss block of AIDC-AI/Diffusion-SDPO `train.py` (spec §2.9, §2.10, §5),
+"""The drop-in loss block of AIDC-AI/Diffusion-SDPO `train.py` (docs/methods.md §2.9, §2.10, §5),
 re-exported by `fastpref.compat`: its DPO, DSPO and DMPO bases, each with or without the
 winner-preserving safeguard, and `train_method sft` (its `--sft` flag is parsed but unused
 upstream), under upstream's flag names and argparse defaults."""

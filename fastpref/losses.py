@@ -1,6 +1,6 @@
 """The public losses. Each validates its inputs (before any launch), runs the fused
 Function and returns `(loss, metrics)`: a 0-dim tensor in the compute dtype (float32, or
-float64 for float64 inputs) and a dict of detached tensors with the spec's keys.
+float64 for float64 inputs) and a dict of detached tensors with docs/methods.md's keys.
 
 Layout: model_pred, ref_pred, target are [2B, ...] (rank >= 2, any trailing dims), winners in
 rows 0..B-1, their losers in rows B..2B-1 (`kto_loss` and `sft_loss`: any [N, ...]); dtypes
@@ -45,7 +45,7 @@ def _paired(model_pred, ref_pred, target):
 
 
 def diffusion_dpo_loss(model_pred, ref_pred, target, *, beta=5000.0, loss_type="sigmoid"):
-    """Diffusion-DPO (spec §2.1), β in the official convention (diffusers SD1.5 `beta_dpo` x 2).
+    """Diffusion-DPO (docs/methods.md §2.1), β in the official convention (diffusers SD1.5 `beta_dpo` x 2).
 
     loss_type: "sigmoid" (mean softplus(-inside)), "hinge" or "ipo". Metrics: loss,
     implicit_acc, implicit_acc_ties_half, model_mse, ref_mse, model_mse_w, model_mse_l,
@@ -56,7 +56,7 @@ def diffusion_dpo_loss(model_pred, ref_pred, target, *, beta=5000.0, loss_type="
 
 
 def sft_loss(model_pred, target, *, winners_only=False):
-    """SFT baseline (spec §2.2): mean squared error over every element of the kept rows.
+    """SFT baseline (docs/methods.md §2.2): mean squared error over every element of the kept rows.
 
     model_pred, target: [N, ...]; winners_only=True keeps rows 0..N/2-1 of a paired batch (the
     losers get zero gradient). Metrics: loss."""
@@ -66,7 +66,7 @@ def sft_loss(model_pred, target, *, winners_only=False):
 
 
 def dspo_loss(model_pred, ref_pred, target, *, beta=0.001, variant="sd15", sdxl_threshold=0.1):
-    """DSPO (spec §2.3). variant "sd15" or "sdxl"; the sdxl branch (q >= sdxl_threshold: 1,
+    """DSPO (docs/methods.md §2.3). variant "sd15" or "sdxl"; the sdxl branch (q >= sdxl_threshold: 1,
     else 2) is chosen on the device. Metrics: loss, implicit_acc, model_mse, ref_mse,
     weight_mean, sdxl_branch (0-dim int64: 0 for sd15)."""
     floats = v.check_hyperparameters(DSPO, locals(), {"variant": variant})
@@ -75,7 +75,7 @@ def dspo_loss(model_pred, ref_pred, target, *, beta=0.001, variant="sd15", sdxl_
 
 
 def rpo_loss(model_pred, ref_pred, target, *, emb_w=None, emb_l=None, beta=5000.0, tau=0.5):
-    """Diffusion-RPO (spec §2.4): every winner against every loser, B x B logits weighted by
+    """Diffusion-RPO (docs/methods.md §2.4): every winner against every loser, B x B logits weighted by
     W = softmax_j(cos(emb_w[i], emb_l[j]) / tau) (emb_w, emb_l: [B, D] prompt embeddings,
     constant; emb_l defaults to emb_w), or W = 1 without embeddings. Metrics: loss,
     implicit_acc, pair_acc_all, weights ([B, B]), diag_weight_mean, model_mse, ref_mse."""
@@ -102,7 +102,7 @@ def rpo_loss(model_pred, ref_pred, target, *, emb_w=None, emb_l=None, beta=5000.
 
 
 def rpo_diagonal_loss(model_pred, ref_pred, target, *, beta=5000.0, diagonal_weight=0.8):
-    """Diffusion-RPO with a diagonal weight (spec §2.4): w_d on each pair's own term, 1 - w_d on
+    """Diffusion-RPO with a diagonal weight (docs/methods.md §2.4): w_d on each pair's own term, 1 - w_d on
     the mean of its B - 1 cross-pair terms. Needs B >= 2. Metrics: loss, implicit_acc."""
     floats = v.check_hyperparameters(RPO_DIAGONAL, locals())
     B = _paired(model_pred, ref_pred, target)
@@ -112,7 +112,7 @@ def rpo_diagonal_loss(model_pred, ref_pred, target, *, beta=5000.0, diagonal_wei
 
 
 def sspo_loss(model_pred, ref_pred, target, *, beta=5000.0, criterion="indicator"):
-    """SSPO / SePPO (spec §2.5): rows 0..B-1 dataset winners, rows B..2B-1 self-samples of a
+    """SSPO / SePPO (docs/methods.md §2.5): rows 0..B-1 dataset winners, rows B..2B-1 self-samples of a
     replayed checkpoint, which also gives ref_pred. criterion "indicator" (SSPO) or "sign"
     (SePPO v1). Metrics: loss, dpo_fraction, criterion ([B]), implicit_acc, model_mse_w, ref_mse_w."""
     floats = v.check_hyperparameters(SSPO, locals(), {"criterion": criterion})
@@ -132,7 +132,7 @@ def dense_dpo_loss(
     num_train_timesteps=1000,
     normalize=True,
 ):
-    """Diffusion-DPO with the dense-reward temporal discount (spec §2.6): pair i's β is scaled by
+    """Diffusion-DPO with the dense-reward temporal discount (docs/methods.md §2.6): pair i's β is scaled by
     w(t_i) = γ^k(t_i) (normalised to mean 1 over the K sampler steps when normalize=True).
     timesteps: 1-D, length B or 2B (then the halves must match; checked eagerly, skipped during
     CUDA-graph capture), integer or floating. Metrics: loss, implicit_acc, step_weight_mean,
@@ -149,7 +149,7 @@ def dense_dpo_loss(
     if timesteps.dtype == torch.bool:
         raise TypeError("timesteps must be integer or floating, got torch.bool")
     if timesteps.shape[0] == 2 * B and not _capturing(timesteps):
-        if not torch.equal(timesteps[:B], timesteps[B:]):  # host-ok: documented eager-only check (spec §2.6)
+        if not torch.equal(timesteps[:B], timesteps[B:]):  # host-ok: documented eager-only check (docs/methods.md §2.6)
             raise ValueError(
                 "timesteps of length 2B must repeat the winners' timesteps for the losers "
                 "(a pair shares t); the halves differ"
@@ -161,7 +161,7 @@ def dense_dpo_loss(
 
 
 def kto_loss(model_pred, ref_pred, target, labels, *, beta=1000.0, lambda_d=1.0, lambda_u=1.0, kl_baseline=None):
-    """Diffusion-KTO (spec §2.7) on unpaired rows [N, ...]; labels: 1-D of length N, any real
+    """Diffusion-KTO (docs/methods.md §2.7) on unpaired rows [N, ...]; labels: 1-D of length N, any real
     dtype, nonzero = desirable. kl_baseline: None (z = max(0, mean_k (r_k - m_k)), detached), a
     float, or a 0-dim tensor used as given. Metrics: loss, kl, acc, model_mse."""
     floats = v.check_hyperparameters(KTO, locals())
@@ -195,7 +195,7 @@ def kto_loss(model_pred, ref_pred, target, labels, *, beta=1000.0, lambda_d=1.0,
 
 
 def mapo_loss(model_pred, target, *, beta=0.1, snr_value=0.5, num_train_timesteps=1000):
-    """MaPO (spec §2.8), reference-free, paired [2B, ...]. Metrics: loss, win_score, lose_score,
+    """MaPO (docs/methods.md §2.8), reference-free, paired [2B, ...]. Metrics: loss, win_score, lose_score,
     or_loss, model_mse_w, model_mse_l, margin_acc."""
     floats = v.check_hyperparameters(MAPO, locals())
     v.check_predictions(True, model_pred, target)
@@ -217,7 +217,7 @@ def sdpo_loss(
     sdxl_threshold=0.1,
     dmpo_alpha=0.01,
 ):
-    """Diffusion-SDPO (spec §2.9): the base loss ("dpo", "dspo" or "dmpo") with every loser-row
+    """Diffusion-SDPO (docs/methods.md §2.9): the base loss ("dpo", "dspo" or "dmpo") with every loser-row
     gradient scaled by the safeguard λ (a constant per call; 1 with safeguard=False). Metrics:
     loss, implicit_acc, model_mse, ref_mse, win_diff, lose_diff, loser_grad_scale, inside_term
     ([B]); with the safeguard also safeguard_num, safeguard_den, safeguard_proxy_grad_cos; with
@@ -234,7 +234,7 @@ def sdpo_loss(
 
 
 def dmpo_loss(model_pred, ref_pred, target, *, beta=2000.0, alpha=0.01):
-    """DMPO (spec §2.10): KL(Bernoulli(σ(inside)) || Bernoulli(1 - α)), α clamped into
+    """DMPO (docs/methods.md §2.10): KL(Bernoulli(σ(inside)) || Bernoulli(1 - α)), α clamped into
     [1e-6, 1 - 1e-6] as 1 - q. Metrics: loss, implicit_acc, model_mse, ref_mse."""
     floats = v.check_hyperparameters(DMPO, locals())
     _paired(model_pred, ref_pred, target)

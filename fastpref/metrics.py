@@ -21,7 +21,7 @@ def row_errors(
     """Per-row mean squared errors of any ``[N, ...]`` predictions (rank >= 2, float16/bfloat16/
     float32/float64, mixed freely): ``m_k = mean((model_pred_k - target_k)^2)`` and, when
     ``ref_pred`` is given, ``r_k = mean((ref_pred_k - target_k)^2)`` (else None). Returns ``[N]``
-    tensors in float32 (float64 if any input is float64), detached: the spec's m and r."""
+    tensors in float32 (float64 if any input is float64), detached: docs/methods.md's m and r."""
     v.check_predictions(False, model_pred, target, ref_pred)
     p, r, t = _as_rows(model_pred), _as_rows(ref_pred), _as_rows(target)
     partials, _ = row_sums(p, r, t, v.compute_dtype(model_pred, ref_pred, target))
@@ -37,7 +37,7 @@ def kto_baseline(
     ref_pred: torch.Tensor,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Diffusion-KTO's baseline over several processes (spec §2.7): ``z = max(0,
+    """Diffusion-KTO's baseline over several processes (docs/methods.md §2.7): ``z = max(0,
     reduce(mean_k (r_k - m_k)))`` from ``row_errors``, a detached 0-dim tensor to pass as
     ``kto_loss(..., kl_baseline=z)``. ``reduce`` averages a 0-dim tensor over processes (an
     all-reduce mean, ``accelerator.reduce(t, reduction="mean")``); None: this batch alone.

@@ -1,4 +1,4 @@
-"""Numerically stable scalar functions shared by the heads (spec §4, "Stable forms").
+"""Numerically stable scalar functions shared by the heads (docs/methods.md §4, "Stable forms").
 
 Built from exp and log only: the interpreter has no libdevice."""
 

@@ -1,4 +1,4 @@
-"""Pass 3 of the fused family: the elementwise gradient (spec §3, "Gradient form").
+"""Pass 3 of the fused family: the elementwise gradient (docs/methods.md §3, "Gradient form").
 
     grad[k] = G * (a_k * (p - t) + b_k * (p - r))      written in model_pred's dtype
 

@@ -1,4 +1,4 @@
-"""Pass 1 of the fused family: per-row quadratic forms (spec §3).
+"""Pass 1 of the fused family: per-row quadratic forms (docs/methods.md §3).
 
 For every row k of the [R, n] views of model_pred (p), ref_pred (r) and target (t):
 

@@ -16,7 +16,7 @@ REFERENCES = {"dpo_sigmoid": reference.dpo, "dpo_hinge": reference.dpo, "dpo_ipo
 
 
 def reference_on_gpu(name, model, ref, target, G):
-    """The float64 spec reference, evaluated on the GPU (real shapes are slow on the CPU)."""
+    """The float64 reference (docs/methods.md), evaluated on the GPU (real shapes are slow on the CPU)."""
     kw = CALLS[name][2]
     leaf = model.detach().double().requires_grad_(True)
     if name.startswith("sft"):

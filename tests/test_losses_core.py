@@ -1,4 +1,4 @@
-"""Diffusion-DPO, SFT and DSPO against the float64 spec reference: loss, gradient, metrics;
+"""Diffusion-DPO, SFT and DSPO against the float64 reference (docs/methods.md): loss, gradient, metrics;
 every variant, β from small to 5000, fp32/fp16/bf16/mixed/fp64, 4-D and 5-D, B = 1, rows
 not a multiple of the block and split across programs. Outputs are poisoned (conftest)."""
 

@@ -1,4 +1,4 @@
-"""RPO, RPO-diagonal, SSPO, dense-reward DPO, KTO, MaPO, SDPO and DMPO (spec §2.4-2.10)
+"""RPO, RPO-diagonal, SSPO, dense-reward DPO, KTO, MaPO, SDPO and DMPO (docs/methods.md §2.4-2.10)
 against the float64 reference: loss, gradient (random incoming gradient), every metric; every
 variant, small to large β, fp32/fp16/bf16/fp64 and mixes, 4-D and 5-D, B = 1 where legal, rows
 that span several blocks and end in a partial one. Kernel outputs are poisoned (conftest)."""

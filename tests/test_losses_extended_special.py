@@ -1,4 +1,4 @@
-"""The spec's special cases and exact constructions for the extended losses (§2.4-2.10):
+"""docs/methods.md's special cases and exact constructions for the extended losses (§2.4-2.10):
 reductions to Diffusion-DPO, the dense k(t) table, SSPO anchors and ties, MaPO near m = 0,
 KTO one-class batches, SDPO's gradient edit, DMPO as SDPO. Kernel against kernel where the
 spec states an identity, kernel against the float64 reference otherwise."""
@@ -112,14 +112,14 @@ def test_dense_with_gamma_one_is_dpo_exactly(normalize, form, device):
         assert torch.equal(m[key], dm[key]), f"{key}: {m[key]} != {dm[key]}"
 
 
-# t -> k(t) for T = 1000, K = 50 (spec §2.6), plus interior points.
+# t -> k(t) for T = 1000, K = 50 (docs/methods.md §2.6), plus interior points.
 K_TABLE = {999: 0, 981: 0, 980: 0, 979: 1, 960: 1, 959: 2, 500: 24, 19: 49, 1: 49, 0: 49}
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float32])
 def test_dense_step_index_table(dtype, device):
     """With γ = 1/2 and normalize=False, step_weight_mean of a one-pair batch is 2^-k(t)
-    exactly; the table comes from the spec, not from the formula under test."""
+    exactly; the table comes from docs/methods.md, not from the formula under test."""
     inputs = make_inputs((2, 3, 4), F32, device, 6, 0.05)
     for t, k in K_TABLE.items():
         assert float(ref.dense_step_index(torch.tensor([t]))) == k  # the reference agrees
@@ -272,7 +272,7 @@ SDPO_BASE_IDS = ["dpo", "dspo-sd15", "dspo-sdxl", "dmpo"]
 
 
 def base_call(base, extra, beta):
-    """The plain base loss the spec names for an SDPO base, with its keyword arguments."""
+    """The plain base loss docs/methods.md names for an SDPO base, with its keyword arguments."""
     if base == "dpo":
         return fastpref.diffusion_dpo_loss, dict(beta=beta)
     if base == "dspo":
@@ -375,7 +375,7 @@ def test_dmpo_is_sdpo_dmpo_without_safeguard(alpha, device):
 
 def test_strided_aux_tensors_and_constants_get_no_gradient(device):
     """Embeddings, timesteps and labels as strided views are read through their strides, and
-    tensors the spec calls constants (embeddings, kl_baseline) receive no gradient."""
+    tensors docs/methods.md calls constants (embeddings, kl_baseline) receive no gradient."""
     inputs = make_inputs((6, 3, 9, 10), F32, device, 16, 0.01)
     rtol = compute_rtol(inputs, 5000.0)
     emb = random_embeddings(8, 3, 17, F32, device).T.requires_grad_(True)  # [3, 8], strides (1, 3)
@@ -409,7 +409,7 @@ FRACTIONS = [  # (function, extra positional builder, keyword arguments, {metric
 
 @pytest.mark.parametrize("name,extra,kw,fractions", FRACTIONS, ids=[f[0] for f in FRACTIONS])
 def test_float64_fractions_are_exact(name, extra, kw, fractions, device):
-    """With float64 inputs the compute dtype is float64 (spec §1), so a share k/B of pairs must
+    """With float64 inputs the compute dtype is float64 (docs/methods.md §1), so a share k/B of pairs must
     be k/B to float64 precision, not a float32 rounding of it (2/3 -> 0.6666666865)."""
     B = 3
     fn = getattr(fastpref, f"{name}_loss")

@@ -1,6 +1,6 @@
-"""The API contract of the extended losses (spec §2.4-2.10): bad input raises ValueError/TypeError
-naming the argument, before any kernel launch; boundary values the spec allows are accepted;
-signatures and defaults are the spec's."""
+"""The API contract of the extended losses (docs/methods.md §2.4-2.10): bad input raises ValueError/TypeError
+naming the argument, before any kernel launch; boundary values docs/methods.md allows are accepted;
+signatures and defaults are docs/methods.md's."""
 
 import inspect
 
@@ -120,7 +120,7 @@ def test_boundary_values_are_accepted(device):
         assert torch.isfinite(loss) and "loss" in metrics
 
 
-SIGNATURES = {  # spec §2.4-2.10, written out: (positional parameters, keyword-only parameters with defaults)
+SIGNATURES = {  # docs/methods.md §2.4-2.10, written out: (positional parameters, keyword-only parameters with defaults)
     "rpo_loss": (("model_pred", "ref_pred", "target"), dict(emb_w=None, emb_l=None, beta=5000.0, tau=0.5)),
     "rpo_diagonal_loss": (("model_pred", "ref_pred", "target"), dict(beta=5000.0, diagonal_weight=0.8)),
     "sspo_loss": (("model_pred", "ref_pred", "target"), dict(beta=5000.0, criterion="indicator")),

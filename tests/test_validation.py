@@ -62,7 +62,7 @@ CONSTANT_CASES = [
 
 @pytest.mark.parametrize("name,argument", CONSTANT_CASES, ids=[f"{n}-{a}" for n, a in CONSTANT_CASES])
 def test_reference_or_target_that_requires_grad_is_refused(name, argument, device, no_launch):
-    """ref_pred and target are constants (spec §1): one that requires grad (a leaf or the
+    """ref_pred and target are constants (docs/methods.md §1): one that requires grad (a leaf or the
     output of a graph) is refused before any launch, naming it and saying to detach it,
     instead of silently getting no gradient."""
     model, ref, target = good(device)

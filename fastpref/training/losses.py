@@ -30,7 +30,7 @@ class LossType:
 
     @property
     def default_beta(self) -> float | None:
-        """The fastpref function's own default β (the spec's); None if it takes no β."""
+        """The fastpref function's own default β (docs/methods.md's); None if it takes no β."""
         param = inspect.signature(getattr(fastpref, self.function)).parameters.get("beta")
         return None if param is None else param.default
 

@@ -1,4 +1,4 @@
-"""DMPO head (spec §2.10): KL(Bernoulli(σ(inside)) || Bernoulli(q)), q = clamp(1 - α)."""
+"""DMPO head (docs/methods.md §2.10): KL(Bernoulli(σ(inside)) || Bernoulli(q)), q = clamp(1 - α)."""
 
 import triton
 import triton.language as tl

@@ -1,4 +1,4 @@
-"""Diffusion-DPO head (spec §2.1: sigmoid, hinge, ipo) and its temporal-discount variant
+"""Diffusion-DPO head (docs/methods.md §2.1: sigmoid, hinge, ipo) and its temporal-discount variant
 (§2.6, dense DPO: β scaled per pair by the timestep weight w(t))."""
 
 import triton
@@ -77,7 +77,7 @@ def dpo_head(
 
 @triton.jit
 def step_weights(ts_ptr, ts_stride, B, gamma, steps, train_steps, scale, NP: tl.constexpr):
-    """w(t_i) of spec §2.6 in float64: k = clamp(floor((T-1-t) K / T), 0, K-1), w = scale γ^k."""
+    """w(t_i) of docs/methods.md §2.6 in float64: k = clamp(floor((T-1-t) K / T), 0, K-1), w = scale γ^k."""
     offs = tl.arange(0, NP)
     t = tl.load(ts_ptr + offs * ts_stride, mask=offs < B, other=0).to(tl.float64)
     T = train_steps.to(tl.float64)

@@ -1,4 +1,4 @@
-"""DSPO head (spec §2.3): sd15 and sdxl variants; the sdxl branch is chosen on the device.
+"""DSPO head (docs/methods.md §2.3): sd15 and sdxl variants; the sdxl branch is chosen on the device.
 
 With g = σ(-inside) carrying gradient, sd15 is mean_i (S_pt - 2βg S_ptr + β²g² S_pr)/n on the
 winner rows; sdxl takes mean_i g² S_pr/n (branch 1, q >= threshold) or mean_i g² (branch 2),

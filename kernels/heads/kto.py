@@ -1,4 +1,4 @@
-"""Diffusion-KTO head (spec §2.7): unpaired rows with labels; x_k = s_k β (g_k - z),
+"""Diffusion-KTO head (docs/methods.md §2.7): unpaired rows with labels; x_k = s_k β (g_k - z),
 g = r - m, z = max(0, mean g) (detached) or a given baseline."""
 
 import triton

@@ -1,4 +1,4 @@
-"""MaPO head (spec §2.8): reference-free; f(m) = h(s m), h(x) = x / expm1(x),
+"""MaPO head (docs/methods.md §2.8): reference-free; f(m) = h(s m), h(x) = x / expm1(x),
 u = T (f(m_w) - f(m_l)), loss = mean m_w - β mean log σ(u)."""
 
 import triton

@@ -1,4 +1,4 @@
-"""Diffusion-RPO heads (spec §2.4): every winner i against every loser j, ℓ_ij = ρ_w,i - ρ_l,j
+"""Diffusion-RPO heads (docs/methods.md §2.4): every winner i against every loser j, ℓ_ij = ρ_w,i - ρ_l,j
 with ρ = -(m - r). `rpo`: weights W_ij (softmax over j of the prompt-embedding cosine / τ, or
 all ones) inside the sigmoid, mean over all B² pairs. `rpo_diagonal`: weight w_d on the
 diagonal and (1 - w_d) on the mean of the off-diagonal terms, outside the sigmoid.

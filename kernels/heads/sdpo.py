@@ -1,4 +1,4 @@
-"""Diffusion-SDPO head (spec §2.9): a DPO, DSPO or DMPO base whose loser-row gradients are
+"""Diffusion-SDPO head (docs/methods.md §2.9): a DPO, DSPO or DMPO base whose loser-row gradients are
 scaled by the safeguard λ = clamp((1 - μ) num / (den + eps), 0, max_scale) (max_scale when
 den <= 0), from the winner/loser output-space gradient proxies of the local micro-batch. The
 loss value is the base's exactly; λ is a constant."""

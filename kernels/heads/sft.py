@@ -1,4 +1,4 @@
-"""SFT head (spec §2.2): plain MSE over the kept rows (all rows, or the winners only)."""
+"""SFT head (docs/methods.md §2.2): plain MSE over the kept rows (all rows, or the winners only)."""
 
 import triton
 import triton.language as tl

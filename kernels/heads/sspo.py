@@ -1,4 +1,4 @@
-"""SSPO / SePPO head (spec §2.5): rows B..2B-1 are self-samples; the criterion c (indicator or
+"""SSPO / SePPO head (docs/methods.md §2.5): rows B..2B-1 are self-samples; the criterion c (indicator or
 sign of the winner anchor a = r_w - m_w) is computed from detached values and carries no
 gradient."""
 
