@@ -20,66 +20,111 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     # fastpref runs its Triton kernels in the interpreter without CUDA; make sure it does
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import counters  # noqa: E402
-import csv_io  # noqa: E402
-import measure  # noqa: E402
-import providers as prov  # noqa: E402
-import registry  # noqa: E402
-import shapes as shp  # noqa: E402
+import counters
+import csv_io
+import measure
+import providers as prov
+import registry
+import shapes as shp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METRICS = ["time", "memory", "launches", "syncs"]
 # aten ops that launch no kernel (views, metadata, allocation without fill)
 NO_KERNEL_OPS = {
-    "aten.view", "aten._unsafe_view", "aten.expand", "aten.slice", "aten.select",
-    "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.t", "aten.transpose",
-    "aten.permute", "aten.unsqueeze", "aten.squeeze", "aten.as_strided", "aten.alias",
-    "aten.detach", "aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty",
-    "aten.new_empty_strided", "aten.set_", "aten.lift_fresh", "aten.diagonal",
-    "aten.unbind", "aten.reshape", "aten.view_as", "aten._reshape_alias", "aten.unfold",
+    "aten.view",
+    "aten._unsafe_view",
+    "aten.expand",
+    "aten.slice",
+    "aten.select",
+    "aten.split",
+    "aten.split_with_sizes",
+    "aten.chunk",
+    "aten.t",
+    "aten.transpose",
+    "aten.permute",
+    "aten.unsqueeze",
+    "aten.squeeze",
+    "aten.as_strided",
+    "aten.alias",
+    "aten.detach",
+    "aten.empty",
+    "aten.empty_like",
+    "aten.empty_strided",
+    "aten.new_empty",
+    "aten.new_empty_strided",
+    "aten.set_",
+    "aten.lift_fresh",
+    "aten.diagonal",
+    "aten.unbind",
+    "aten.reshape",
+    "aten.view_as",
+    "aten._reshape_alias",
+    "aten.unfold",
 }
 
 PRESETS = {
-    "quick": dict(shapes="sd15_512,sdxl_1024,video", batches="8", dtypes="fp32,bf16",
-                  modes="full"),
-    "cpu_quick": dict(methods="all", shapes="tiny", batches="2", dtypes="fp32,bf16",
-                      modes="forward,full", providers="fastpref,eager-diffusers,eager-official,eager-spec",
-                      metrics="memory,launches,syncs", mode_batches="all", count_batches="all"),
+    "quick": dict(shapes="sd15_512,sdxl_1024,video", batches="8", dtypes="fp32,bf16", modes="full"),
+    "cpu_quick": dict(
+        methods="all",
+        shapes="tiny",
+        batches="2",
+        dtypes="fp32,bf16",
+        modes="forward,full",
+        providers="fastpref,eager-diffusers,eager-official,eager-spec",
+        metrics="memory,launches,syncs",
+        mode_batches="all",
+        count_batches="all",
+    ),
 }
 
 
 def parse_args(argv=None):
     """Command-line flags (see ``--help``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", help=f"comma list or 'all' (default: {','.join(registry.DEFAULT_METHODS)}); "
-                                     f"known: {','.join(registry.METHODS)}")
-    p.add_argument("--providers", help=f"comma list (default: {','.join(prov.DEFAULT_PROVIDERS)}); "
-                                       f"known: {','.join(prov.ALL_PROVIDERS)}")
+    p.add_argument(
+        "--methods",
+        help=f"comma list or 'all' (default: {','.join(registry.DEFAULT_METHODS)}); "
+        f"known: {','.join(registry.METHODS)}",
+    )
+    p.add_argument(
+        "--providers",
+        help=f"comma list (default: {','.join(prov.DEFAULT_PROVIDERS)}); known: {','.join(prov.ALL_PROVIDERS)}",
+    )
     p.add_argument("--shapes", help=f"comma list (default: {','.join(shp.GPU_SHAPES)}); known: {','.join(shp.SHAPES)}")
     p.add_argument("--batches", help=f"comma list of B (pairs; batch is 2B) (default: {shp.BATCHES})")
     p.add_argument("--dtypes", help="comma list of fp32,bf16,fp16 (default: fp32,bf16)")
     p.add_argument("--modes", help="comma list of forward,backward,full (default: all three)")
     p.add_argument("--metrics", help=f"comma list of {','.join(METRICS)} (default: all)")
     p.add_argument("--quick", action="store_true", help="headline subset: SD1.5-512/SDXL/video, B=8, fwd+bwd")
-    p.add_argument("--cpu-quick", action="store_true",
-                   help="CPU, tiny shapes, every method: memory, host syncs, op/launch counts (no timing)")
+    p.add_argument(
+        "--cpu-quick",
+        action="store_true",
+        help="CPU, tiny shapes, every method: memory, host syncs, op/launch counts (no timing)",
+    )
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
     p.add_argument("--out", help="CSV path (default: benchmarks/results/<run>.csv)")
-    p.add_argument("--mode-batches",
-                   help="B values at which forward-only and backward-only are run ('all' = every B); "
-                        "fwd+bwd runs at every B")
-    p.add_argument("--count-batches",
-                   help="B values at which kernel launches and host syncs are counted ('all' = every B; "
-                        "counts do not depend on B, profiling is slow)")
+    p.add_argument(
+        "--mode-batches",
+        help="B values at which forward-only and backward-only are run ('all' = every B); fwd+bwd runs at every B",
+    )
+    p.add_argument(
+        "--count-batches",
+        help="B values at which kernel launches and host syncs are counted ('all' = every B; "
+        "counts do not depend on B, profiling is slow)",
+    )
     p.add_argument("--rep-ms", type=int, default=25, help="measuring time per timed point (ms)")
-    p.add_argument("--budget-s", type=float, default=420.0,
-                   help="stop starting new points after this many seconds (rows so far are kept)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="stop starting new points after this many seconds (rows so far are kept)",
+    )
     args = p.parse_args(argv)
     preset = PRESETS["cpu_quick"] if args.cpu_quick else PRESETS["quick"] if args.quick else {}
     for k, v in preset.items():
@@ -106,8 +151,9 @@ class Run:
         self.device = args.device
         self.methods = registry.select_methods(args.methods)
         self.providers = shp.parse_list(args.providers, prov.ALL_PROVIDERS, prov.DEFAULT_PROVIDERS)
-        self.shapes = shp.parse_list(args.shapes, shp.SHAPES,
-                                     shp.GPU_SHAPES if self.device == "cuda" else shp.CPU_SHAPES)
+        self.shapes = shp.parse_list(
+            args.shapes, shp.SHAPES, shp.GPU_SHAPES if self.device == "cuda" else shp.CPU_SHAPES
+        )
         self.batches = shp.parse_batches(args.batches, shp.BATCHES)
         self.dtypes = shp.parse_list(args.dtypes, shp.DTYPES, ["fp32", "bf16"])
         self.modes = shp.parse_list(args.modes, measure.MODES, measure.MODES)
@@ -146,8 +192,10 @@ class Run:
         """True once the time budget is spent (noted once)."""
         if not self.stopped and time.time() - self.t0 > self.a.budget_s:
             self.stopped = True
-            self.note(f"BUDGET: {self.a.budget_s:.0f} s spent; remaining points not run "
-                      f"(narrow the selection or raise --budget-s)")
+            self.note(
+                f"BUDGET: {self.a.budget_s:.0f} s spent; remaining points not run "
+                f"(narrow the selection or raise --budget-s)"
+            )
         return self.stopped
 
     def measure_bandwidth(self) -> None:
@@ -156,9 +204,20 @@ class Run:
             return
         self.bandwidth = measure.device_copy_bandwidth_gbs()
         print(f"device copy bandwidth: {self.bandwidth:.0f} GB/s", flush=True)
-        self.w.add(kernel="_device", provider="copy", mode="copy", metric="copy_bandwidth",
-                   unit="GB/s", x_name="bytes", x_value=1 << 30, y=self.bandwidth, dtype="fp32",
-                   shape_name="copy_1GiB", shape=(1 << 28,), extra={"note": "device-to-device copy, read+write bytes"})
+        self.w.add(
+            kernel="_device",
+            provider="copy",
+            mode="copy",
+            metric="copy_bandwidth",
+            unit="GB/s",
+            x_name="bytes",
+            x_value=1 << 30,
+            y=self.bandwidth,
+            dtype="fp32",
+            shape_name="copy_1GiB",
+            shape=(1 << 28,),
+            extra={"note": "device-to-device copy, read+write bytes"},
+        )
 
     def run(self) -> None:
         """Run the whole grid."""
@@ -187,8 +246,10 @@ class Run:
                 break
             self.point(*pt)
         if self.device == "cpu" and self.a.cpu_quick:
-            self.note("NOTE: compile providers are not part of --cpu-quick (op counts of "
-                      "compiled graphs are not comparable on CPU)")
+            self.note(
+                "NOTE: compile providers are not part of --cpu-quick (op counts of "
+                "compiled graphs are not comparable on CPU)"
+            )
 
     def point(self, method, provs, dname, sname, B) -> None:
         """All providers and modes at one (method, dtype, shape, B)."""
@@ -207,8 +268,7 @@ class Run:
                     if self.device == "cuda" and isinstance(e, torch.cuda.OutOfMemoryError):
                         torch.cuda.empty_cache()
                     msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-                    self.note(f"ERROR {method.name}/{p}/{mode}/{sname}/B={B}/{dname}: "
-                              f"{type(e).__name__}: {msg}")
+                    self.note(f"ERROR {method.name}/{p}/{mode}/{sname}/B={B}/{dname}: {type(e).__name__}: {msg}")
                 args[0].grad = None
             self.w.flush()
         del args, tkw
@@ -229,10 +289,21 @@ class Run:
             call, reset = measure.make_call(block, args, tkw, mode)
         measure.warm_up(call, reset, self.device, n=3 if self.device == "cuda" else 1)
         shape = shp.batch_shape(sname, B)
-        row = dict(kernel=method.name, provider=p, mode=mode, x_name="B", x_value=B, dtype=dname,
-                   shape_name=sname, shape=shape,
-                   extra={"method_kwargs": {k: v for k, v in method.fastpref_kwargs.items()},
-                          "input_bytes": one, "batch_rows": 2 * B})
+        row = dict(
+            kernel=method.name,
+            provider=p,
+            mode=mode,
+            x_name="B",
+            x_value=B,
+            dtype=dname,
+            shape_name=sname,
+            shape=shape,
+            extra={
+                "method_kwargs": dict(method.fastpref_kwargs),
+                "input_bytes": one,
+                "batch_rows": 2 * B,
+            },
+        )
         out = {}
         if "time" in self.metrics:
             q = measure.time_quantiles_ms(call, reset, self.device, rep_ms=self.a.rep_ms)
@@ -255,8 +326,7 @@ class Run:
         cpu_compiled = self.device == "cpu" and p in prov.COMPILE_MODES
         if cpu_compiled:
             # dynamo does not trace under a TorchDispatchMode: counts would be eager's
-            self.note_once(f"NOTE: no op/sync counts for {p} on CPU (dispatch-mode counting "
-                           "bypasses torch.compile)")
+            self.note_once(f"NOTE: no op/sync counts for {p} on CPU (dispatch-mode counting bypasses torch.compile)")
         counted = B in self.count_batches
         cpu_counted = None  # one counted call serves both ops/launches and syncs on CPU
         if "launches" in self.metrics and not cpu_compiled and counted:
@@ -287,8 +357,11 @@ class Run:
             self.w.add(metric="host_syncs", unit="count", y=n, **row)
             out["syncs"] = n
         self.summary.append((method.name, p, mode, sname, B, dname, out))
-        print(f"[{time.time() - self.t0:6.1f}s] {method.name:13s} {p:24s} {mode:8s} {sname:10s} B={B:<3d} {dname:5s} "
-              + " ".join(f"{k}={v:.4g}" for k, v in out.items()), flush=True)
+        print(
+            f"[{time.time() - self.t0:6.1f}s] {method.name:13s} {p:24s} {mode:8s} {sname:10s} B={B:<3d} {dname:5s} "
+            + " ".join(f"{k}={v:.4g}" for k, v in out.items()),
+            flush=True,
+        )
 
     def cpu_counts(self, call, reset):
         """Aten ops (interpreter internals excluded), host syncs and Triton launches of one call."""
@@ -302,24 +375,38 @@ class Run:
         keys = []
         for *_, out in self.summary:
             keys += [k for k in out if k not in keys]
-        head = f"{'method':13s} {'provider':24s} {'mode':8s} {'shape':10s} {'B':>3s} {'dtype':5s} " + \
-            " ".join(f"{k:>9s}" for k in keys)
+        head = f"{'method':13s} {'provider':24s} {'mode':8s} {'shape':10s} {'B':>3s} {'dtype':5s} " + " ".join(
+            f"{k:>9s}" for k in keys
+        )
         print("\nSUMMARY\n" + head + "\n" + "-" * len(head))
         for m, p, mode, sname, B, dname, out in self.summary:
-            print(f"{m:13s} {p:24s} {mode:8s} {sname:10s} {B:3d} {dname:5s} "
-                  + " ".join(f"{out[k]:9.4g}" if k in out else f"{'-':>9s}" for k in keys))
+            print(
+                f"{m:13s} {p:24s} {mode:8s} {sname:10s} {B:3d} {dname:5s} "
+                + " ".join(f"{out[k]:9.4g}" if k in out else f"{'-':>9s}" for k in keys)
+            )
 
     def finish(self) -> None:
         """Close the CSV and write the sidecar."""
         self.print_summary()
         self.w.close()
-        meta = {"command": csv_io.command_line(), "env": self.env,
-                "copy_bandwidth_GBps": self.bandwidth, "notes": self.notes,
-                "elapsed_s": round(time.time() - self.t0, 1),
-                "selection": {"methods": [m.name for m in self.methods], "providers": self.providers,
-                              "mode_batches": self.mode_batches, "count_batches": self.count_batches,
-                              "shapes": self.shapes, "batches": self.batches, "dtypes": self.dtypes,
-                              "modes": self.modes, "metrics": self.metrics}}
+        meta = {
+            "command": csv_io.command_line(),
+            "env": self.env,
+            "copy_bandwidth_GBps": self.bandwidth,
+            "notes": self.notes,
+            "elapsed_s": round(time.time() - self.t0, 1),
+            "selection": {
+                "methods": [m.name for m in self.methods],
+                "providers": self.providers,
+                "mode_batches": self.mode_batches,
+                "count_batches": self.count_batches,
+                "shapes": self.shapes,
+                "batches": self.batches,
+                "dtypes": self.dtypes,
+                "modes": self.modes,
+                "metrics": self.metrics,
+            },
+        }
         csv_io.write_meta(self.a.out, meta)
         print(f"wrote {self.w.n} rows to {self.a.out} in {meta['elapsed_s']} s", flush=True)
 

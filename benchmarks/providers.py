@@ -24,7 +24,7 @@ Compile and autotune time never enter a measurement: drivers warm every provider
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -74,10 +74,15 @@ def providers_for(method, requested: list[str]) -> tuple[list[str], list[str]]:
         base = GRAPHED.get(p, p)
         if base in EAGER and base not in method.eager:
             continue
+        if p in COMPILE_MODES and method.compile_base is None:
+            notes.append(f"SKIP {method.name}/{p}: no eager block to compile")
+            continue
         if base == "fastpref":
             if fastpref_fn(method) is None:
-                notes.append(f"SKIP {method.name}/fastpref: installed fastpref has no "
-                             f"{method.fastpref!r} (fastpref {fastpref_version()})")
+                notes.append(
+                    f"SKIP {method.name}/fastpref: installed fastpref has no "
+                    f"{method.fastpref!r} (fastpref {fastpref_version()})"
+                )
                 continue
         elif base in EAGER:
             pass
@@ -109,8 +114,10 @@ def build(method, provider: str) -> Callable:
         if mode == "default":
             fn = compiled
         else:
+
             def fn(*args, **tkw):
                 torch.compiler.cudagraph_mark_step_begin()
                 return compiled(*args, **tkw)
+
         _COMPILED[key] = fn
     return _COMPILED[key]

@@ -9,7 +9,7 @@ Two kinds of block live here:
   - ``diffusers_dpo``: huggingface/diffusers
     ``examples/research_projects/diffusion_dpo/train_diffusion_dpo.py`` (upcasts both
     errors to float32 through ``F.mse_loss(x.float(), y.float(), reduction="none")``;
-    ``beta_dpo`` is the script's, i.e. half of the spec's β, no 0.5 factor).
+    ``beta_dpo`` is the script's, i.e. half of docs/methods.md's β, no 0.5 factor).
   - ``official_dpo`` / ``official_sft``: SalesforceAIResearch/DiffusionDPO ``train.py``
     (DPO errors in the input dtype, no upcast; SFT upcasts).
   - ``official_dspo``: huaishengzhu/DSPO ``train.py`` (input dtype; the SDXL variant decides
@@ -20,7 +20,7 @@ Two kinds of block live here:
 
 * ``spec_*``: straightforward eager versions of the formulas of ``spec/losses.md`` for the
   methods that have no upstream trainer (or whose trainer is not reproduced here). They
-  upcast to float32 as the spec says and are written the way a user would write them.
+  upcast to float32 as docs/methods.md says and are written the way a user would write them.
 
 Every block takes ``(model_pred, ref_pred, target, ...)`` (``(model_pred, target, ...)`` for
 reference-free methods) and returns ``(loss, metrics)`` where ``metrics`` holds the tensors
@@ -142,7 +142,7 @@ def official_dspo(model_pred, ref_pred, target, *, beta_dpo=0.001, sdxl=False, s
 
 
 # --------------------------------------------------------------------------------------
-# Eager versions of the spec formulas (float32 compute, as the spec prescribes)
+# Eager versions of docs/methods.md formulas (float32 compute, as docs/methods.md prescribes)
 # --------------------------------------------------------------------------------------
 
 
@@ -163,7 +163,7 @@ def _dpo_inside(m, r, beta):
 
 
 def spec_dpo(model_pred, ref_pred, target, *, beta=5000.0):
-    """Diffusion-DPO sigmoid (spec §2.1), float32."""
+    """Diffusion-DPO sigmoid (docs/methods.md §2.1), float32."""
     m, r = _errors(model_pred, ref_pred, target)
     inside = _dpo_inside(m, r, beta)
     loss = F.softplus(-inside).mean()
@@ -182,7 +182,7 @@ def spec_dense_dpo(
     num_train_timesteps=1000,
     normalize=True,
 ):
-    """Dense-reward temporally discounted DPO (spec §2.6), float32."""
+    """Dense-reward temporally discounted DPO (docs/methods.md §2.6), float32."""
     T, K = num_train_timesteps, num_inference_steps
     B = model_pred.shape[0] // 2
     t = timesteps[:B].to(torch.float64)
@@ -198,7 +198,7 @@ def spec_dense_dpo(
 
 
 def spec_sspo(model_pred, ref_pred, target, *, beta=5000.0, criterion="indicator"):
-    """SSPO / SePPO (spec §2.5), float32."""
+    """SSPO / SePPO (docs/methods.md §2.5), float32."""
     m, r = _errors(model_pred, ref_pred, target)
     m_w, m_s = m.chunk(2)
     r_w, r_s = r.chunk(2)
@@ -217,7 +217,7 @@ def _rpo_pairs(model_pred, ref_pred, target):
 
 
 def spec_rpo(model_pred, ref_pred, target, *, emb_w=None, emb_l=None, beta=5000.0, tau=0.5):
-    """Diffusion-RPO (spec §2.4), float32."""
+    """Diffusion-RPO (docs/methods.md §2.4), float32."""
     ell = _rpo_pairs(model_pred, ref_pred, target)
     if emb_w is None:
         W = torch.ones_like(ell)
@@ -231,7 +231,7 @@ def spec_rpo(model_pred, ref_pred, target, *, emb_w=None, emb_l=None, beta=5000.
 
 
 def spec_rpo_diagonal(model_pred, ref_pred, target, *, beta=5000.0, diagonal_weight=0.8):
-    """Diffusion-RPO diagonal variant (spec §2.4), float32."""
+    """Diffusion-RPO diagonal variant (docs/methods.md §2.4), float32."""
     ell = _rpo_pairs(model_pred, ref_pred, target)
     B = ell.shape[0]
     L = F.softplus(-0.5 * beta * ell)
@@ -243,7 +243,7 @@ def spec_rpo_diagonal(model_pred, ref_pred, target, *, beta=5000.0, diagonal_wei
 
 
 def spec_kto(model_pred, ref_pred, target, labels, *, beta=1000.0, lambda_d=1.0, lambda_u=1.0):
-    """Diffusion-KTO (spec §2.7), unpaired rows, float32, baseline from the batch."""
+    """Diffusion-KTO (docs/methods.md §2.7), unpaired rows, float32, baseline from the batch."""
     m, r = _errors(model_pred, ref_pred, target)
     g = r - m
     z = torch.clamp(g.detach().mean(), min=0)
@@ -256,7 +256,7 @@ def spec_kto(model_pred, ref_pred, target, labels, *, beta=1000.0, lambda_d=1.0,
 
 
 def spec_mapo(model_pred, target, *, beta=0.1, snr_value=0.5, num_train_timesteps=1000):
-    """MaPO (spec §2.8), float32; ``h(x) = x / expm1(x)``."""
+    """MaPO (docs/methods.md §2.8), float32; ``h(x) = x / expm1(x)``."""
     m = (model_pred.float() - target.float()).pow(2).mean(dim=_row_dims(model_pred))
     m_w, m_l = m.chunk(2)
     xw, xl = snr_value * m_w, snr_value * m_l
@@ -268,7 +268,7 @@ def spec_mapo(model_pred, target, *, beta=0.1, snr_value=0.5, num_train_timestep
 
 
 def spec_dmpo(model_pred, ref_pred, target, *, beta=2000.0, alpha=0.01):
-    """DMPO (spec §2.10), float32."""
+    """DMPO (docs/methods.md §2.10), float32."""
     m, r = _errors(model_pred, ref_pred, target)
     inside = _dpo_inside(m, r, beta)
     q = min(max(1 - alpha, 1e-6), 1 - 1e-6)
@@ -293,7 +293,7 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def spec_sdpo(model_pred, ref_pred, target, *, beta=5000.0, mu=0.9, eps=1e-9, max_scale=1.0):
-    """Diffusion-SDPO with the DPO base (spec §2.9), float32, λ computed on the device."""
+    """Diffusion-SDPO with the DPO base (docs/methods.md §2.9), float32, λ computed on the device."""
     with torch.no_grad():
         e = model_pred.detach().float() - target.float()
         e_w, e_l = e.chunk(2)

@@ -1,21 +1,24 @@
-"""The table of benchmarked loss methods: one ``Method`` entry per method.
+"""The table of benchmarked loss methods: one ``Method`` entry per benchmarked preset.
 
-Adding a method is adding one entry to ``METHODS``: the fastpref function name and keyword
-arguments, the eager blocks it is compared with (provider name -> block and its keyword
-arguments, with β translated to each trainer's convention), which eager block the
-``compile`` providers compile, and which extra inputs (timesteps, labels, embeddings) the
-call needs. Methods that the installed fastpref lacks are skipped with a printed note by the
-drivers (``providers.fastpref_fn`` returns ``None`` for them).
+Built from fastpref's method descriptors (kernels/method.py): every method is benchmarked
+(its presets listed in ``COMPARED``, or its first preset), and every preset of every method
+can be named with ``--methods``. ``COMPARED`` adds what only the benchmarks know: the eager
+blocks a preset is compared with (provider name -> block and its keyword arguments, with β
+translated to each trainer's convention), which eager block the ``compile`` providers compile,
+and the benchmarked keyword arguments. Methods that the installed fastpref lacks are skipped
+with a printed note by the drivers (``providers.fastpref_fn`` returns ``None`` for them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
-
-import torch
 
 import reference_blocks as rb
+import torch
+
+from fastpref.kernels import PRESETS, REGISTRY
+from fastpref.kernels.method import INPUT, POSITIONAL_INPUTS
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class Method:
 
     name: the CSV ``kernel_name``; fastpref: attribute name in the ``fastpref`` package;
     fastpref_kwargs: its keyword arguments; eager: provider -> (block, kwargs);
-    compile_base: the eager provider whose block the compile providers compile;
+    compile_base: the eager provider whose block the compile providers compile (None: none);
     uses_ref: whether ``ref_pred`` is an input; extra: builds extra positional tensors from
     (B, device); tensor_kwargs: builds extra keyword tensors from (B, device).
     """
@@ -33,7 +36,7 @@ class Method:
     fastpref: str
     fastpref_kwargs: dict
     eager: dict
-    compile_base: str
+    compile_base: str | None  # None: no eager block, so no compile provider
     uses_ref: bool = True
     extra: Callable | None = None
     tensor_kwargs: Callable | None = None
@@ -56,57 +59,134 @@ def _embeddings(B, device):
     return {"emb_w": torch.randn(B, 768, generator=g).to(device)}
 
 
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("dpo_sigmoid", "diffusion_dpo_loss", {"beta": 5000.0, "loss_type": "sigmoid"},
-           {"eager-diffusers": (rb.diffusers_dpo, {"beta_dpo": 2500.0, "loss_type": "sigmoid"}),
-            "eager-official": (rb.official_dpo, {"beta_dpo": 5000.0})},
-           compile_base="eager-diffusers", description="Diffusion-DPO, sigmoid (spec 2.1)",
-           tags=("default",)),
-    Method("dpo_hinge", "diffusion_dpo_loss", {"beta": 5000.0, "loss_type": "hinge"},
-           {"eager-diffusers": (rb.diffusers_dpo, {"beta_dpo": 2500.0, "loss_type": "hinge"})},
-           compile_base="eager-diffusers", description="Diffusion-DPO, hinge (spec 2.1)"),
-    Method("dpo_ipo", "diffusion_dpo_loss", {"beta": 5000.0, "loss_type": "ipo"},
-           {"eager-diffusers": (rb.diffusers_dpo, {"beta_dpo": 2500.0, "loss_type": "ipo"})},
-           compile_base="eager-diffusers", description="Diffusion-DPO, ipo (spec 2.1)"),
-    Method("sft", "sft_loss", {},
-           {"eager-official": (rb.official_sft, {})},
-           compile_base="eager-official", uses_ref=False, description="SFT baseline (spec 2.2)"),
-    Method("dspo_sd15", "dspo_loss", {"beta": 0.001, "variant": "sd15"},
-           {"eager-official": (rb.official_dspo, {"beta_dpo": 0.001, "sdxl": False})},
-           compile_base="eager-official", description="DSPO, SD1.5 variant (spec 2.3)",
-           tags=("default",)),
-    Method("dspo_sdxl", "dspo_loss", {"beta": 5000.0, "variant": "sdxl"},
-           {"eager-official": (rb.official_dspo, {"beta_dpo": 5000.0, "sdxl": True})},
-           compile_base="eager-official",
-           description="DSPO, SDXL variant (spec 2.3); upstream branches on the host"),
-    Method("rpo", "rpo_loss", {"beta": 5000.0, "tau": 0.5},
-           {"eager-spec": (rb.spec_rpo, {"beta": 5000.0, "tau": 0.5})},
-           compile_base="eager-spec", tensor_kwargs=_embeddings,
-           description="Diffusion-RPO with embedding weights (spec 2.4)"),
-    Method("rpo_diagonal", "rpo_diagonal_loss", {"beta": 5000.0, "diagonal_weight": 0.8},
-           {"eager-spec": (rb.spec_rpo_diagonal, {"beta": 5000.0, "diagonal_weight": 0.8})},
-           compile_base="eager-spec", description="Diffusion-RPO diagonal (spec 2.4); B >= 2"),
-    Method("sspo", "sspo_loss", {"beta": 5000.0, "criterion": "indicator"},
-           {"eager-spec": (rb.spec_sspo, {"beta": 5000.0, "criterion": "indicator"})},
-           compile_base="eager-spec", description="SSPO (spec 2.5)"),
-    Method("dense_dpo", "dense_dpo_loss", {"beta": 5000.0, "gamma": 0.9},
-           {"eager-spec": (rb.spec_dense_dpo, {"beta": 5000.0, "gamma": 0.9})},
-           compile_base="eager-spec", extra=_timesteps,
-           description="Dense-reward discounted DPO (spec 2.6), [B] timesteps"),
-    Method("kto", "kto_loss", {"beta": 1000.0},
-           {"eager-spec": (rb.spec_kto, {"beta": 1000.0})},
-           compile_base="eager-spec", extra=_labels,
-           description="Diffusion-KTO (spec 2.7), 2B unpaired rows"),
-    Method("mapo", "mapo_loss", {"beta": 0.1, "snr_value": 0.5},
-           {"eager-spec": (rb.spec_mapo, {"beta": 0.1, "snr_value": 0.5})},
-           compile_base="eager-spec", uses_ref=False, description="MaPO (spec 2.8)"),
-    Method("sdpo", "sdpo_loss", {"beta": 5000.0, "mu": 0.9, "base": "dpo"},
-           {"eager-spec": (rb.spec_sdpo, {"beta": 5000.0, "mu": 0.9})},
-           compile_base="eager-spec", description="Diffusion-SDPO, DPO base (spec 2.9)"),
-    Method("dmpo", "dmpo_loss", {"beta": 2000.0, "alpha": 0.01},
-           {"eager-spec": (rb.spec_dmpo, {"beta": 2000.0, "alpha": 0.01})},
-           compile_base="eager-spec", description="DMPO (spec 2.10)"),
-]}
+# What each benchmarked preset is compared with: name -> (fastpref keyword arguments, eager blocks
+# {provider: (block, kwargs)} with β in each trainer's convention, compile base, tags). A method
+# without an entry here is still benchmarked (its first preset, fastpref only, keyword inputs
+# built by name) and its presets can be named with --methods.
+COMPARED = {
+    "dpo_sigmoid": (
+        {"beta": 5000.0, "loss_type": "sigmoid"},
+        {
+            "eager-diffusers": (rb.diffusers_dpo, {"beta_dpo": 2500.0, "loss_type": "sigmoid"}),
+            "eager-official": (rb.official_dpo, {"beta_dpo": 5000.0}),
+        },
+        "eager-diffusers",
+        ("default",),
+    ),
+    "dpo_hinge": (
+        {"beta": 5000.0, "loss_type": "hinge"},
+        {"eager-diffusers": (rb.diffusers_dpo, {"beta_dpo": 2500.0, "loss_type": "hinge"})},
+        "eager-diffusers",
+        (),
+    ),
+    "dpo_ipo": (
+        {"beta": 5000.0, "loss_type": "ipo"},
+        {"eager-diffusers": (rb.diffusers_dpo, {"beta_dpo": 2500.0, "loss_type": "ipo"})},
+        "eager-diffusers",
+        (),
+    ),
+    "sft": ({}, {"eager-official": (rb.official_sft, {})}, "eager-official", ()),
+    "dspo_sd15": (
+        {"beta": 0.001, "variant": "sd15"},
+        {"eager-official": (rb.official_dspo, {"beta_dpo": 0.001, "sdxl": False})},
+        "eager-official",
+        ("default",),
+    ),
+    "dspo_sdxl": (
+        {"beta": 5000.0, "variant": "sdxl"},
+        {"eager-official": (rb.official_dspo, {"beta_dpo": 5000.0, "sdxl": True})},
+        "eager-official",
+        (),
+    ),
+    "rpo": (
+        {"beta": 5000.0, "tau": 0.5},
+        {"eager-spec": (rb.spec_rpo, {"beta": 5000.0, "tau": 0.5})},
+        "eager-spec",
+        (),
+    ),
+    "rpo_diagonal": (
+        {"beta": 5000.0, "diagonal_weight": 0.8},
+        {"eager-spec": (rb.spec_rpo_diagonal, {"beta": 5000.0, "diagonal_weight": 0.8})},
+        "eager-spec",
+        (),
+    ),
+    "sspo": (
+        {"beta": 5000.0, "criterion": "indicator"},
+        {"eager-spec": (rb.spec_sspo, {"beta": 5000.0, "criterion": "indicator"})},
+        "eager-spec",
+        (),
+    ),
+    "dense_dpo": (
+        {"beta": 5000.0, "gamma": 0.9},
+        {"eager-spec": (rb.spec_dense_dpo, {"beta": 5000.0, "gamma": 0.9})},
+        "eager-spec",
+        (),
+    ),
+    "kto": ({"beta": 1000.0}, {"eager-spec": (rb.spec_kto, {"beta": 1000.0})}, "eager-spec", ()),
+    "mapo": (
+        {"beta": 0.1, "snr_value": 0.5},
+        {"eager-spec": (rb.spec_mapo, {"beta": 0.1, "snr_value": 0.5})},
+        "eager-spec",
+        (),
+    ),
+    "sdpo": (
+        {"beta": 5000.0, "mu": 0.9, "base": "dpo"},
+        {"eager-spec": (rb.spec_sdpo, {"beta": 5000.0, "mu": 0.9})},
+        "eager-spec",
+        (),
+    ),
+    "dmpo": (
+        {"beta": 2000.0, "alpha": 0.01},
+        {"eager-spec": (rb.spec_dmpo, {"beta": 2000.0, "alpha": 0.01})},
+        "eager-spec",
+        (),
+    ),
+}
+
+# Extra inputs by name: a builder (B, device) -> tensor. Positional inputs (timesteps, labels)
+# are passed after target; keyword ones where a preset asks for them (an INPUT marker).
+INPUTS = {
+    "timesteps": lambda B, device: _timesteps(B, device)[0],
+    "labels": lambda B, device: _labels(B, device)[0],
+    "emb_w": lambda B, device: _embeddings(B, device)["emb_w"],
+}
+
+
+def _method(name, descriptor, preset_kwargs):
+    default = ({k: v for k, v in preset_kwargs.items() if v != INPUT}, {}, None, ())
+    kwargs, eager, compile_base, tags = COMPARED.get(name, default)
+    positional = [n for n in POSITIONAL_INPUTS if n in descriptor.inputs]
+    keyword = [n for n, v in preset_kwargs.items() if v == INPUT]
+    extra = (lambda B, device: tuple(INPUTS[n](B, device) for n in positional)) if positional else None
+    tensor_kwargs = (lambda B, device: {n: INPUTS[n](B, device) for n in keyword}) if keyword else None
+    description = f"{descriptor.description} (docs/methods.md §{descriptor.section})" + (
+        f", {name}" if name != descriptor.name else ""
+    )
+    return Method(
+        name,
+        descriptor.function,
+        kwargs,
+        eager,
+        compile_base,
+        uses_ref=descriptor.needs_ref,
+        extra=extra,
+        tensor_kwargs=tensor_kwargs,
+        description=description,
+        tags=tags,
+    )
+
+
+def _benchmarked(descriptor):
+    """The presets of `descriptor` that are benchmarked by default: those in COMPARED, or its first."""
+    names = [p for p, _ in descriptor.presets if p in COMPARED]
+    return names or [descriptor.presets[0][0]]
+
+
+ALL_PRESETS: dict[str, Method] = {name: _method(name, d, kw) for name, (d, kw) in PRESETS.items()}
+"""Every preset of every method descriptor, benchmarkable by name (``--methods``)."""
+
+METHODS: dict[str, Method] = {name: ALL_PRESETS[name] for d in REGISTRY.values() for name in _benchmarked(d)}
+"""The benchmarked methods (``--methods all``), in the order of docs/methods.md."""
 
 DEFAULT_METHODS = [m.name for m in METHODS.values() if "default" in m.tags]
 
@@ -118,7 +198,8 @@ def select_methods(spec: str | None) -> list[Method]:
     if spec == "all":
         return list(METHODS.values())
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    names = [n.replace("-", "_") for n in names]  # dpo-hinge is dpo_hinge
+    unknown = [n for n in names if n not in ALL_PRESETS]
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
-    return [METHODS[n] for n in names]
+        raise SystemExit(f"unknown method(s) {unknown}; known: {sorted(ALL_PRESETS)}")
+    return [ALL_PRESETS[n] for n in names]

@@ -1,6 +1,7 @@
 """Input checks that run before any kernel launch. Each error names the argument and the
 expected and actual value. Checks read only metadata (shapes, dtypes, devices, Python
 numbers), never tensor values, so they cost no host sync."""
+
 import math
 
 import torch
@@ -41,18 +42,20 @@ def check_device(name, x):
         if not INTERPRET:
             raise ValueError(
                 f"{name} is on the CPU but Triton's interpreter is off: pass CUDA tensors, or set "
-                "TRITON_INTERPRET=1 before importing fastpref to run the kernels on the CPU")
+                "TRITON_INTERPRET=1 before importing fastpref to run the kernels on the CPU"
+            )
         return
     raise ValueError(f"{name} must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {x.device}")
 
 
 def check_constant(name, x):
-    """`ref_pred` and `target` are constants of every loss (spec §1): one that requires grad is
+    """`ref_pred` and `target` are constants of every loss (docs/methods.md §1): one that requires grad is
     refused rather than silently treated as constant (an eager block would propagate into it)."""
     if x.requires_grad:
         raise ValueError(
             f"{name} requires grad, but the reference prediction and the target are constants of the loss "
-            f"(no gradient flows into them): pass {name}.detach() (compute the reference under torch.no_grad())")
+            f"(no gradient flows into them): pass {name}.detach() (compute the reference under torch.no_grad())"
+        )
 
 
 def check_paired(name, x):
@@ -60,7 +63,8 @@ def check_paired(name, x):
     if x.shape[0] % 2:
         raise ValueError(
             f"{name} must hold 2B rows (B winners then B losers), got an odd leading dim {x.shape[0]} "
-            f"in shape {tuple(x.shape)}")
+            f"in shape {tuple(x.shape)}"
+        )
 
 
 def check_positive_finite(name, value):
@@ -110,7 +114,7 @@ def check_predictions(paired, model_pred, target, ref_pred=None):
 
 
 def compute_dtype(*tensors):
-    """float64 if any input is float64, else float32 (spec §1, "Dtypes")."""
+    """float64 if any input is float64, else float32 (docs/methods.md §1, "Dtypes")."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
@@ -149,3 +153,35 @@ def check_aux_tensor(name, x, device, shape_text, ok_shape):
 def check_float_tensor(name, x):
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+
+
+def check_unit_interval(name, value):
+    check_range(name, value, 0.0, 1.0)
+
+
+def check_open_unit_interval(name, value):
+    check_range(name, value, 0.0, 1.0, low_open=True)
+
+
+_CHECKS = {
+    "positive_finite": check_positive_finite,
+    "finite": check_finite,
+    "nonnegative": check_nonnegative,
+    "unit_interval": check_unit_interval,
+    "open_unit_interval": check_open_unit_interval,
+    "positive_int": check_positive_int,
+}
+
+
+def check_hyperparameters(method, values, options=None):
+    """Run the checks of `method`'s descriptor (kernels/method.py) on `values` (hyperparameter
+    name -> value; "bool"/"none" ones are the public function's to check), in descriptor order,
+    then check each option in `options` (name -> value) against its choices. Returns the float
+    hyperparameters the head reads (name -> value)."""
+    for hyper in method.hypers:
+        if hyper.check in _CHECKS:
+            _CHECKS[hyper.check](hyper.name, values[hyper.name])
+    for option in method.options:
+        if option.public and options is not None and option.name in options:
+            check_choice(option.name, options[option.name], option.choices)
+    return {h.name: values[h.name] for h in method.hypers if h.head}

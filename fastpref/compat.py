@@ -1,5 +1,5 @@
 """Drop-in loss blocks for existing Diffusion-DPO, DSPO, Diffusion-KTO, MaPO and Diffusion-SDPO
-trainers (spec §5).
+trainers (docs/methods.md §5).
 
 Each function replaces the code between a trainer's model/reference forward and its
 `backward()`: it takes the trainer's own tensors and flags, and returns `(loss, logs)` where
@@ -21,13 +21,21 @@ Per trainer: `diffusers_dpo_loss` (huggingface/diffusers), `official_dpo_loss`
 `official_kto_loss` (jacklishufan/diffusion-kto, `fastpref.compat_kto`), `mapo_compute_loss`
 (mapo-t2i/mapo), `official_sdpo_loss` (AIDC-AI/Diffusion-SDPO, `fastpref.compat_sdpo`).
 """
+
 from fastpref import _validate
 from fastpref.compat_kto import official_kto_loss
 from fastpref.compat_sdpo import official_sdpo_loss
 from fastpref.losses import diffusion_dpo_loss, dspo_loss, mapo_loss, sft_loss
 
-__all__ = ["DIFFUSERS_LOSS_TYPES", "diffusers_dpo_loss", "official_dpo_loss", "official_dspo_loss",
-           "official_kto_loss", "mapo_compute_loss", "official_sdpo_loss"]
+__all__ = [
+    "DIFFUSERS_LOSS_TYPES",
+    "diffusers_dpo_loss",
+    "official_dpo_loss",
+    "official_dspo_loss",
+    "official_kto_loss",
+    "mapo_compute_loss",
+    "official_sdpo_loss",
+]
 
 DIFFUSERS_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
@@ -47,13 +55,19 @@ def diffusers_dpo_loss(model_pred, ref_pred, target, *, beta_dpo=2500.0, loss_ty
     if loss_type not in DIFFUSERS_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(map(repr, DIFFUSERS_LOSS_TYPES))}; got {loss_type!r}")
     if sdxl and loss_type != "sigmoid":
-        raise ValueError(f"loss_type must be 'sigmoid' with sdxl=True (train_diffusion_dpo_sdxl.py has no "
-                         f"other loss); got {loss_type!r}")
+        raise ValueError(
+            f"loss_type must be 'sigmoid' with sdxl=True (train_diffusion_dpo_sdxl.py has no "
+            f"other loss); got {loss_type!r}"
+        )
     _check_beta("beta_dpo", beta_dpo)
     beta = float(beta_dpo) if sdxl else 2.0 * float(beta_dpo)
     loss, m = diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta, loss_type=loss_type)
-    return loss, {"loss": m["loss"], "raw_model_loss": m["model_mse"], "ref_loss": m["ref_mse"],
-                  "implicit_acc": m["implicit_acc_ties_half"]}
+    return loss, {
+        "loss": m["loss"],
+        "raw_model_loss": m["model_mse"],
+        "ref_loss": m["ref_mse"],
+        "implicit_acc": m["implicit_acc_ties_half"],
+    }
 
 
 def official_dpo_loss(model_pred, ref_pred, target, *, beta_dpo=5000.0, sft=False):
@@ -89,8 +103,9 @@ def official_dspo_loss(model_pred, ref_pred, target, *, beta_dpo, sdxl=False, sf
         loss, m = sft_loss(model_pred, target)
         return loss, {"step_loss": m["loss"]}
     _check_beta("beta_dpo", beta_dpo)
-    loss, m = dspo_loss(model_pred, ref_pred, target, beta=float(beta_dpo),
-                        variant="sdxl" if sdxl else "sd15", sdxl_threshold=0.1)
+    loss, m = dspo_loss(
+        model_pred, ref_pred, target, beta=float(beta_dpo), variant="sdxl" if sdxl else "sd15", sdxl_threshold=0.1
+    )
     return loss, _official_logs(m)
 
 
@@ -102,15 +117,26 @@ def mapo_compute_loss(model_pred, target, *, beta_mapo=0.1, snr_value=0.5, num_t
     Returns (loss, logs) with the keys of upstream's log dict: `total loss`, `Win Score`,
     `Lose Score`, `OR loss`, `model_losses_w`, `model_losses_l` (batch means, as logged)."""
     _check_beta("beta_mapo", beta_mapo)
-    loss, m = mapo_loss(model_pred, target, beta=float(beta_mapo), snr_value=snr_value,
-                        num_train_timesteps=num_train_timesteps)
-    return loss, {"total loss": m["loss"], "Win Score": m["win_score"], "Lose Score": m["lose_score"],
-                  "OR loss": m["or_loss"], "model_losses_w": m["model_mse_w"], "model_losses_l": m["model_mse_l"]}
+    loss, m = mapo_loss(
+        model_pred, target, beta=float(beta_mapo), snr_value=snr_value, num_train_timesteps=num_train_timesteps
+    )
+    return loss, {
+        "total loss": m["loss"],
+        "Win Score": m["win_score"],
+        "Lose Score": m["lose_score"],
+        "OR loss": m["or_loss"],
+        "model_losses_w": m["model_mse_w"],
+        "model_losses_l": m["model_mse_l"],
+    }
 
 
 def _official_logs(m):
-    return {"step_loss": m["loss"], "model_mse_unaccumulated": m["model_mse"],
-            "ref_mse_unaccumulated": m["ref_mse"], "implicit_acc": m["implicit_acc"]}
+    return {
+        "step_loss": m["loss"],
+        "model_mse_unaccumulated": m["model_mse"],
+        "ref_mse_unaccumulated": m["ref_mse"],
+        "implicit_acc": m["implicit_acc"],
+    }
 
 
 def _check_beta(name, value):

@@ -1,4 +1,4 @@
-"""The drop-in loss block of jacklishufan/diffusion-kto `train_kto_sd_v1.5.py` (spec §2.7, §5),
+"""The drop-in loss block of jacklishufan/diffusion-kto `train_kto_sd_v1.5.py` (docs/methods.md §2.7, §5),
 re-exported by `fastpref.compat`.
 
 Upstream's block chooses its loss with three flags. The combinations that are a fastpref loss
@@ -6,6 +6,7 @@ run fused: `--loss kto` with `--halo sigmoid` (any `--bce_offset`: each is a bas
 `kto_loss`) and `--loss cft` (plain MSE, `sft_loss`). Every other value is refused by name
 with a ValueError, never computed as the default.
 """
+
 from fastpref import _validate as v
 from fastpref.losses import kto_loss, sft_loss
 from fastpref.metrics import kto_baseline, row_errors
@@ -17,9 +18,9 @@ KTO_BCE_OFFSETS = ("none", "sigmoid", "original")
 # g = r - m per row, w the λ of the row's label): why each is refused.
 REFUSED_LOSSES = {
     "sft": "upstream computes the label-masked MSE mean_k(labels_k * m_k) over all N rows (no reference), "
-           "which no fastpref loss computes",
+    "which no fastpref loss computes",
     "kto_gp": "upstream computes 1 - sigmoid of a batch-mean logit whose value is the all-reduced mean g and "
-              "whose gradient is that of mean_k(w_k x_k) / num_processes, which no fastpref loss computes",
+    "whose gradient is that of mean_k(w_k x_k) / num_processes, which no fastpref loss computes",
     "dpo": "it is among upstream's --loss choices, but upstream's loss block has no 'dpo' branch (it raises)",
 }
 REFUSED_HALOS = {
@@ -30,9 +31,22 @@ REFUSED_HALOS = {
 }
 
 
-def official_kto_loss(model_pred, ref_pred, target, labels, *, beta_dpo=1000.0, lambda_d_kto=1.0,
-                      lambda_u_kto=1.0, kl_reduce=None, loss="kto", halo="sigmoid", bce_offset="none",
-                      model_pred_roll=None, ref_pred_roll=None):
+def official_kto_loss(
+    model_pred,
+    ref_pred,
+    target,
+    labels,
+    *,
+    beta_dpo=1000.0,
+    lambda_d_kto=1.0,
+    lambda_u_kto=1.0,
+    kl_reduce=None,
+    loss="kto",
+    halo="sigmoid",
+    bce_offset="none",
+    model_pred_roll=None,
+    ref_pred_roll=None,
+):
     """The loss block of jacklishufan/diffusion-kto `train_kto_sd_v1.5.py`, with its flags and
     defaults (`--loss kto`, `--halo sigmoid`, `--bce_offset none`): unpaired rows [N, ...] of
     model_pred, ref_pred, target (any float dtypes, rank >= 2), `labels` [N] (1 desirable,
@@ -54,7 +68,7 @@ def official_kto_loss(model_pred, ref_pred, target, labels, *, beta_dpo=1000.0, 
 
     Returns (loss 0-dim float32/float64 with gradient into model_pred, logs) with upstream's
     keys `loss`, `raw_model_loss`, `kl`, `acc` (detached 0-dim). Upstream's other diagnostics
-    (`ref_loss`, `likelyhood`, `diff_pos`, `diff_neg`, `n_pos`, `n_neg`) are not spec metrics;
+    (`ref_loss`, `likelyhood`, `diff_pos`, `diff_neg`, `n_pos`, `n_neg`) are not documented metrics;
     `fastpref.row_errors` gives the per-row errors they are made of."""
     _check_modes(loss, halo, bce_offset)
     v.check_positive_finite("beta_dpo", beta_dpo)
@@ -73,8 +87,11 @@ def official_kto_loss(model_pred, ref_pred, target, labels, *, beta_dpo=1000.0, 
     if bce_offset == "sigmoid" or loss == "cft":
         errors = row_errors(model_pred, target, ref_pred=ref_pred)
     if bce_offset == "none":
-        kl = None if kl_reduce is None or loss == "cft" else kto_baseline(model_pred, target, ref_pred=ref_pred,
-                                                                            reduce=kl_reduce)
+        kl = (
+            None
+            if kl_reduce is None or loss == "cft"
+            else kto_baseline(model_pred, target, ref_pred=ref_pred, reduce=kl_reduce)
+        )
     elif bce_offset == "sigmoid":
         gap = errors[1] - errors[0]
         kl = (reduce(_class_mean(gap, desirable)) + reduce(_class_mean(gap, ~desirable))) / 2
@@ -85,8 +102,16 @@ def official_kto_loss(model_pred, ref_pred, target, labels, *, beta_dpo=1000.0, 
         kl = kl.detach()
 
     if loss == "kto":
-        value, m = kto_loss(model_pred, ref_pred, target, labels, beta=float(beta_dpo),
-                            lambda_d=float(lambda_d_kto), lambda_u=float(lambda_u_kto), kl_baseline=kl)
+        value, m = kto_loss(
+            model_pred,
+            ref_pred,
+            target,
+            labels,
+            beta=float(beta_dpo),
+            lambda_d=float(lambda_d_kto),
+            lambda_u=float(lambda_u_kto),
+            kl_baseline=kl,
+        )
         return value, {"loss": m["loss"], "raw_model_loss": m["model_mse"], "kl": m["kl"], "acc": m["acc"]}
     # cft: the loss ignores the reference; kl and acc are upstream's diagnostics of it.
     gap = errors[1] - errors[0]
@@ -106,12 +131,15 @@ def _class_mean(gap, mask):
 
 def _check_modes(loss, halo, bce_offset):
     if loss in REFUSED_LOSSES:
-        raise ValueError(f"loss={loss!r} is not supported: {REFUSED_LOSSES[loss]} (supported: "
-                         f"{', '.join(map(repr, KTO_LOSSES))})")
+        raise ValueError(
+            f"loss={loss!r} is not supported: {REFUSED_LOSSES[loss]} (supported: {', '.join(map(repr, KTO_LOSSES))})"
+        )
     v.check_choice("loss", loss, KTO_LOSSES)
     if loss == "kto" and halo in REFUSED_HALOS:
-        raise ValueError(f"halo={halo!r} is not supported: upstream's loss is then {REFUSED_HALOS[halo]}, "
-                         f"which no fastpref loss computes (supported: 'sigmoid', the kto_loss utility)")
+        raise ValueError(
+            f"halo={halo!r} is not supported: upstream's loss is then {REFUSED_HALOS[halo]}, "
+            f"which no fastpref loss computes (supported: 'sigmoid', the kto_loss utility)"
+        )
     # cft ignores the utility, but upstream still evaluates it and stops on an unknown name.
     v.check_choice("halo", halo, KTO_HALOS if loss == "kto" else KTO_HALOS + tuple(REFUSED_HALOS))
     v.check_choice("bce_offset", bce_offset, KTO_BCE_OFFSETS)
@@ -122,10 +150,14 @@ def _check_rolls(bce_offset, model_pred, model_pred_roll, ref_pred_roll):
     if bce_offset != "original":
         given = [name for name, x in rolls.items() if x is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} is used only with bce_offset='original', got bce_offset={bce_offset!r}")
+            raise ValueError(
+                f"{', '.join(given)} is used only with bce_offset='original', got bce_offset={bce_offset!r}"
+            )
         return
     for name, x in rolls.items():
         if x is None:
-            raise ValueError(f"{name} is required with bce_offset='original' (upstream's output for the rolled "
-                             f"prompts, the shape of model_pred {tuple(model_pred.shape)}), got None")
+            raise ValueError(
+                f"{name} is required with bce_offset='original' (upstream's output for the rolled "
+                f"prompts, the shape of model_pred {tuple(model_pred.shape)}), got None"
+            )
         v.check_like(name, x, "model_pred", model_pred)

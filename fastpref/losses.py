@@ -1,6 +1,6 @@
 """The public losses. Each validates its inputs (before any launch), runs the fused
 Function and returns `(loss, metrics)`: a 0-dim tensor in the compute dtype (float32, or
-float64 for float64 inputs) and a dict of detached tensors with the spec's keys.
+float64 for float64 inputs) and a dict of detached tensors with docs/methods.md's keys.
 
 Layout: model_pred, ref_pred, target are [2B, ...] (rank >= 2, any trailing dims), winners in
 rows 0..B-1, their losers in rows B..2B-1 (`kto_loss` and `sft_loss`: any [N, ...]); dtypes
@@ -21,17 +21,22 @@ branch 2); rows a loss does not read (the losers of `sft_loss(winners_only=True)
 count. The gradient of that pair's rows may be NaN or inf, and every row's where one batch
 quantity couples the pairs (RPO, KTO's own baseline, SDPO's safeguard λ).
 """
+
+import inspect
+import sys
+
 import torch
 
 from fastpref import _validate as v
 from fastpref import functions as fn
-from fastpref.kernels import HEADS
-from fastpref.kernels.heads import dpo, dspo, sdpo, sspo
+from fastpref.functions import Launch
+from fastpref.kernels import REGISTRY
+from fastpref.kernels.method import POSITIONAL_INPUTS
 
-
-def _metrics(name, out, pairs, drop=()):
-    loss, stats, ints = out
-    return loss, HEADS[name].unpack(stats, ints, pairs, drop)
+DPO, SFT, DSPO, RPO, RPO_DIAGONAL, SSPO, DENSE_DPO, KTO, MAPO, SDPO, DMPO = (
+    REGISTRY[name]
+    for name in ("dpo", "sft", "dspo", "rpo", "rpo_diagonal", "sspo", "dense_dpo", "kto", "mapo", "sdpo", "dmpo")
+)
 
 
 def _paired(model_pred, ref_pred, target):
@@ -40,117 +45,126 @@ def _paired(model_pred, ref_pred, target):
 
 
 def diffusion_dpo_loss(model_pred, ref_pred, target, *, beta=5000.0, loss_type="sigmoid"):
-    """Diffusion-DPO (spec §2.1), β in the official convention (diffusers SD1.5 `beta_dpo` x 2).
+    """Diffusion-DPO (docs/methods.md §2.1), β in the official convention (diffusers SD1.5 `beta_dpo` x 2).
 
     loss_type: "sigmoid" (mean softplus(-inside)), "hinge" or "ipo". Metrics: loss,
     implicit_acc, implicit_acc_ties_half, model_mse, ref_mse, model_mse_w, model_mse_l,
     ref_mse_w, ref_mse_l, inside_term ([B])."""
-    v.check_positive_finite("beta", beta)
-    type_id = v.check_choice("loss_type", loss_type, dpo.LOSS_TYPES)
-    B = _paired(model_pred, ref_pred, target)
-    return _metrics("dpo", fn.DiffusionDPOFunction.apply(model_pred, ref_pred, target, float(beta), type_id), B)
+    floats = v.check_hyperparameters(DPO, locals(), {"loss_type": loss_type})
+    _paired(model_pred, ref_pred, target)
+    return fn.run(model_pred, ref_pred, target, Launch(DPO, floats, {"loss_type": loss_type}))
 
 
 def sft_loss(model_pred, target, *, winners_only=False):
-    """SFT baseline (spec §2.2): mean squared error over every element of the kept rows.
+    """SFT baseline (docs/methods.md §2.2): mean squared error over every element of the kept rows.
 
     model_pred, target: [N, ...]; winners_only=True keeps rows 0..N/2-1 of a paired batch (the
     losers get zero gradient). Metrics: loss."""
     v.check_predictions(bool(winners_only), model_pred, target)
-    return _metrics("sft", fn.SFTFunction.apply(model_pred, target, bool(winners_only)), 0)
+    keep = model_pred.shape[0] // 2 if winners_only else model_pred.shape[0]
+    return fn.run(model_pred, None, target, Launch(SFT, count=keep))
 
 
 def dspo_loss(model_pred, ref_pred, target, *, beta=0.001, variant="sd15", sdxl_threshold=0.1):
-    """DSPO (spec §2.3). variant "sd15" or "sdxl"; the sdxl branch (q >= sdxl_threshold: 1,
+    """DSPO (docs/methods.md §2.3). variant "sd15" or "sdxl"; the sdxl branch (q >= sdxl_threshold: 1,
     else 2) is chosen on the device. Metrics: loss, implicit_acc, model_mse, ref_mse,
     weight_mean, sdxl_branch (0-dim int64: 0 for sd15)."""
-    v.check_positive_finite("beta", beta)
-    v.check_finite("sdxl_threshold", sdxl_threshold)
-    variant_id = v.check_choice("variant", variant, dspo.VARIANTS)
-    B = _paired(model_pred, ref_pred, target)
-    return _metrics("dspo", fn.DSPOFunction.apply(model_pred, ref_pred, target, float(beta), variant_id,
-                                                  float(sdxl_threshold)), B)
+    floats = v.check_hyperparameters(DSPO, locals(), {"variant": variant})
+    _paired(model_pred, ref_pred, target)
+    return fn.run(model_pred, ref_pred, target, Launch(DSPO, floats, {"variant": variant}))
 
 
 def rpo_loss(model_pred, ref_pred, target, *, emb_w=None, emb_l=None, beta=5000.0, tau=0.5):
-    """Diffusion-RPO (spec §2.4): every winner against every loser, B x B logits weighted by
+    """Diffusion-RPO (docs/methods.md §2.4): every winner against every loser, B x B logits weighted by
     W = softmax_j(cos(emb_w[i], emb_l[j]) / tau) (emb_w, emb_l: [B, D] prompt embeddings,
     constant; emb_l defaults to emb_w), or W = 1 without embeddings. Metrics: loss,
     implicit_acc, pair_acc_all, weights ([B, B]), diag_weight_mean, model_mse, ref_mse."""
-    v.check_positive_finite("beta", beta)
-    v.check_positive_finite("tau", tau)
+    floats = v.check_hyperparameters(RPO, locals())
     B = _paired(model_pred, ref_pred, target)
     if emb_w is None and emb_l is not None:
         raise ValueError("emb_l was given without emb_w: pass emb_w (and optionally emb_l), or neither")
     if emb_w is not None:
         emb_l = emb_w if emb_l is None else emb_l
         for name, emb in (("emb_w", emb_w), ("emb_l", emb_l)):
-            v.check_aux_tensor(name, emb, model_pred.device, f"[B={B}, D]", lambda s: len(s) == 2 and s[0] == B
-                               and s[1] > 0)
+            v.check_aux_tensor(
+                name, emb, model_pred.device, f"[B={B}, D]", lambda s: len(s) == 2 and s[0] == B and s[1] > 0
+            )
             v.check_float_tensor(name, emb)
         if emb_l.shape != emb_w.shape:
             raise ValueError(f"emb_l must have the shape of emb_w {tuple(emb_w.shape)}, got {tuple(emb_l.shape)}")
         emb_w, emb_l = emb_w.detach(), emb_l.detach()
-    return _metrics("rpo", fn.RPOFunction.apply(model_pred, ref_pred, target, emb_w, emb_l, float(beta),
-                                                float(tau)), B)
+    return fn.run(
+        model_pred,
+        ref_pred,
+        target,
+        Launch(RPO, floats, {"has_emb": emb_w is not None}, {"emb_w": emb_w, "emb_l": emb_l}),
+    )
 
 
 def rpo_diagonal_loss(model_pred, ref_pred, target, *, beta=5000.0, diagonal_weight=0.8):
-    """Diffusion-RPO with a diagonal weight (spec §2.4): w_d on each pair's own term, 1 - w_d on
+    """Diffusion-RPO with a diagonal weight (docs/methods.md §2.4): w_d on each pair's own term, 1 - w_d on
     the mean of its B - 1 cross-pair terms. Needs B >= 2. Metrics: loss, implicit_acc."""
-    v.check_positive_finite("beta", beta)
-    v.check_range("diagonal_weight", diagonal_weight, 0.0, 1.0)
+    floats = v.check_hyperparameters(RPO_DIAGONAL, locals())
     B = _paired(model_pred, ref_pred, target)
     if B < 2:
         raise ValueError(f"rpo_diagonal_loss needs B >= 2 pairs, got model_pred of shape {tuple(model_pred.shape)}")
-    return _metrics("rpo_diagonal", fn.RPODiagonalFunction.apply(model_pred, ref_pred, target, float(beta),
-                                                                 float(diagonal_weight)), B)
+    return fn.run(model_pred, ref_pred, target, Launch(RPO_DIAGONAL, floats))
 
 
 def sspo_loss(model_pred, ref_pred, target, *, beta=5000.0, criterion="indicator"):
-    """SSPO / SePPO (spec §2.5): rows 0..B-1 dataset winners, rows B..2B-1 self-samples of a
+    """SSPO / SePPO (docs/methods.md §2.5): rows 0..B-1 dataset winners, rows B..2B-1 self-samples of a
     replayed checkpoint, which also gives ref_pred. criterion "indicator" (SSPO) or "sign"
     (SePPO v1). Metrics: loss, dpo_fraction, criterion ([B]), implicit_acc, model_mse_w, ref_mse_w."""
-    v.check_positive_finite("beta", beta)
-    criterion_id = v.check_choice("criterion", criterion, sspo.CRITERIA)
-    B = _paired(model_pred, ref_pred, target)
-    return _metrics("sspo", fn.SSPOFunction.apply(model_pred, ref_pred, target, float(beta), criterion_id), B)
+    floats = v.check_hyperparameters(SSPO, locals(), {"criterion": criterion})
+    _paired(model_pred, ref_pred, target)
+    return fn.run(model_pred, ref_pred, target, Launch(SSPO, floats, {"criterion": criterion}))
 
 
-def dense_dpo_loss(model_pred, ref_pred, target, timesteps, *, beta=5000.0, gamma=0.9, num_inference_steps=50,
-                   num_train_timesteps=1000, normalize=True):
-    """Diffusion-DPO with the dense-reward temporal discount (spec §2.6): pair i's β is scaled by
+def dense_dpo_loss(
+    model_pred,
+    ref_pred,
+    target,
+    timesteps,
+    *,
+    beta=5000.0,
+    gamma=0.9,
+    num_inference_steps=50,
+    num_train_timesteps=1000,
+    normalize=True,
+):
+    """Diffusion-DPO with the dense-reward temporal discount (docs/methods.md §2.6): pair i's β is scaled by
     w(t_i) = γ^k(t_i) (normalised to mean 1 over the K sampler steps when normalize=True).
     timesteps: 1-D, length B or 2B (then the halves must match; checked eagerly, skipped during
     CUDA-graph capture), integer or floating. Metrics: loss, implicit_acc, step_weight_mean,
     model_mse, ref_mse."""
-    v.check_positive_finite("beta", beta)
-    v.check_range("gamma", gamma, 0.0, 1.0, low_open=True)
-    v.check_positive_int("num_inference_steps", num_inference_steps)
-    v.check_positive_int("num_train_timesteps", num_train_timesteps)
+    floats = v.check_hyperparameters(DENSE_DPO, locals())
     B = _paired(model_pred, ref_pred, target)
-    v.check_aux_tensor("timesteps", timesteps, model_pred.device, f"[B={B}] or [2B={2 * B}]",
-                       lambda s: len(s) == 1 and s[0] in (B, 2 * B))
+    v.check_aux_tensor(
+        "timesteps",
+        timesteps,
+        model_pred.device,
+        f"[B={B}] or [2B={2 * B}]",
+        lambda s: len(s) == 1 and s[0] in (B, 2 * B),
+    )
     if timesteps.dtype == torch.bool:
         raise TypeError("timesteps must be integer or floating, got torch.bool")
     if timesteps.shape[0] == 2 * B and not _capturing(timesteps):
-        if not torch.equal(timesteps[:B], timesteps[B:]):  # host-ok: documented eager-only check (spec §2.6)
-            raise ValueError("timesteps of length 2B must repeat the winners' timesteps for the losers "
-                             "(a pair shares t); the halves differ")
+        if not torch.equal(timesteps[:B], timesteps[B:]):  # host-ok: documented eager-only check (docs/methods.md §2.6)
+            raise ValueError(
+                "timesteps of length 2B must repeat the winners' timesteps for the losers "
+                "(a pair shares t); the halves differ"
+            )
     K = num_inference_steps
-    scale = K / sum(gamma ** j for j in range(K)) if normalize else 1.0
-    return _metrics("dense_dpo", fn.DenseDPOFunction.apply(model_pred, ref_pred, target, timesteps.detach(),
-                                                           float(beta), float(gamma), K, num_train_timesteps,
-                                                           float(scale)), B)
+    scale = K / sum(gamma**j for j in range(K)) if normalize else 1.0
+    floats["weight_scale"] = float(scale)
+    return fn.run(model_pred, ref_pred, target, Launch(DENSE_DPO, floats, inputs={"timesteps": timesteps.detach()}))
 
 
 def kto_loss(model_pred, ref_pred, target, labels, *, beta=1000.0, lambda_d=1.0, lambda_u=1.0, kl_baseline=None):
-    """Diffusion-KTO (spec §2.7) on unpaired rows [N, ...]; labels: 1-D of length N, any real
+    """Diffusion-KTO (docs/methods.md §2.7) on unpaired rows [N, ...]; labels: 1-D of length N, any real
     dtype, nonzero = desirable. kl_baseline: None (z = max(0, mean_k (r_k - m_k)), detached), a
     float, or a 0-dim tensor used as given. Metrics: loss, kl, acc, model_mse."""
-    v.check_positive_finite("beta", beta)
-    v.check_nonnegative("lambda_d", lambda_d)
-    v.check_nonnegative("lambda_u", lambda_u)
+    floats = v.check_hyperparameters(KTO, locals())
     if kl_baseline is not None and not isinstance(kl_baseline, torch.Tensor):
         v.check_finite("kl_baseline", kl_baseline)
     v.check_predictions(False, model_pred, target, ref_pred)
@@ -166,56 +180,115 @@ def kto_loss(model_pred, ref_pred, target, labels, *, beta=1000.0, lambda_d=1.0,
     elif kl_baseline is not None:
         v.check_finite("kl_baseline", kl_baseline)
         kl_mode, kl_value = 1, float(kl_baseline)
-    return _metrics("kto", fn.KTOFunction.apply(model_pred, ref_pred, target, labels.detach(), float(beta),
-                                                float(lambda_d), float(lambda_u), kl_mode, kl_value, kl_tensor), 0)
+    floats["kl_value"] = kl_value
+    return fn.run(
+        model_pred,
+        ref_pred,
+        target,
+        Launch(
+            KTO,
+            floats,
+            {"kl_mode": ("batch", "value", "tensor")[kl_mode]},
+            {"labels": labels.detach(), "kl_tensor": kl_tensor},
+        ),
+    )
 
 
 def mapo_loss(model_pred, target, *, beta=0.1, snr_value=0.5, num_train_timesteps=1000):
-    """MaPO (spec §2.8), reference-free, paired [2B, ...]. Metrics: loss, win_score, lose_score,
+    """MaPO (docs/methods.md §2.8), reference-free, paired [2B, ...]. Metrics: loss, win_score, lose_score,
     or_loss, model_mse_w, model_mse_l, margin_acc."""
-    v.check_positive_finite("beta", beta)
-    v.check_positive_finite("snr_value", snr_value)
-    v.check_positive_int("num_train_timesteps", num_train_timesteps)
+    floats = v.check_hyperparameters(MAPO, locals())
     v.check_predictions(True, model_pred, target)
-    return _metrics("mapo", fn.MaPOFunction.apply(model_pred, target, float(beta), float(snr_value),
-                                                  num_train_timesteps), model_pred.shape[0] // 2)
+    return fn.run(model_pred, None, target, Launch(MAPO, floats))
 
 
-def sdpo_loss(model_pred, ref_pred, target, *, beta=5000.0, mu=0.9, base="dpo", safeguard=True, eps=1e-9,
-              max_scale=1.0, dspo_variant="sd15", sdxl_threshold=0.1, dmpo_alpha=0.01):
-    """Diffusion-SDPO (spec §2.9): the base loss ("dpo", "dspo" or "dmpo") with every loser-row
+def sdpo_loss(
+    model_pred,
+    ref_pred,
+    target,
+    *,
+    beta=5000.0,
+    mu=0.9,
+    base="dpo",
+    safeguard=True,
+    eps=1e-9,
+    max_scale=1.0,
+    dspo_variant="sd15",
+    sdxl_threshold=0.1,
+    dmpo_alpha=0.01,
+):
+    """Diffusion-SDPO (docs/methods.md §2.9): the base loss ("dpo", "dspo" or "dmpo") with every loser-row
     gradient scaled by the safeguard λ (a constant per call; 1 with safeguard=False). Metrics:
     loss, implicit_acc, model_mse, ref_mse, win_diff, lose_diff, loser_grad_scale, inside_term
     ([B]); with the safeguard also safeguard_num, safeguard_den, safeguard_proxy_grad_cos; with
     base "dspo" also dspo_branch."""
-    v.check_positive_finite("beta", beta)
-    v.check_range("mu", mu, 0.0, 1.0)
-    v.check_nonnegative("eps", eps)
-    v.check_nonnegative("max_scale", max_scale)
-    v.check_finite("sdxl_threshold", sdxl_threshold)
-    v.check_finite("dmpo_alpha", dmpo_alpha)
-    base_id = v.check_choice("base", base, sdpo.BASES)
+    floats = v.check_hyperparameters(SDPO, locals(), {"base": base})
     if base == "dspo":
-        base_id = 1 + v.check_choice("dspo_variant", dspo_variant, dspo.VARIANTS)
-    elif base == "dmpo":
-        base_id = 3
-    B = _paired(model_pred, ref_pred, target)
+        v.check_hyperparameters(SDPO, locals(), {"dspo_variant": dspo_variant})
+    options = {"base": base, "dspo_variant": dspo_variant if base == "dspo" else "sd15", "safeguard": bool(safeguard)}
+    _paired(model_pred, ref_pred, target)
     drop = () if safeguard else ("safeguard_num", "safeguard_den", "safeguard_proxy_grad_cos")
     if base != "dspo":
         drop += ("dspo_branch",)
-    out = fn.SDPOFunction.apply(model_pred, ref_pred, target, base_id, bool(safeguard), float(beta), float(mu),
-                                float(eps), float(max_scale), float(sdxl_threshold), float(dmpo_alpha))
-    return _metrics("sdpo", out, B, drop)
+    return fn.run(model_pred, ref_pred, target, Launch(SDPO, floats, options), drop)
 
 
 def dmpo_loss(model_pred, ref_pred, target, *, beta=2000.0, alpha=0.01):
-    """DMPO (spec §2.10): KL(Bernoulli(σ(inside)) || Bernoulli(1 - α)), α clamped into
+    """DMPO (docs/methods.md §2.10): KL(Bernoulli(σ(inside)) || Bernoulli(1 - α)), α clamped into
     [1e-6, 1 - 1e-6] as 1 - q. Metrics: loss, implicit_acc, model_mse, ref_mse."""
-    v.check_positive_finite("beta", beta)
-    v.check_finite("alpha", alpha)
-    B = _paired(model_pred, ref_pred, target)
-    return _metrics("dmpo", fn.DMPOFunction.apply(model_pred, ref_pred, target, float(beta), float(alpha)), B)
+    floats = v.check_hyperparameters(DMPO, locals())
+    _paired(model_pred, ref_pred, target)
+    return fn.run(model_pred, ref_pred, target, Launch(DMPO, floats))
 
 
 def _capturing(x):
     return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def generic_loss(method):
+    """The public function of a method that has no explicit one above (a new head file only):
+    signature (model_pred, [ref_pred,] target, *positional inputs, *, hyperparameters, public
+    options, keyword inputs) from its descriptor, hyperparameters and options checked by the
+    descriptor, tensors by the shared checks; an extra input is any tensor on model_pred's
+    device (detached). Write an explicit function here when the method needs more checks."""
+    P = inspect.Parameter
+    params = [P("model_pred", P.POSITIONAL_OR_KEYWORD)]
+    params += [P("ref_pred", P.POSITIONAL_OR_KEYWORD)] if method.needs_ref else []
+    params += [P("target", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(n, P.POSITIONAL_OR_KEYWORD) for n in POSITIONAL_INPUTS if n in method.inputs]
+    params += [P(h.name, P.KEYWORD_ONLY, default=h.default) for h in method.hypers]
+    params += [P(o.name, P.KEYWORD_ONLY, default=o.default) for o in method.options if o.public]
+    params += [P(n, P.KEYWORD_ONLY, default=None) for n in method.inputs if n not in POSITIONAL_INPUTS]
+    signature = inspect.Signature(params)
+
+    def loss(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = bound.arguments
+        options = {o.name: values[o.name] for o in method.options if o.public}
+        floats = v.check_hyperparameters(method, values, options)
+        model_pred = values["model_pred"]
+        v.check_predictions(method.paired, model_pred, values["target"], values.get("ref_pred"))
+        inputs = {}
+        for name in method.inputs:
+            x = values.get(name)
+            if x is not None:
+                v.check_aux_tensor(name, x, model_pred.device, "a tensor", lambda s: True)
+                inputs[name] = x.detach()
+        return fn.run(model_pred, values.get("ref_pred"), values["target"], Launch(method, floats, options, inputs))
+
+    loss.__name__ = loss.__qualname__ = method.function
+    loss.__signature__ = signature
+    loss.__doc__ = (
+        f"{method.description} (docs/methods.md §{method.section}), from its descriptor. Metrics: "
+        f"{', '.join(method.layout.names)}."
+    )
+    return loss
+
+
+for _method in REGISTRY.values():
+    if not hasattr(sys.modules[__name__], _method.function):
+        setattr(sys.modules[__name__], _method.function, generic_loss(_method))
+
+FUNCTIONS = {name: getattr(sys.modules[__name__], method.function) for name, method in REGISTRY.items()}
+"""Method name -> its public function (explicit above, or `generic_loss`)."""

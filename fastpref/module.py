@@ -1,33 +1,33 @@
 """`PreferenceLoss`: the losses as an nn.Module, hyperparameters checked once in __init__."""
+
 import inspect
 
 import torch
 
 from fastpref import _validate, losses
+from fastpref.kernels import REGISTRY
 
-METHODS = {
-    "dpo": losses.diffusion_dpo_loss,
-    "sft": losses.sft_loss,
-    "dspo": losses.dspo_loss,
-    "rpo": losses.rpo_loss,
-    "rpo_diagonal": losses.rpo_diagonal_loss,
-    "sspo": losses.sspo_loss,
-    "dense_dpo": losses.dense_dpo_loss,
-    "kto": losses.kto_loss,
-    "mapo": losses.mapo_loss,
-    "sdpo": losses.sdpo_loss,
-    "dmpo": losses.dmpo_loss,
+METHODS = dict(losses.FUNCTIONS)
+"""Method name (the registry's, kernels/registry.py) -> its public loss function."""
+
+ALIASES = {
+    alias: name
+    for name, method in REGISTRY.items()
+    for alias in method.aliases + (name.replace("_", "-"),)
+    if alias != name
 }
+"""Other accepted spellings of a method name: each descriptor's aliases, and dashes for underscores."""
 
 
 class PreferenceLoss(torch.nn.Module):
     """PreferenceLoss(method="dpo", **hyperparameters)(model_pred, ref_pred, target, **inputs)
-    -> (loss, metrics). `method` is a key of METHODS; hyperparameters are that loss's keyword
+    -> (loss, metrics). `method` is a key of METHODS (or of ALIASES); hyperparameters are that loss's keyword
     arguments (beta, loss_type, ...); `inputs` its per-batch tensors (timesteps, labels,
     emb_w/emb_l). ref_pred is None for reference-free methods (sft, mapo)."""
 
     def __init__(self, method="dpo", **hyperparameters):
         super().__init__()
+        method = ALIASES.get(method, method) if isinstance(method, str) else method
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
         fn = METHODS[method]
@@ -62,8 +62,9 @@ def _check_hyperparameters(method, hyperparameters):
     hyperparameters before its tensors, and stops at the stand-in model_pred)."""
     fn = METHODS[method]
     stand_in = _validate.HyperparametersOnly
-    n_tensors = sum(1 for p in inspect.signature(fn).parameters.values()
-                    if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    n_tensors = sum(
+        1 for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    )
     try:
         fn(stand_in, *([None] * (n_tensors - 1)), **hyperparameters)
     except _validate.HyperparametersChecked:

@@ -48,6 +48,7 @@ from fastpref.training.distributed import (
     read_metrics,
 )
 from fastpref.training.family import ModelFamily, family_class, load_family
+from fastpref.training.finite import EXIT_NON_FINITE, NonFiniteError, check_finite
 from fastpref.training.graph import StaticStep, graph_refusal, make_optimizer
 from fastpref.training.logging import MetricsLogger
 from fastpref.training.losses import LossType, get_loss_type
@@ -78,6 +79,7 @@ class Run:
     step: Callable[[list[Batch]], dict[str, torch.Tensor]]  # what the loop calls: train_step or its StaticStep
     replay: CheckpointReplay | None  # SSPO's snapshot pool, whose replay model is the reference
     encoders: Encoders
+    model: torch.nn.Module         # what the policy forward calls: the denoiser, DDP-wrapped under torchrun
     start_step: int = 0            # optimizer steps already taken (a resumed checkpoint's)
     start_position: int = 0        # stream position of the next micro-batch
 
@@ -212,7 +214,7 @@ def build(config: Config) -> Run:
         return layout(pairs, list(range(start, start + per_process)), encoders, *sampler)
 
     return Run(config, dist, family, loss_type, batch_at, per_process, params, optimizer, lr_scheduler, scaler,
-               train_step, step, replay, encoders, start_step, start_position)
+               train_step, step, replay, encoders, model, start_step, start_position)
 
 
 def train(run: Run) -> Path:
@@ -244,6 +246,7 @@ def train(run: Run) -> Path:
             logging_step = step % config.logging_steps == 0 or step == config.max_train_steps
             if logging_step:
                 values = read_metrics(metrics, dist)
+                check_finite(step, values, run.params, where="logging it")
                 values["lr"] = float(run.optimizer.param_groups[0]["lr"])  # host-ok: logging step
                 if replayed_step is not None:
                     values["replayed_step"] = replayed_step
@@ -252,9 +255,11 @@ def train(run: Run) -> Path:
                     progress.set_postfix({k: f"{values[k]:.4f}" for k in SHOWN_METRICS if k in values})
             stopping = stop.agreed(dist, logging_step)
             if step % config.checkpointing_steps == 0 or stopping:
+                check_finite(step, None, run.params, where=f"writing checkpoint-{step}")
                 write_checkpoint(run, logger, output_dir, step, position)
     progress.close()
 
+    check_finite(step, None, run.params, where="saving the final weights")
     if dist.is_main:
         if stopping:
             print(f"fastpref-train: stopped by a signal after step {step}; wrote {output_dir}/checkpoint-{step}, "
@@ -263,7 +268,7 @@ def train(run: Run) -> Path:
             run.family.save_weights(config.reference, output_dir)
         logger.close()
     barrier(dist)
-    cleanup(dist)
+    cleanup(dist, run.model)
     return output_dir
 
 
@@ -305,6 +310,8 @@ def cli() -> None:
         main()
     except ValueError as error:
         build_parser().exit(2, f"fastpref-train: error: {error}\n")
+    except NonFiniteError as error:
+        build_parser().exit(EXIT_NON_FINITE, f"fastpref-train: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
-"""Numerically stable scalar functions shared by the heads (spec §4, "Stable forms").
+"""Numerically stable scalar functions shared by the heads (docs/methods.md §4, "Stable forms").
 
 Built from exp and log only: the interpreter has no libdevice."""
+
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def f64(hi, lo, ACC: tl.constexpr):
-    """Rebuild a hyperparameter passed as an fp32 (hi, lo) pair in the accumulation dtype."""
-    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+def f64(pair, ACC: tl.constexpr):
+    """Rebuild a float passed as an fp32 (hi, lo) pair (`_runtime.f64_pair`) in the dtype ACC."""
+    return tl.cast(pair[0], ACC) + tl.cast(pair[1], ACC)
 
 
 @triton.jit

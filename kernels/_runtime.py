@@ -4,6 +4,7 @@ Import this module before any module that defines a Triton kernel: on a machine 
 CUDA it turns on Triton's interpreter (unless ``TRITON_INTERPRET`` is already set), and
 ``triton.jit`` reads that variable when a kernel is defined.
 """
+
 import contextlib
 import functools
 import math
@@ -54,7 +55,7 @@ def poisoned_outputs():
         _allocate = previous
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 

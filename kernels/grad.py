@@ -1,4 +1,4 @@
-"""Pass 3 of the fused family: the elementwise gradient (spec §3, "Gradient form").
+"""Pass 3 of the fused family: the elementwise gradient (docs/methods.md §3, "Gradient form").
 
     grad[k] = G * (a_k * (p - t) + b_k * (p - r))      written in model_pred's dtype
 
@@ -12,6 +12,7 @@ average), so under the interpreter bfloat16 outputs are rounded by `_math.bf16_b
 stored as their bits; compiled kernels keep the plain conversion. (float16 goes through
 numpy under the interpreter, which already rounds to nearest even.)
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -24,10 +25,21 @@ BLOCK = 2048
 
 @triton.jit
 def _grad_kernel(
-    p_ptr, r_ptr, t_ptr, coef_ptr, gout_ptr, grad_ptr,
-    n, rows,
-    stride_p, stride_r, stride_t,
-    HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, RNE_BF16: tl.constexpr,
+    p_ptr,
+    r_ptr,
+    t_ptr,
+    coef_ptr,
+    gout_ptr,
+    grad_ptr,
+    n,
+    rows,
+    stride_p,
+    stride_r,
+    stride_t,
+    HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RNE_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -61,10 +73,20 @@ def elementwise_grad(p, r, t, coef, grad_output, has_b):
     grad = _runtime.empty((rows, n), p.dtype, p.device)
     r_arg = r if r is not None else p
     _grad_kernel[(rows, triton.cdiv(n, BLOCK))](
-        p, r_arg, t, coef, grad_output, grad,
-        n, rows,
-        p.stride(0), r_arg.stride(0), t.stride(0),
-        HAS_B=has_b, ACC=_runtime.tl_dtype(coef.dtype), BLOCK=BLOCK,
+        p,
+        r_arg,
+        t,
+        coef,
+        grad_output,
+        grad,
+        n,
+        rows,
+        p.stride(0),
+        r_arg.stride(0),
+        t.stride(0),
+        HAS_B=has_b,
+        ACC=_runtime.tl_dtype(coef.dtype),
+        BLOCK=BLOCK,
         RNE_BF16=_runtime.INTERPRET and p.dtype == torch.bfloat16,
         num_warps=8,
     )

@@ -1,4 +1,4 @@
-"""Pass 1 of the fused family: per-row quadratic forms (spec §3).
+"""Pass 1 of the fused family: per-row quadratic forms (docs/methods.md §3).
 
 For every row k of the [R, n] views of model_pred (p), ref_pred (r) and target (t):
 
@@ -18,18 +18,19 @@ still fills the GPU; each program writes its partial sums to its own slot of a
 atomics). Elements are upcast before any arithmetic; sums accumulate in ACC (fp32, or fp64
 for fp64 inputs).
 """
+
 import triton
 import triton.language as tl
 
 from . import _runtime
 
-SUM_NAMES = ("S_pt", "S_rt", "S_pr", "S_ptr", "S_mr", "S_wl")
 BLOCK = 1024
 
 
 @triton.jit
-def _accumulate(p_row, r_row, t_row, idx, mask, acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr,
-                HAS_REF: tl.constexpr, ACC: tl.constexpr):
+def _accumulate(
+    p_row, r_row, t_row, idx, mask, acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr, HAS_REF: tl.constexpr, ACC: tl.constexpr
+):
     p = tl.load(p_row + idx, mask=mask, other=0.0).to(ACC)
     t = tl.load(t_row + idx, mask=mask, other=0.0).to(ACC)
     e = p - t
@@ -41,13 +42,12 @@ def _accumulate(p_row, r_row, t_row, idx, mask, acc_pt, acc_rt, acc_pr, acc_ptr,
         acc_rt += f * f
         acc_pr += d * d
         acc_ptr += e * d
-        acc_mr += d * (e + f)                  # e² - f² as a product: no cancellation
+        acc_mr += d * (e + f)  # e² - f² as a product: no cancellation
     return e, acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr
 
 
 @triton.jit
-def _store_sums(part_ptr, row, split, plane, splits, acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr,
-                HAS_REF: tl.constexpr):
+def _store_sums(part_ptr, row, split, plane, splits, acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr, HAS_REF: tl.constexpr):
     slot = part_ptr + row * splits + split
     tl.store(slot, tl.sum(acc_pt, axis=0))
     if HAS_REF:
@@ -59,10 +59,21 @@ def _store_sums(part_ptr, row, split, plane, splits, acc_pt, acc_rt, acc_pr, acc
 
 @triton.jit
 def _row_sums_kernel(
-    p_ptr, r_ptr, t_ptr, part_ptr,
-    n, chunk, rows, splits,
-    stride_p, stride_r, stride_t,
-    HAS_REF: tl.constexpr, CROSS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    p_ptr,
+    r_ptr,
+    t_ptr,
+    part_ptr,
+    n,
+    chunk,
+    rows,
+    splits,
+    stride_p,
+    stride_r,
+    stride_t,
+    HAS_REF: tl.constexpr,
+    CROSS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -78,12 +89,34 @@ def _row_sums_kernel(
         idx = off + tl.arange(0, BLOCK)
         mask = idx < end
         e, acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr = _accumulate(
-            p_ptr + row * stride_p, r_ptr + row * stride_r, t_ptr + row * stride_t, idx, mask,
-            acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr, HAS_REF, ACC)
+            p_ptr + row * stride_p,
+            r_ptr + row * stride_r,
+            t_ptr + row * stride_t,
+            idx,
+            mask,
+            acc_pt,
+            acc_rt,
+            acc_pr,
+            acc_ptr,
+            acc_mr,
+            HAS_REF,
+            ACC,
+        )
         if CROSS:
             e_l, lacc_pt, lacc_rt, lacc_pr, lacc_ptr, lacc_mr = _accumulate(
-                p_ptr + loser * stride_p, r_ptr + loser * stride_r, t_ptr + loser * stride_t, idx, mask,
-                lacc_pt, lacc_rt, lacc_pr, lacc_ptr, lacc_mr, HAS_REF, ACC)
+                p_ptr + loser * stride_p,
+                r_ptr + loser * stride_r,
+                t_ptr + loser * stride_t,
+                idx,
+                mask,
+                lacc_pt,
+                lacc_rt,
+                lacc_pr,
+                lacc_ptr,
+                lacc_mr,
+                HAS_REF,
+                ACC,
+            )
             acc_wl += e * e_l
     _store_sums(part_ptr, row, split, plane, splits, acc_pt, acc_rt, acc_pr, acc_ptr, acc_mr, HAS_REF)
     if CROSS:
@@ -96,7 +129,7 @@ def row_sums(p, r, t, acc_dtype, cross=False):
 
     cross=True (paired [2B, n] input, r given) adds the per-pair S_wl plane (rows 0..B-1).
     Returns (partials [6 (cross), 5 or 1 (no ref), R, splits] in acc_dtype, splits): the planes
-    of SUM_NAMES in order."""
+    S_pt, S_rt, S_pr, S_ptr, S_mr, S_wl in that order (`heads.common.S_PT` ... `S_WL`)."""
     rows, n = p.shape
     has_ref = r is not None
     programs_per_split = rows // 2 if cross else rows
@@ -104,10 +137,21 @@ def row_sums(p, r, t, acc_dtype, cross=False):
     partials = _runtime.empty((6 if cross else 5 if has_ref else 1, rows, splits), acc_dtype, p.device)
     r_arg = r if has_ref else p
     _row_sums_kernel[(programs_per_split, splits)](
-        p, r_arg, t, partials,
-        n, chunk, rows, splits,
-        p.stride(0), r_arg.stride(0), t.stride(0),
-        HAS_REF=has_ref, CROSS=cross, ACC=_runtime.tl_dtype(acc_dtype), BLOCK=BLOCK,
+        p,
+        r_arg,
+        t,
+        partials,
+        n,
+        chunk,
+        rows,
+        splits,
+        p.stride(0),
+        r_arg.stride(0),
+        t.stride(0),
+        HAS_REF=has_ref,
+        CROSS=cross,
+        ACC=_runtime.tl_dtype(acc_dtype),
+        BLOCK=BLOCK,
         num_warps=4,
     )
     return partials, splits

@@ -64,7 +64,7 @@ def run_reference(ref_fn, model_pred, *others, G, **kw):
 
 
 def amplification(model_pred, ref_pred, target, beta):
-    """How much β amplifies rounding of the per-row errors (spec §4): 1 + β * max(|m| + |r|)."""
+    """How much β amplifies rounding of the per-row errors (docs/methods.md §4): 1 + β * max(|m| + |r|)."""
     m = ((model_pred.double() - target.double()) ** 2).flatten(1).mean(1).cpu()
     r = ((ref_pred.double() - target.double()) ** 2).flatten(1).mean(1).cpu()
     return 1.0 + beta * float((m + r).max())
@@ -100,13 +100,13 @@ def case_id(shape, dtypes):
 
 
 def compute_dtype(inputs):
-    """float64 if any tensor input is float64, else float32 (spec §1)."""
+    """float64 if any tensor input is float64, else float32 (docs/methods.md §1)."""
     return torch.float64 if any(isinstance(x, torch.Tensor) and x.dtype == torch.float64 for x in inputs) \
         else torch.float32
 
 
 def compute_rtol(inputs, beta):
-    """Compute-error budget (spec §4): fp32 (or fp64) rounding of the per-row errors, amplified
+    """Compute-error budget (docs/methods.md §4): fp32 (or fp64) rounding of the per-row errors, amplified
     by β (the factor on the error differences inside the sigmoid)."""
     base = 1e-12 if compute_dtype(inputs) == torch.float64 else 4e-6
     return base * amplification(*inputs, beta)

@@ -1,7 +1,7 @@
-"""Helpers for the extended-loss tests (spec §2.4-2.10): input builders for the methods'
+"""Helpers for the extended-loss tests (docs/methods.md §2.4-2.10): input builders for the methods'
 extra arguments, and one kernel-versus-float64-reference check shared by every method.
 
-Reference functions may return, besides the spec's metrics, keys starting with "_": the
+Reference functions may return, besides docs/methods.md's metrics, keys starting with "_": the
 float64 decision values behind an accuracy metric (e.g. "_implicit_acc" holds the inside
 values whose sign `implicit_acc` counts). They are compared by sign, with pairs within
 rounding of 0 allowed either way, and are not metric keys themselves."""
@@ -110,7 +110,7 @@ def check_against_reference(fn, ref_fn, inputs, extra=(), *, rtol, grad_rtol=Non
     ref_fn on float64 copies. Returns (metrics, reference metrics, grad, reference grad)."""
     loss, metrics, grad, G = run(fn, *inputs, *extra, **kw)
     ref_loss, ref_metrics, ref_grad = run_reference(ref_fn, *inputs, *extra, G=G, **kw)
-    compute = compute_dtype(inputs)        # the predictions decide it (spec §1)
+    compute = compute_dtype(inputs)        # the predictions decide it (docs/methods.md §1)
     assert loss.dtype == compute and loss.shape == (), f"loss {loss.dtype} {tuple(loss.shape)}"
     assert_close("loss", loss, ref_loss, rtol, atol=rtol)
     assert_grad_close(grad, ref_grad, inputs[0].dtype, grad_rtol or rtol)

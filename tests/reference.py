@@ -1,4 +1,4 @@
-"""A float64 implementation of the loss spec (../shared/spec/losses.md), written plainly
+"""A float64 implementation of docs/methods.md, written plainly
 from the formulas (no cancellation-free forms, no fused tricks); gradients come from
 autograd. The kernels are tested against it."""
 import torch

@@ -1,8 +1,8 @@
-"""A float64 implementation of spec §2.4-2.10 (RPO, RPO-diagonal, SSPO, dense-reward DPO, KTO,
+"""A float64 implementation of docs/methods.md §2.4-2.10 (RPO, RPO-diagonal, SSPO, dense-reward DPO, KTO,
 MaPO, SDPO, DMPO), written plainly from the formulas (no cancellation-free forms, no fused
 tricks); gradients come from autograd. Same conventions as `reference.py`: call it on float64
 CPU copies of the inputs (see `helpers.run_reference`); every function returns
-`(loss, metrics)` with the spec's metric keys, plus "_name" entries: the float64 decision
+`(loss, metrics)` with docs/methods.md's metric keys, plus "_name" entries: the float64 decision
 values (in inside units) whose sign an accuracy metric `name` counts (see helpers_extended)."""
 import math
 
@@ -30,7 +30,7 @@ def rpo_weights(emb_w, emb_l, B, tau):
         return torch.ones(B, B, dtype=torch.float64)
     if emb_l is None:
         emb_l = emb_w
-    ew = F.normalize(emb_w.detach().double().cpu(), dim=1, eps=1e-12)      # constants (spec §1)
+    ew = F.normalize(emb_w.detach().double().cpu(), dim=1, eps=1e-12)      # constants (docs/methods.md §1)
     el = F.normalize(emb_l.detach().double().cpu(), dim=1, eps=1e-12)
     cos = ew @ el.T
     return torch.softmax(-(1 - cos) / tau, dim=1)
@@ -179,7 +179,7 @@ def sdpo_scale(model_pred, target, mu=0.9, eps=1e-9, max_scale=1.0):
 
 
 def dspo_objective(inside, model_pred, ref_pred, target, beta, variant="sd15", sdxl_threshold=0.1):
-    """The DSPO loss of spec §2.3 on a given (gradient-carrying) inside; returns (loss, branch)."""
+    """The DSPO loss of docs/methods.md §2.3 on a given (gradient-carrying) inside; returns (loss, branch)."""
     B = inside.shape[0]
     g = torch.sigmoid(-inside)
     shape = (B,) + (1,) * (model_pred.dim() - 1)

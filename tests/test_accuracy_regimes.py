@@ -2,7 +2,7 @@
 (fp32 upcasts, per-row mean of squared errors, then the loss), in every regime: the policy
 within 1e-4 or 1e-2 of the reference (where S_pt - S_rt cancels and β amplifies it) and O(1)
 away from it (where the former (2 S_ptr - S_pr)/n adds terms up to 4x those of S_pt - S_rt).
-Errors are against the float64 spec references on the same (rounded) inputs.
+Errors are against the float64 references (docs/methods.md) on the same (rounded) inputs.
 
 `python tests/test_accuracy_regimes.py` prints the figures quoted in the README (SD1.5-size
 latents, β = 5000)."""

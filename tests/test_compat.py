@@ -1,8 +1,8 @@
-"""fastpref.compat against eager re-implementations of the upstream loss blocks (spec §5).
+"""fastpref.compat against eager re-implementations of the upstream loss blocks (docs/methods.md §5).
 
 The eager functions below are this project's own code following each trainer's operation
 sequence (same upcasts, same reductions, same log keys); they are not copies of upstream
-code. Agreement: float32 rounding amplified by β (spec §4). The official DiffusionDPO/DSPO
+code. Agreement: float32 rounding amplified by β (docs/methods.md §4). The official DiffusionDPO/DSPO
 trainers compute the reference error in the reference network's dtype; with fp16 reference
 and target, the difference is bounded by the measured fp16 rounding of those errors."""
 import math

@@ -1,9 +1,9 @@
 """fastpref.compat's Diffusion-KTO and MaPO blocks against eager re-implementations of the
-upstream loss blocks (spec §5): loss, gradient and every log key.
+upstream loss blocks (docs/methods.md §5): loss, gradient and every log key.
 
 The eager functions are this project's own code following each trainer's operation sequence
 (float upcast per-row MSE, the same reductions and log keys); they are not copies of upstream
-code. Agreement: float32 rounding amplified by the method's scale (spec §4)."""
+code. Agreement: float32 rounding amplified by the method's scale (docs/methods.md §4)."""
 import pytest
 import torch
 import torch.nn.functional as F

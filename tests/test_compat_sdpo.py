@@ -1,11 +1,11 @@
 """fastpref.compat.official_sdpo_loss against an eager re-implementation of the loss block of
-AIDC-AI/Diffusion-SDPO `train.py` (spec §2.9, §2.10, §5): loss, gradient and every log key, for
+AIDC-AI/Diffusion-SDPO `train.py` (docs/methods.md §2.9, §2.10, §5): loss, gradient and every log key, for
 every base with the safeguard on and off, fp32 and mixed dtypes, and upstream's flag defaults.
 
 The eager function is this project's own code following the trainer's operation sequence
 (errors in the inputs' promoted dtype, λ from the output-space gradient proxies rounded to
 model_pred's dtype, the loser-gradient edit, each base's objective); it is not a copy of
-upstream code. Agreement: float32 rounding amplified by β (spec §4)."""
+upstream code. Agreement: float32 rounding amplified by β (docs/methods.md §4)."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -11,12 +11,12 @@ from loss_calls import CALLS, call
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 REAL_SHAPES = {"sd15-512-B8": (16, 4, 64, 64), "sdxl-1024-B4": (8, 4, 128, 128), "video-16x64x64-B2": (4, 4, 16, 64, 64)}
-REFERENCES = {"dpo-sigmoid": reference.dpo, "dpo-hinge": reference.dpo, "dpo-ipo": reference.dpo,
-              "dspo-sd15": reference.dspo, "dspo-sdxl": reference.dspo}
+REFERENCES = {"dpo_sigmoid": reference.dpo, "dpo_hinge": reference.dpo, "dpo_ipo": reference.dpo,
+              "dspo_sd15": reference.dspo, "dspo_sdxl": reference.dspo}
 
 
 def reference_on_gpu(name, model, ref, target, G):
-    """The float64 spec reference, evaluated on the GPU (real shapes are slow on the CPU)."""
+    """The float64 reference (docs/methods.md), evaluated on the GPU (real shapes are slow on the CPU)."""
     kw = CALLS[name][2]
     leaf = model.detach().double().requires_grad_(True)
     if name.startswith("sft"):
@@ -29,7 +29,7 @@ def reference_on_gpu(name, model, ref, target, G):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape_name", sorted(REAL_SHAPES))
-@pytest.mark.parametrize("name", sorted(REFERENCES) + ["sft", "sft-winners"])
+@pytest.mark.parametrize("name", sorted(REFERENCES) + ["sft", "sft_winners"])
 def test_real_shapes_match_float64(name, shape_name, dtype):
     inputs = make_inputs(REAL_SHAPES[shape_name], dtype, torch.device("cuda"), 0, 0.01)
     loss, _, grad, G = run(lambda *a, **k: call(name, *a), *inputs)

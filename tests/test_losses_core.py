@@ -1,29 +1,41 @@
-"""Diffusion-DPO, SFT and DSPO against the float64 spec reference: loss, gradient, metrics;
+"""Diffusion-DPO, SFT and DSPO against the float64 reference (docs/methods.md): loss, gradient, metrics;
 every variant, β from small to 5000, fp32/fp16/bf16/mixed/fp64, 4-D and 5-D, B = 1, rows
 not a multiple of the block and split across programs. Outputs are poisoned (conftest)."""
+
 import pytest
+import reference
 import torch
+from helpers import (
+    assert_close,
+    assert_grad_close,
+    case_id,
+    check_accuracy,
+    compute_rtol,
+    make_inputs,
+    run,
+    run_reference,
+)
 
 import fastpref
-import reference
-from helpers import (assert_close, assert_grad_close, case_id, check_accuracy, compute_rtol, make_inputs, run,
-                     run_reference)
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 # (shape, dtypes): every dtype mix on a 4-D batch whose rows span several programs and end in
 # a partial block (n = 3 * 25 * 41 = 3075); the others on B = 1 and on 5-D video latents.
 CASES = [
-    ((6, 3, 25, 41), F32), ((6, 3, 25, 41), F16), ((6, 3, 25, 41), BF16), ((6, 3, 25, 41), F64),
-    ((6, 3, 25, 41), (F32, F16, F16)),      # the official trainer: fp32 policy, fp16 reference/target
+    ((6, 3, 25, 41), F32),
+    ((6, 3, 25, 41), F16),
+    ((6, 3, 25, 41), BF16),
+    ((6, 3, 25, 41), F64),
+    ((6, 3, 25, 41), (F32, F16, F16)),  # the official trainer: fp32 policy, fp16 reference/target
     ((6, 3, 25, 41), (BF16, F32, F16)),
-    ((2, 4, 8, 8), F32), ((2, 4, 8, 8), BF16),
-    ((4, 2, 3, 5, 7), F32), ((4, 2, 3, 5, 7), (F16, BF16, F32)),
+    ((2, 4, 8, 8), F32),
+    ((2, 4, 8, 8), BF16),
+    ((4, 2, 3, 5, 7), F32),
+    ((4, 2, 3, 5, 7), (F16, BF16, F32)),
 ]
 CASE_IDS = [case_id(s, d) for s, d in CASES]
 # β and a policy offset that keeps inside = O(1) at that β.
 BETAS = [(0.5, 0.5), (50.0, 0.1), (5000.0, 0.01)]
-
-
 
 
 def check_metrics(metrics, expected, rtol, skip=()):
@@ -36,8 +48,6 @@ def check_metrics(metrics, expected, rtol, skip=()):
             assert_close(name, value, expected[name], rtol, atol=rtol)
         else:
             assert int(value) == int(expected[name]), f"{name}: {int(value)} != {int(expected[name])}"
-
-
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -71,7 +81,7 @@ def test_sft_matches_spec(shape, dtypes, winners_only, seed, device):
     assert_grad_close(grad, ref_grad, model.dtype, rtol)
     check_metrics(metrics, ref_metrics, rtol)
     if winners_only:
-        assert (grad[shape[0] // 2:] == 0).all(), "loser rows must get exactly zero gradient"
+        assert (grad[shape[0] // 2 :] == 0).all(), "loser rows must get exactly zero gradient"
 
 
 def test_sft_accepts_unpaired_odd_batch(device):
@@ -82,8 +92,13 @@ def test_sft_accepts_unpaired_odd_batch(device):
     assert_grad_close(grad, ref_grad, F32, 4e-6)
 
 
-DSPO_SETTINGS = [("sd15", 0.001, 0.3), ("sd15", 1.0, 0.3), ("sd15", 50.0, 0.05),
-                 ("sdxl", 0.001, 0.3), ("sdxl", 5000.0, 0.01)]
+DSPO_SETTINGS = [
+    ("sd15", 0.001, 0.3),
+    ("sd15", 1.0, 0.3),
+    ("sd15", 50.0, 0.05),
+    ("sdxl", 0.001, 0.3),
+    ("sdxl", 5000.0, 0.01),
+]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -97,7 +112,7 @@ def test_dspo_matches_spec(shape, dtypes, variant, beta, scale, seed, device):
     kw = dict(beta=beta, variant=variant, sdxl_threshold=threshold)
     loss, metrics, grad, G = run(fastpref.dspo_loss, *inputs, **kw)
     ref_loss, ref_metrics, ref_grad = run_reference(reference.dspo, *inputs, G=G, **kw)
-    rtol = compute_rtol(inputs, beta) * (1 + 2 * beta * beta * scale * scale)   # the β² g² S_pr term
+    rtol = compute_rtol(inputs, beta) * (1 + 2 * beta * beta * scale * scale)  # the β² g² S_pr term
     assert_close("loss", loss, ref_loss, rtol, atol=rtol)
     assert_grad_close(grad, ref_grad, inputs[0].dtype, rtol)
     check_metrics(metrics, ref_metrics, rtol, skip=("implicit_acc",))

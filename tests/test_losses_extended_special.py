@@ -1,16 +1,17 @@
-"""The spec's special cases and exact constructions for the extended losses (§2.4-2.10):
+"""docs/methods.md's special cases and exact constructions for the extended losses (§2.4-2.10):
 reductions to Diffusion-DPO, the dense k(t) table, SSPO anchors and ties, MaPO near m = 0,
 KTO one-class batches, SDPO's gradient edit, DMPO as SDPO. Kernel against kernel where the
 spec states an identity, kernel against the float64 reference otherwise."""
+
 import math
 
 import pytest
+import reference_extended as ref
 import torch
+from helpers import assert_close, assert_grad_close, compute_rtol, make_inputs, run
+from helpers_extended import F32, F64, check_against_reference, correlated_inputs, mapo_rtol, random_embeddings
 
 import fastpref
-import reference_extended as ref
-from helpers import assert_close, assert_grad_close, compute_rtol, make_inputs, run
-from helpers_extended import (F32, F64, check_against_reference, correlated_inputs, mapo_rtol, random_embeddings)
 
 G_SCALE = 0.75
 
@@ -31,7 +32,8 @@ def test_rpo_with_one_pair_is_dpo(with_emb, device):
     inputs = make_inputs((2, 4, 9, 9), F32, device, 1, 0.01)
     kw = dict(emb_w=random_embeddings(1, 8, 3, F32, device)) if with_emb else {}
     (loss, m, grad), (dloss, dm, dgrad) = run_both(
-        fastpref.rpo_loss, fastpref.diffusion_dpo_loss, inputs, inputs, dict(beta=5000.0, **kw), dict(beta=5000.0))
+        fastpref.rpo_loss, fastpref.diffusion_dpo_loss, inputs, inputs, dict(beta=5000.0, **kw), dict(beta=5000.0)
+    )
     rtol = compute_rtol(inputs, 5000.0)
     assert_close("loss", loss, dloss, rtol)
     assert_grad_close(grad, dgrad.double(), F32, rtol)
@@ -52,7 +54,7 @@ def test_rpo_without_embeddings_has_unit_weights_and_dpo_diagonal(device):
 
     # (a) every (i, j) as its own DPO pair: winners repeat_interleave, losers tile.
     wi, lj = torch.arange(B).repeat_interleave(B), B + torch.arange(B).repeat(B)
-    expand = lambda x: torch.cat([x[wi], x[lj]])                     # noqa: E731
+    expand = lambda x: torch.cat([x[wi], x[lj]])  # noqa: E731
     all_pairs = [expand(x) for x in (model, refp, target)]
     dloss, dm, dgrad, _ = run(fastpref.diffusion_dpo_loss, *all_pairs, beta=beta, grad_scale=G_SCALE)
     assert_close("loss vs DPO on all pairs", loss, dloss, rtol)
@@ -61,16 +63,18 @@ def test_rpo_without_embeddings_has_unit_weights_and_dpo_diagonal(device):
     assert abs(float(m["pair_acc_all"]) - float(dm["implicit_acc"])) < 1e-6
 
     # (b) the diagonal alone is DPO.
-    pd_loss, pd_m, pd_grad, _ = run(fastpref.rpo_diagonal_loss, model, refp, target, beta=beta,
-                                    diagonal_weight=1.0, grad_scale=G_SCALE)
+    pd_loss, pd_m, pd_grad, _ = run(
+        fastpref.rpo_diagonal_loss, model, refp, target, beta=beta, diagonal_weight=1.0, grad_scale=G_SCALE
+    )
     d1loss, d1m, d1grad, _ = run(fastpref.diffusion_dpo_loss, model, refp, target, beta=beta, grad_scale=G_SCALE)
     assert_close("rpo_diagonal(1.0) vs DPO", pd_loss, d1loss, rtol)
     assert_grad_close(pd_grad, d1grad.double(), F32, rtol)
     assert float(pd_m["implicit_acc"]) == float(d1m["implicit_acc"]) == float(m["implicit_acc"])
 
     # (c) uniform pair weights.
-    u_loss, _, u_grad, _ = run(fastpref.rpo_diagonal_loss, model, refp, target, beta=beta,
-                               diagonal_weight=1.0 / B, grad_scale=G_SCALE)
+    u_loss, _, u_grad, _ = run(
+        fastpref.rpo_diagonal_loss, model, refp, target, beta=beta, diagonal_weight=1.0 / B, grad_scale=G_SCALE
+    )
     assert_close("rpo_diagonal(1/B) vs rpo", u_loss, loss, rtol)
     assert_grad_close(u_grad, grad.double(), F32, rtol)
 
@@ -94,8 +98,13 @@ def test_dense_with_gamma_one_is_dpo_exactly(normalize, form, device):
     ts = torch.tensor([999, 500, 3], device=device)
     ts = torch.cat([ts, ts]) if form == "2B" else ts
     (loss, m, grad), (dloss, dm, dgrad) = run_both(
-        fastpref.dense_dpo_loss, fastpref.diffusion_dpo_loss, inputs + (ts,), inputs,
-        dict(gamma=1.0, normalize=normalize), {})
+        fastpref.dense_dpo_loss,
+        fastpref.diffusion_dpo_loss,
+        inputs + (ts,),
+        inputs,
+        dict(gamma=1.0, normalize=normalize),
+        {},
+    )
     assert torch.equal(loss, dloss), f"{float(loss)!r} != {float(dloss)!r}"
     assert torch.equal(grad, dgrad), f"gradient differs by up to {float((grad - dgrad).abs().max()):.3e}"
     assert float(m["step_weight_mean"]) == 1.0
@@ -103,21 +112,21 @@ def test_dense_with_gamma_one_is_dpo_exactly(normalize, form, device):
         assert torch.equal(m[key], dm[key]), f"{key}: {m[key]} != {dm[key]}"
 
 
-# t -> k(t) for T = 1000, K = 50 (spec §2.6), plus interior points.
+# t -> k(t) for T = 1000, K = 50 (docs/methods.md §2.6), plus interior points.
 K_TABLE = {999: 0, 981: 0, 980: 0, 979: 1, 960: 1, 959: 2, 500: 24, 19: 49, 1: 49, 0: 49}
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float32])
 def test_dense_step_index_table(dtype, device):
     """With γ = 1/2 and normalize=False, step_weight_mean of a one-pair batch is 2^-k(t)
-    exactly; the table comes from the spec, not from the formula under test."""
+    exactly; the table comes from docs/methods.md, not from the formula under test."""
     inputs = make_inputs((2, 3, 4), F32, device, 6, 0.05)
     for t, k in K_TABLE.items():
-        assert float(ref.dense_step_index(torch.tensor([t]))) == k      # the reference agrees
+        assert float(ref.dense_step_index(torch.tensor([t]))) == k  # the reference agrees
         ts = torch.tensor([t], dtype=dtype, device=device)
         _, m = fastpref.dense_dpo_loss(*inputs, ts, gamma=0.5, normalize=False)
         got = float(m["step_weight_mean"])
-        assert got == 2.0 ** -k, f"t={t}: weight {got!r}, expected 2^-{k} (k = {-math.log2(got) if got > 0 else 'inf'})"
+        assert got == 2.0**-k, f"t={t}: weight {got!r}, expected 2^-{k} (k = {-math.log2(got) if got > 0 else 'inf'})"
 
 
 @pytest.mark.parametrize("T,K,gamma", [(40, 8, 0.7), (100, 50, 0.9)])
@@ -127,9 +136,10 @@ def test_dense_normalised_weights_average_one(T, K, gamma, device):
     ts = torch.arange(T, device=device)
     _, m = fastpref.dense_dpo_loss(*inputs, ts, gamma=gamma, num_inference_steps=K, num_train_timesteps=T)
     assert abs(float(m["step_weight_mean"]) - 1.0) <= 1e-6
-    _, m2 = fastpref.dense_dpo_loss(*inputs, ts, gamma=gamma, num_inference_steps=K, num_train_timesteps=T,
-                                    normalize=False)
-    expected = sum(gamma ** j for j in range(K)) / K
+    _, m2 = fastpref.dense_dpo_loss(
+        *inputs, ts, gamma=gamma, num_inference_steps=K, num_train_timesteps=T, normalize=False
+    )
+    expected = sum(gamma**j for j in range(K)) / K
     assert abs(float(m2["step_weight_mean"]) - expected) <= 1e-6 * expected
 
 
@@ -152,7 +162,8 @@ def test_sspo_with_all_anchors_positive_is_dpo(criterion, device):
     """c ≡ 1 gives diffusion_dpo_loss on (x^w, x^s)."""
     inputs = sspo_inputs(device, "positive")
     (loss, m, grad), (dloss, dm, dgrad) = run_both(
-        fastpref.sspo_loss, fastpref.diffusion_dpo_loss, inputs, inputs, dict(criterion=criterion), {})
+        fastpref.sspo_loss, fastpref.diffusion_dpo_loss, inputs, inputs, dict(criterion=criterion), {}
+    )
     rtol = compute_rtol(inputs, 5000.0)
     assert torch.equal(m["criterion"].cpu(), torch.ones(3, dtype=m["criterion"].dtype))
     assert float(m["dpo_fraction"]) == 1.0
@@ -178,8 +189,9 @@ def test_sspo_anchor_ties_give_zero(criterion, device):
 def test_sspo_with_all_anchors_negative(criterion, c, device):
     """a < 0: indicator drops x^s (reference-anchored SFT), sign makes x^s a second positive."""
     inputs = sspo_inputs(device, "negative")
-    metrics, _, grad, _ = check_against_reference(fastpref.sspo_loss, ref.sspo, inputs,
-                                                  rtol=compute_rtol(inputs, 5000.0), criterion=criterion)
+    metrics, _, grad, _ = check_against_reference(
+        fastpref.sspo_loss, ref.sspo, inputs, rtol=compute_rtol(inputs, 5000.0), criterion=criterion
+    )
     assert torch.equal(metrics["criterion"].cpu(), torch.full((3,), c, dtype=metrics["criterion"].dtype))
     if c == 0.0:
         assert (grad[3:] == 0).all()
@@ -210,9 +222,10 @@ def test_mapo_large_errors(dtype, device):
     model = target + spread * torch.randn(6, 3, 9, 10, generator=g, dtype=F64)
     args = (model.to(dtype).to(device), target.to(dtype).to(device))
     kw = dict(beta=0.1, snr_value=100.0, num_train_timesteps=1000)
-    metrics, ref_metrics, _, _ = check_against_reference(fastpref.mapo_loss, ref.mapo, args,
-                                                         rtol=mapo_rtol(*args, 0.1, 100.0, 1000), **kw)
-    rtol = 80 * (1e-12 if dtype == F64 else 4e-6)   # e^-x: the rounding of x = s m, times x
+    metrics, ref_metrics, _, _ = check_against_reference(
+        fastpref.mapo_loss, ref.mapo, args, rtol=mapo_rtol(*args, 0.1, 100.0, 1000), **kw
+    )
+    rtol = 80 * (1e-12 if dtype == F64 else 4e-6)  # e^-x: the rounding of x = s m, times x
     for key in ("win_score", "lose_score"):
         assert float(ref_metrics[key]) < 1e-6
         assert_close(key, metrics[key], ref_metrics[key], rtol)
@@ -228,12 +241,20 @@ def test_kto_one_class_batches(desirable, kl, device):
     labels = torch.full((5,), 1 if desirable else 0, device=device)
     kl_baseline = {None: None, "float": 1e-4, "tensor": torch.tensor(-2e-4, device=device)}[kl]
     metrics, ref_metrics, _, _ = check_against_reference(
-        fastpref.kto_loss, ref.kto, inputs, (labels,), rtol=compute_rtol(inputs, 2000.0), beta=1000.0,
-        kl_baseline=kl_baseline, lambda_d=1.5, lambda_u=0.5)
+        fastpref.kto_loss,
+        ref.kto,
+        inputs,
+        (labels,),
+        rtol=compute_rtol(inputs, 2000.0),
+        beta=1000.0,
+        kl_baseline=kl_baseline,
+        lambda_d=1.5,
+        lambda_u=0.5,
+    )
     if kl is None:
         assert float(ref_metrics["kl"]) >= 0.0 and float(metrics["kl"]) >= 0.0
     else:
-        assert float(metrics["kl"]) == float(torch.as_tensor(kl_baseline, dtype=F32))   # used as given
+        assert float(metrics["kl"]) == float(torch.as_tensor(kl_baseline, dtype=F32))  # used as given
 
 
 def test_kto_baseline_is_clamped_at_zero(device):
@@ -251,7 +272,7 @@ SDPO_BASE_IDS = ["dpo", "dspo-sd15", "dspo-sdxl", "dmpo"]
 
 
 def base_call(base, extra, beta):
-    """The plain base loss the spec names for an SDPO base, with its keyword arguments."""
+    """The plain base loss docs/methods.md names for an SDPO base, with its keyword arguments."""
     if base == "dpo":
         return fastpref.diffusion_dpo_loss, dict(beta=beta)
     if base == "dspo":
@@ -265,9 +286,10 @@ def test_sdpo_without_safeguard_is_the_base_loss(base, extra, device):
     beta = 0.001 if extra.get("dspo_variant") == "sd15" else 500.0
     fn, kw = base_call(base, extra, beta)
     (loss, m, grad), (bloss, bm, bgrad) = run_both(
-        fastpref.sdpo_loss, fn, inputs, inputs, dict(beta=beta, base=base, safeguard=False, **extra), kw)
+        fastpref.sdpo_loss, fn, inputs, inputs, dict(beta=beta, base=base, safeguard=False, **extra), kw
+    )
     rtol = compute_rtol(inputs, beta)
-    assert torch.equal(loss, bloss), f"loss {float(loss)!r} != base {float(bloss)!r}"    # the same value, exactly
+    assert torch.equal(loss, bloss), f"loss {float(loss)!r} != base {float(bloss)!r}"  # the same value, exactly
     assert_grad_close(grad, bgrad.double(), F32, rtol)
     assert float(m["loser_grad_scale"]) == 1.0
     assert not any(k.startswith("safeguard_") for k in m), f"safeguard metrics without the safeguard: {sorted(m)}"
@@ -285,7 +307,8 @@ def test_sdpo_edits_only_the_loser_gradient(base, extra, device):
     beta = 0.001 if extra.get("dspo_variant") == "sd15" else 500.0
     kw = dict(beta=beta, base=base, mu=0.9, **extra)
     (loss, m, grad), (bloss, bm, bgrad) = run_both(
-        fastpref.sdpo_loss, fastpref.sdpo_loss, inputs, inputs, kw, dict(kw, safeguard=False))
+        fastpref.sdpo_loss, fastpref.sdpo_loss, inputs, inputs, kw, dict(kw, safeguard=False)
+    )
     lam = float(m["loser_grad_scale"])
     assert 0.05 < lam < 0.5, f"the construction should give λ ≈ 0.2, got {lam}"
     rtol = compute_rtol(inputs, beta)
@@ -304,8 +327,8 @@ def test_sdpo_eps_uses_the_local_batch(B, eps_over_den, device):
     _, num, den, _ = ref.sdpo_scale(inputs[0].double(), inputs[2].double())
     eps = eps_over_den * float(den)
     metrics, ref_metrics, _, _ = check_against_reference(
-        fastpref.sdpo_loss, ref.sdpo, inputs, rtol=compute_rtol(inputs, 500.0),
-        beta=500.0, mu=0.9, eps=eps)
+        fastpref.sdpo_loss, ref.sdpo, inputs, rtol=compute_rtol(inputs, 500.0), beta=500.0, mu=0.9, eps=eps
+    )
     expected = 0.1 * float(num) / (float(den) * (1 + eps_over_den))
     assert_close("loser_grad_scale", metrics["loser_grad_scale"], torch.tensor(expected), 2e-5)
 
@@ -332,8 +355,13 @@ def test_dmpo_is_sdpo_dmpo_without_safeguard(alpha, device):
     """alpha = 0 and 1 hit the clamp of q at 1 - 1e-6 and 1e-6."""
     inputs = make_inputs((6, 3, 9, 10), F32, device, 15, 0.01)
     (loss, m, grad), (sloss, sm, sgrad) = run_both(
-        fastpref.dmpo_loss, fastpref.sdpo_loss, inputs, inputs, dict(beta=2000.0, alpha=alpha),
-        dict(beta=2000.0, base="dmpo", safeguard=False, dmpo_alpha=alpha))
+        fastpref.dmpo_loss,
+        fastpref.sdpo_loss,
+        inputs,
+        inputs,
+        dict(beta=2000.0, alpha=alpha),
+        dict(beta=2000.0, base="dmpo", safeguard=False, dmpo_alpha=alpha),
+    )
     rtol = compute_rtol(inputs, 2000.0)
     assert_close("loss", loss, sloss, rtol)
     assert_grad_close(grad, sgrad.double(), F32, rtol)
@@ -347,20 +375,21 @@ def test_dmpo_is_sdpo_dmpo_without_safeguard(alpha, device):
 
 def test_strided_aux_tensors_and_constants_get_no_gradient(device):
     """Embeddings, timesteps and labels as strided views are read through their strides, and
-    tensors the spec calls constants (embeddings, kl_baseline) receive no gradient."""
+    tensors docs/methods.md calls constants (embeddings, kl_baseline) receive no gradient."""
     inputs = make_inputs((6, 3, 9, 10), F32, device, 16, 0.01)
     rtol = compute_rtol(inputs, 5000.0)
-    emb = random_embeddings(8, 3, 17, F32, device).T.requires_grad_(True)          # [3, 8], strides (1, 3)
-    emb_l = random_embeddings(3, 16, 18, F32, device)[:, ::2]                       # [3, 8], element stride 2
+    emb = random_embeddings(8, 3, 17, F32, device).T.requires_grad_(True)  # [3, 8], strides (1, 3)
+    emb_l = random_embeddings(3, 16, 18, F32, device)[:, ::2]  # [3, 8], element stride 2
     assert not emb.is_contiguous() and not emb_l.is_contiguous()
     loss, _, _, _ = check_against_reference(fastpref.rpo_loss, ref.rpo, inputs, rtol=rtol, emb_w=emb, emb_l=emb_l)
     assert emb.grad is None
-    ts = torch.tensor([999, 0, 500, 1, 979, 7], device=device)[::2]                # [999, 500, 979]
+    ts = torch.tensor([999, 0, 500, 1, 979, 7], device=device)[::2]  # [999, 500, 979]
     check_against_reference(fastpref.dense_dpo_loss, ref.dense_dpo, inputs, (ts,), rtol=compute_rtol(inputs, 25000.0))
     labels = torch.tensor([[1, 9], [0, 9], [2, 9], [0, 9], [1, 9], [0, 9]], device=device)[:, 0]
     kl = torch.tensor(1e-4, device=device, requires_grad=True)
-    check_against_reference(fastpref.kto_loss, ref.kto, inputs, (labels,), rtol=compute_rtol(inputs, 2000.0),
-                            kl_baseline=kl)
+    check_against_reference(
+        fastpref.kto_loss, ref.kto, inputs, (labels,), rtol=compute_rtol(inputs, 2000.0), kl_baseline=kl
+    )
     assert kl.grad is None
 
 
@@ -380,17 +409,16 @@ FRACTIONS = [  # (function, extra positional builder, keyword arguments, {metric
 
 @pytest.mark.parametrize("name,extra,kw,fractions", FRACTIONS, ids=[f[0] for f in FRACTIONS])
 def test_float64_fractions_are_exact(name, extra, kw, fractions, device):
-    """With float64 inputs the compute dtype is float64 (spec §1), so a share k/B of pairs must
+    """With float64 inputs the compute dtype is float64 (docs/methods.md §1), so a share k/B of pairs must
     be k/B to float64 precision, not a float32 rounding of it (2/3 -> 0.6666666865)."""
     B = 3
     fn = getattr(fastpref, f"{name}_loss")
     for seed in range(4):
         model, refp, target = make_inputs((2 * B, 3, 5, 5), F64, device, seed, 0.01)
-        args = (model, target) if extra is None else (model, refp, target) + tuple(
-            x.to(device) for x in extra(B))
+        args = (model, target) if extra is None else (model, refp, target) + tuple(x.to(device) for x in extra(B))
         _, metrics = fn(*args, **kw)
         for key, power in fractions.items():
-            count = 2 * B if power == "N" else B ** power
+            count = 2 * B if power == "N" else B**power
             value = float(metrics[key])
             exact = round(value * count) / count
             assert abs(value - exact) <= 1e-15, f"{key} = {value!r}, expected the float64 value {exact!r}"
@@ -401,6 +429,13 @@ def test_rpo_with_many_pairs(device):
     B = 40
     inputs = make_inputs((2 * B, 2, 3, 5), F32, device, 20, 0.05)
     rtol = compute_rtol(inputs, 50.0)
-    check_against_reference(fastpref.rpo_loss, ref.rpo, inputs, rtol=rtol, beta=50.0,
-                            emb_w=random_embeddings(B, 8, 21, F32, device), tau=0.1)
+    check_against_reference(
+        fastpref.rpo_loss,
+        ref.rpo,
+        inputs,
+        rtol=rtol,
+        beta=50.0,
+        emb_w=random_embeddings(B, 8, 21, F32, device),
+        tau=0.1,
+    )
     check_against_reference(fastpref.rpo_diagonal_loss, ref.rpo_diagonal, inputs, rtol=rtol, beta=50.0)

@@ -1,24 +1,23 @@
-"""The API contract of the extended losses (spec §2.4-2.10): bad input raises ValueError/TypeError
-naming the argument, before any kernel launch; boundary values the spec allows are accepted;
-signatures and defaults are the spec's."""
+"""The API contract of the extended losses (docs/methods.md §2.4-2.10): bad input raises ValueError/TypeError
+naming the argument, before any kernel launch; boundary values docs/methods.md allows are accepted;
+signatures and defaults are docs/methods.md's."""
+
 import inspect
 
 import pytest
 import torch
+from helpers import assert_bad_input_case, bad_input_case_ids, make_inputs
 
 import fastpref
-from helpers import assert_bad_input_case, bad_input_case_ids, make_inputs
 
 NAN, INF = float("nan"), float("inf")
 EITHER = (TypeError, ValueError)
 
 
-
-
 def cases(device):
-    p, r, t = make_inputs((4, 3, 5, 5), torch.float32, device, 0)          # B = 2, n = 75
+    p, r, t = make_inputs((4, 3, 5, 5), torch.float32, device, 0)  # B = 2, n = 75
     odd = make_inputs((3, 3, 5, 5), torch.float32, device, 0)
-    one = make_inputs((2, 3, 5, 5), torch.float32, device, 0)              # B = 1
+    one = make_inputs((2, 3, 5, 5), torch.float32, device, 0)  # B = 1
     emb = torch.randn(2, 8, device=device)
     ts = torch.tensor([10, 500], device=device)
     labels = torch.tensor([1, 0, 1, 0], device=device)
@@ -44,7 +43,11 @@ def cases(device):
     yield "timesteps", ValueError, lambda: fastpref.dense_dpo_loss(p, r, t, ts[:, None])
     yield "timesteps", ValueError, lambda: fastpref.dense_dpo_loss(p, r, t, torch.tensor([1, 2, 3], device=device))
     yield "timesteps", ValueError, lambda: fastpref.dense_dpo_loss(p, r, t, ts[:1])
-    yield "timesteps", ValueError, lambda: fastpref.dense_dpo_loss(p, r, t, torch.tensor([10, 500, 10, 501], device=device))
+    yield (
+        "timesteps",
+        ValueError,
+        lambda: fastpref.dense_dpo_loss(p, r, t, torch.tensor([10, 500, 10, 501], device=device)),
+    )
     yield "timesteps", EITHER, lambda: fastpref.dense_dpo_loss(p, r, t, [10, 500])
     for bad in (0.0, -0.5, 1.0000001, 2.0, NAN, INF):
         yield "gamma", ValueError, lambda bad=bad: fastpref.dense_dpo_loss(p, r, t, ts, gamma=bad)
@@ -80,7 +83,7 @@ def cases(device):
         "sdpo": lambda beta: fastpref.sdpo_loss(p, r, t, beta=beta),
         "dmpo": lambda beta: fastpref.dmpo_loss(p, r, t, beta=beta),
     }
-    for name, fn in calls.items():
+    for fn in calls.values():
         for bad in (NAN, INF, -INF):
             yield "beta", ValueError, lambda fn=fn, bad=bad: fn(bad)
 
@@ -108,28 +111,42 @@ def test_boundary_values_are_accepted(device):
         fastpref.sdpo_loss(p, r, t, mu=0.0),
         fastpref.sdpo_loss(p, r, t, mu=1.0, eps=0.0, max_scale=0.0),
         fastpref.kto_loss(p, r, t, torch.tensor([True, False, True, True], device=device), kl_baseline=0.0),
-        fastpref.kto_loss(p, r, t, torch.tensor([0.5, 0.0, -1.0, 0.0], device=device),
-                          kl_baseline=torch.tensor(1e-3, device=device)),
+        fastpref.kto_loss(
+            p, r, t, torch.tensor([0.5, 0.0, -1.0, 0.0], device=device), kl_baseline=torch.tensor(1e-3, device=device)
+        ),
         fastpref.kto_loss(p[:1], r[:1], t[:1], torch.tensor([0], device=device)),
     ]
     for loss, metrics in results:
         assert torch.isfinite(loss) and "loss" in metrics
 
 
-SIGNATURES = {   # spec §2.4-2.10, written out: (positional parameters, keyword-only parameters with defaults)
-    "rpo_loss": (("model_pred", "ref_pred", "target"),
-                 dict(emb_w=None, emb_l=None, beta=5000.0, tau=0.5)),
+SIGNATURES = {  # docs/methods.md §2.4-2.10, written out: (positional parameters, keyword-only parameters with defaults)
+    "rpo_loss": (("model_pred", "ref_pred", "target"), dict(emb_w=None, emb_l=None, beta=5000.0, tau=0.5)),
     "rpo_diagonal_loss": (("model_pred", "ref_pred", "target"), dict(beta=5000.0, diagonal_weight=0.8)),
     "sspo_loss": (("model_pred", "ref_pred", "target"), dict(beta=5000.0, criterion="indicator")),
-    "dense_dpo_loss": (("model_pred", "ref_pred", "target", "timesteps"),
-                       dict(beta=5000.0, gamma=0.9, num_inference_steps=50, num_train_timesteps=1000,
-                            normalize=True)),
-    "kto_loss": (("model_pred", "ref_pred", "target", "labels"),
-                 dict(beta=1000.0, lambda_d=1.0, lambda_u=1.0, kl_baseline=None)),
+    "dense_dpo_loss": (
+        ("model_pred", "ref_pred", "target", "timesteps"),
+        dict(beta=5000.0, gamma=0.9, num_inference_steps=50, num_train_timesteps=1000, normalize=True),
+    ),
+    "kto_loss": (
+        ("model_pred", "ref_pred", "target", "labels"),
+        dict(beta=1000.0, lambda_d=1.0, lambda_u=1.0, kl_baseline=None),
+    ),
     "mapo_loss": (("model_pred", "target"), dict(beta=0.1, snr_value=0.5, num_train_timesteps=1000)),
-    "sdpo_loss": (("model_pred", "ref_pred", "target"),
-                  dict(beta=5000.0, mu=0.9, base="dpo", safeguard=True, eps=1e-9, max_scale=1.0,
-                       dspo_variant="sd15", sdxl_threshold=0.1, dmpo_alpha=0.01)),
+    "sdpo_loss": (
+        ("model_pred", "ref_pred", "target"),
+        dict(
+            beta=5000.0,
+            mu=0.9,
+            base="dpo",
+            safeguard=True,
+            eps=1e-9,
+            max_scale=1.0,
+            dspo_variant="sd15",
+            sdxl_threshold=0.1,
+            dmpo_alpha=0.01,
+        ),
+    ),
     "dmpo_loss": (("model_pred", "ref_pred", "target"), dict(beta=2000.0, alpha=0.01)),
 }
 
@@ -141,5 +158,5 @@ def test_signature_and_defaults_match_the_spec(name):
     keyword = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
     assert all(p.default is inspect.Parameter.empty for p in params if p.name in positional), name
     assert (positional, keyword) == SIGNATURES[name]
-    for key, value in keyword.items():        # 5000.0 == 5000, but the types should agree too
+    for key, value in keyword.items():  # 5000.0 == 5000, but the types should agree too
         assert type(value) is type(SIGNATURES[name][1][key]), f"{name}: {key} default {value!r}"

@@ -1,16 +1,21 @@
 """fastpref.row_errors (the fused per-row errors) against float64: every dtype mix, 2-D to 5-D,
 rows split across programs, non-contiguous input; detached, no host sync, bad input rejected
 before any launch. Outputs are poisoned (conftest)."""
+
 import pytest
 import torch
+from helpers import FailOnHostSync, assert_close, case_id, make_inputs
 
 import fastpref
-from helpers import FailOnHostSync, assert_close, case_id, make_inputs
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 CASES = [
-    ((6, 3, 25, 41), F32), ((6, 3, 25, 41), BF16), ((6, 3, 25, 41), F64),
-    ((6, 3, 25, 41), (F32, F16, F16)), ((5, 7), (BF16, F32, F16)), ((4, 2, 3, 5, 7), (F16, BF16, F32)),
+    ((6, 3, 25, 41), F32),
+    ((6, 3, 25, 41), BF16),
+    ((6, 3, 25, 41), F64),
+    ((6, 3, 25, 41), (F32, F16, F16)),
+    ((5, 7), (BF16, F32, F16)),
+    ((4, 2, 3, 5, 7), (F16, BF16, F32)),
 ]
 
 

@@ -1,16 +1,20 @@
 """PreferenceLoss: the same numbers as the functions, hyperparameters checked in __init__."""
+
 import pytest
 import torch
-
-import fastpref
 from helpers import make_inputs
 
+import fastpref
 
-@pytest.mark.parametrize("method,fn,kw", [
-    ("dpo", fastpref.diffusion_dpo_loss, dict(beta=50.0, loss_type="hinge")),
-    ("dspo", fastpref.dspo_loss, dict(beta=1.0, variant="sdxl", sdxl_threshold=0.0)),
-    ("sft", fastpref.sft_loss, dict(winners_only=True)),
-])
+
+@pytest.mark.parametrize(
+    "method,fn,kw",
+    [
+        ("dpo", fastpref.diffusion_dpo_loss, dict(beta=50.0, loss_type="hinge")),
+        ("dspo", fastpref.dspo_loss, dict(beta=1.0, variant="sdxl", sdxl_threshold=0.0)),
+        ("sft", fastpref.sft_loss, dict(winners_only=True)),
+    ],
+)
 def test_module_matches_function(method, fn, kw, device):
     p, r, t = make_inputs((4, 3, 6, 6), torch.float32, device, 8, 0.1)
     module = fastpref.PreferenceLoss(method, **kw)
@@ -35,9 +39,10 @@ def test_reference_free_method_refuses_ref_pred(device):
         fastpref.PreferenceLoss("sft")(p, r, t)
 
 
-@pytest.mark.parametrize("name", ["dense-dpo", "kto", "mapo", "rpo-emb", "sdpo-dspo-sdxl"])
+@pytest.mark.parametrize("name", ["dense_dpo", "kto", "mapo", "rpo", "sdpo_dspo_sdxl"])
 def test_module_runs_every_method_with_its_inputs(name, device):
     from loss_calls import CALLS, _emb, _labels, _timesteps
+
     fn, uses_ref, kw, extras = CALLS[name]
     method = next(m for m, f in fastpref.METHODS.items() if f is fn)
     p, r, t = make_inputs((4, 3, 6, 6), torch.float32, device, 8, 0.1)
@@ -51,11 +56,19 @@ def test_module_runs_every_method_with_its_inputs(name, device):
     assert torch.equal(loss1, loss2) and m1.keys() == m2.keys()
 
 
-@pytest.mark.parametrize("method,kw,arg", [
-    ("sdpo", dict(mu=1.5), "mu"), ("sdpo", dict(base="orpo"), "base"), ("dense_dpo", dict(gamma=0.0), "gamma"),
-    ("kto", dict(lambda_u=-1.0), "lambda_u"), ("rpo", dict(tau=0.0), "tau"), ("mapo", dict(snr_value=-1.0), "snr_value"),
-    ("rpo_diagonal", dict(diagonal_weight=8.0), "diagonal_weight"), ("sspo", dict(criterion="max"), "criterion"),
-])
+@pytest.mark.parametrize(
+    "method,kw,arg",
+    [
+        ("sdpo", dict(mu=1.5), "mu"),
+        ("sdpo", dict(base="orpo"), "base"),
+        ("dense_dpo", dict(gamma=0.0), "gamma"),
+        ("kto", dict(lambda_u=-1.0), "lambda_u"),
+        ("rpo", dict(tau=0.0), "tau"),
+        ("mapo", dict(snr_value=-1.0), "snr_value"),
+        ("rpo_diagonal", dict(diagonal_weight=8.0), "diagonal_weight"),
+        ("sspo", dict(criterion="max"), "criterion"),
+    ],
+)
 def test_module_checks_hyperparameters_in_init(method, kw, arg):
     with pytest.raises(ValueError, match=arg):
         fastpref.PreferenceLoss(method, **kw)

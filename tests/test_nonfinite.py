@@ -16,15 +16,15 @@ from loss_calls import CALLS, call
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0 * inf, on purpose
 KINDS = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
 SHAPE = (6, 3, 5, 5)                     # B = 3 pairs (KTO/SFT: 6 rows)
-UNPAIRED = ("kto", "kto-baseline", "sft")
+UNPAIRED = ("kto", "kto_baseline", "sft")
 # Metrics that do not depend on the predictions (embedding weights, timestep weights, a given
 # KTO baseline, λ = 1 without the safeguard): they stay as they are.
 CONSTANT_METRICS = {"weights", "diag_weight_mean", "step_weight_mean"}
-CONSTANT_BY_CALL = {"kto-baseline": {"kl"}, "sdpo-dpo-off": {"loser_grad_scale"}}
+CONSTANT_BY_CALL = {"kto_baseline": {"kl"}, "sdpo_off": {"loser_grad_scale"}}
 # Calls whose pairs (rows) are independent: the other rows' gradients are unchanged too. The
 # rest couple every pair through one batch quantity (RPO's all-pairs logits, KTO's own
 # baseline z, SDPO's safeguard λ), so a bad pair makes their gradients NaN as well.
-COUPLED = {"rpo", "rpo-emb", "rpo-diagonal", "kto", "sdpo-dpo", "sdpo-dspo-sd15", "sdpo-dspo-sdxl", "sdpo-dmpo"}
+COUPLED = {"rpo_uniform", "rpo", "rpo_diagonal", "kto", "sdpo", "sdpo_dspo_sd15", "sdpo_dspo_sdxl", "sdpo_dmpo"}
 INPUTS = ("model_pred", "ref_pred", "target")
 
 
@@ -35,7 +35,7 @@ def cases():
                 continue
             for j, kind in enumerate(KINDS):
                 # Winner rows and loser rows (first and second half) both get each input's bad values.
-                loser = (i + j) % 2 == 1 and name != "sft-winners"
+                loser = (i + j) % 2 == 1 and name != "sft_winners"
                 yield name, where, kind, loser
 
 

@@ -1,6 +1,6 @@
 """The float64 reference of §2.4-2.10 checked on its own (no kernels): against `reference.py`
-where the spec states a reduction, and its autograd gradients against the closed forms of
-spec §3 (μ_k = ∂L/∂m_k, gradient (2/n) μ_k (p - t)), an independent derivation."""
+where docs/methods.md states a reduction, and its autograd gradients against the closed forms of
+docs/methods.md §3 (μ_k = ∂L/∂m_k, gradient (2/n) μ_k (p - t)), an independent derivation."""
 import math
 
 import pytest

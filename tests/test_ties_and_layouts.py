@@ -1,4 +1,4 @@
-"""Exact constructions of the spec's tie rules (§4), input layouts, and where gradients go."""
+"""Exact constructions of docs/methods.md's tie rules (§4), input layouts, and where gradients go."""
 import pytest
 import torch
 
@@ -9,7 +9,7 @@ from helpers import assert_close, assert_grad_close, make_inputs, run, run_refer
 
 def test_identical_policy_and_reference_is_an_exact_tie(device):
     """model_pred == ref_pred: inside == 0 exactly, so strict accuracy 0, ties-half 0.5, and
-    DSPO's q == 0 puts sdxl in branch 2 (spec §2.3: SDXL training starts in branch 2)."""
+    DSPO's q == 0 puts sdxl in branch 2 (docs/methods.md §2.3: SDXL training starts in branch 2)."""
     _, ref, target = make_inputs((8, 4, 9, 9), torch.float32, device, 3)
     _, m = fastpref.diffusion_dpo_loss(ref.clone(), ref, target)
     assert float(m["implicit_acc"]) == 0.0 and float(m["implicit_acc_ties_half"]) == 0.5

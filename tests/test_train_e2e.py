@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from fastpref import train
 from fastpref.training.args import DEFAULT_MODEL
+import proc_helpers
 from helpers import needs_kernels
 from train_helpers import FAST
 
@@ -83,17 +84,19 @@ def test_copy_run_writes_full_unet(tmp_path):
 def test_resume_after_kill_is_bitwise_identical(tmp_path):
     killed = tmp_path / "killed"
     args = [*FAST, "--train_batch_size", "2", "--checkpointing_steps", "1", "--random_crop"]
-    proc = subprocess.Popen([sys.executable, "-m", "fastpref.train", *args, "--output_dir", str(killed),
-                             "--max_train_steps", "1000"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = proc_helpers.start([sys.executable, "-m", "fastpref.train", *args, "--output_dir", str(killed),
+                               "--max_train_steps", "1000"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not (killed / "checkpoint-1" / "state.json").exists():
-            assert proc.poll() is None and time.time() < deadline, "trainer exited before checkpoint-1"
+            assert proc.poll() is None, "trainer exited before checkpoint-1"
+            assert time.time() < deadline, "trainer wrote no checkpoint-1 within 120 s (killed)"
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        proc_helpers.kill_tree(proc.pid)
     assert proc.returncode == -signal.SIGKILL
     resumed_from = max(int(p.name.split("-")[1]) for p in killed.glob("checkpoint-*"))
     total = resumed_from + 2
@@ -118,10 +121,12 @@ def test_torchrun_two_processes_match_one(tmp_path, loss_type, keys):
     common = [*FAST, "--max_train_steps", "2", "--checkpointing_steps", "2", "--loss_type", loss_type,
               "--gradient_accumulation_steps", "2", "--adam_epsilon", "1e-2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if torch.cuda.device_count() < 2:  # one process per GPU: fewer than 2 GPUs -> both on the CPU (gloo)
+        env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")  # the kernels on the CPU: interpreted
     two = tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--standalone", "-m", "fastpref.train", *common, "--train_batch_size", "1",
-                    "--output_dir", str(two)], check=True, env=env, capture_output=True)
+    proc_helpers.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                      "--standalone", "-m", "fastpref.train", *common, "--train_batch_size", "1",
+                      "--output_dir", str(two)], timeout=300, what="torchrun --nproc_per_node 2", env=env)
     one = tmp_path / "one"
     train.main([*common, "--train_batch_size", "2", "--output_dir", str(one)])
     for r1, r2 in zip(_rows(one), _rows(two), strict=True):

@@ -112,7 +112,7 @@ def test_config_is_read_only_and_checked():
         parse_config(learning_rat=1.0)
     with pytest.raises(ValueError, match=r"--report_to: expected one of .*'csv'.*got 'bogus'"):
         parse_config(report_to="bogus")
-    with pytest.raises(ValueError, match="--learning_rate: expected > 0, got -1"):
+    with pytest.raises(ValueError, match="--learning_rate: expected a finite number > 0, got -1"):
         parse_config(learning_rate=-1)
     with pytest.raises(TypeError, match="--learning_rate: expected float, got str '1e-3'"):
         parse_config(learning_rate="1e-3")

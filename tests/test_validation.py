@@ -1,15 +1,14 @@
 """Bad input raises ValueError/TypeError naming the argument, before any kernel launch."""
+
 import subprocess
 import sys
 
 import pytest
 import torch
-
-import fastpref
 from helpers import assert_bad_input_case, bad_input_case_ids, make_inputs
 from loss_calls import CALLS, call
 
-
+import fastpref
 
 
 def good(device, shape=(4, 3, 5, 5)):
@@ -20,7 +19,11 @@ def cases(device):
     p, r, t = good(device)
     odd = good(device, (3, 3, 5, 5))
     ints = p.to(torch.int32)
-    yield "model_pred", TypeError, lambda: fastpref.diffusion_dpo_loss(p.numpy() if p.device.type == "cpu" else 1.0, r, t)
+    yield (
+        "model_pred",
+        TypeError,
+        lambda: fastpref.diffusion_dpo_loss(p.numpy() if p.device.type == "cpu" else 1.0, r, t),
+    )
     yield "model_pred", TypeError, lambda: fastpref.diffusion_dpo_loss(ints, r, t)
     yield "ref_pred", TypeError, lambda: fastpref.diffusion_dpo_loss(p, r.to(torch.int64), t)
     yield "target", TypeError, lambda: fastpref.dspo_loss(p, r, t.bool())
@@ -52,13 +55,14 @@ def test_bad_input_raises_naming_the_argument(index, device, no_launch):
     assert_bad_input_case(cases, index, device)
 
 
-CONSTANT_CASES = [(name, arg) for name in sorted(CALLS) for arg in ("ref_pred", "target")
-                  if CALLS[name][1] or arg == "target"]
+CONSTANT_CASES = [
+    (name, arg) for name in sorted(CALLS) for arg in ("ref_pred", "target") if CALLS[name][1] or arg == "target"
+]
 
 
 @pytest.mark.parametrize("name,argument", CONSTANT_CASES, ids=[f"{n}-{a}" for n, a in CONSTANT_CASES])
 def test_reference_or_target_that_requires_grad_is_refused(name, argument, device, no_launch):
-    """ref_pred and target are constants (spec §1): one that requires grad (a leaf or the
+    """ref_pred and target are constants (docs/methods.md §1): one that requires grad (a leaf or the
     output of a graph) is refused before any launch, naming it and saying to detach it,
     instead of silently getting no gradient."""
     model, ref, target = good(device)
@@ -75,7 +79,7 @@ def test_reference_or_target_that_requires_grad_is_refused(name, argument, devic
 @pytest.mark.parametrize("argument", ["ref_pred", "target"])
 def test_row_errors_and_kto_baseline_refuse_inputs_that_require_grad(argument, device, no_launch):
     model, ref, target = good(device)
-    model.requires_grad_(True)                 # the policy's prediction may require grad
+    model.requires_grad_(True)  # the policy's prediction may require grad
     kw = {"ref_pred": ref, "target": target}
     kw[argument] = kw[argument].clone().requires_grad_(True)
     for fn in (fastpref.row_errors, fastpref.kto_baseline):
@@ -111,11 +115,17 @@ def test_cpu_tensors_without_the_interpreter_are_rejected():
         "    assert 'model_pred' in str(e) and 'TRITON_INTERPRET' in str(e), e\n"
         "    print('REJECTED')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env={**_env(), "TRITON_INTERPRET": "0"},
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**_env(), "TRITON_INTERPRET": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "REJECTED" in out.stdout, out.stdout + out.stderr
 
 
 def _env():
     import os
+
     return dict(os.environ)

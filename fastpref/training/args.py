@@ -2,6 +2,7 @@
 and their validation, which runs before anything is written."""
 
 import argparse
+import math
 from pathlib import Path
 
 from .losses import LOSS_TYPES
@@ -12,35 +13,78 @@ DEFAULT_DATA = ASSETS / "tiny-prefs.parquet"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
+DEFAULT_LEARNING_RATE = {"lora": 5e-4, "copy": 1e-5}
+"""Default ``--learning_rate`` per ``--reference`` mode, chosen from 100-step runs on the bundled
+tiny model (docs/training.md, "Learning rate"): full fine-tuning diverges at LoRA's rate."""
+
+# float flags: (lower bound, whether the bound itself is allowed, upper bound or None); every value finite
+FLOAT_RANGES = {
+    "learning_rate": (0.0, False, None),
+    "max_grad_norm": (0.0, False, None),
+    "adam_beta1": (0.0, True, 1.0),
+    "adam_beta2": (0.0, True, 1.0),
+    "adam_weight_decay": (0.0, True, None),
+    "adam_epsilon": (0.0, True, None),
+    "beta": (0.0, False, None),
+    "rpo_tau": (0.0, False, None),
+    "sspo_guidance_scale": (0.0, True, None),
+}
+# integer flags: the smallest accepted value
+INT_MINIMUM = {
+    "train_batch_size": 1, "gradient_accumulation_steps": 1, "max_train_steps": 1, "checkpointing_steps": 1,
+    "rank": 1, "logging_steps": 1, "resolution": 1, "checkpoints_total_limit": 1, "sspo_snapshot_steps": 1,
+    "sspo_sample_steps": 1, "lr_warmup_steps": 0, "sspo_num_snapshots": 0,
+}
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to every flag's help unless the help states its default itself."""
+
+    def _get_help_string(self, action):
+        if "default:" in (action.help or "") or action.default is None and action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of the trainer."""
+    """The argparse parser of the trainer (imports nothing heavy, so ``--help`` is fast)."""
     p = argparse.ArgumentParser(
-        prog="fastpref-train",
-        description="Preference alignment (Diffusion-DPO, DSPO, RPO, KTO, SSPO, MaPO, ...) of a Stable-Diffusion-layout "
-                    "model with fastpref's fused losses. Defaults train the bundled tiny model on "
-                    "the bundled tiny preference set.")
+        prog="fastpref-train", formatter_class=_DefaultsFormatter,
+        description="Preference alignment (Diffusion-DPO, DSPO, RPO, KTO, SSPO, MaPO, ...) of a "
+                    "Stable-Diffusion-layout model with fastpref's fused losses. Defaults train the bundled tiny model on "
+                    "the bundled tiny preference set.",
+        epilog="Exit status: 0 finished; 2 bad input (one error line, nothing written); 3 the loss or the "
+               "weights became non-finite (the last good checkpoint is kept); 75 stopped by SIGTERM/SIGINT "
+               "after writing a checkpoint (EX_TEMPFAIL: requeue with --resume_from_checkpoint latest).")
     a = p.add_argument
     a("--pretrained_model_name_or_path", default=str(DEFAULT_MODEL),
       help="local diffusers Stable Diffusion directory (default: the bundled tiny pipeline)")
     a("--dataset_name", default=None, help="local Pick-a-Pic-layout parquet file or directory")
     a("--train_data_dir", default=None, help="same as --dataset_name (default: the bundled tiny set)")
+    a("--skip_bad_rows", action="store_true",
+      help="drop rows whose caption, label or images are missing or undecodable (every image is decoded "
+           "once at start) and log how many; without it such a row is an error naming file, row and column")
     a("--resolution", type=int, default=None, help="training resolution (default: the VAE's sample_size)")
     a("--random_crop", action="store_true", help="random instead of centre crops")
     a("--no_hflip", action="store_true", help="disable random horizontal flips")
-    a("--train_batch_size", type=int, default=4, help="preference pairs per process per micro-step (kto: 2x this many single images)")
-    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--train_batch_size", type=int, default=4,
+      help="preference pairs per process per micro-step (kto: 2x this many single images)")
+    a("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
     a("--max_train_steps", type=int, default=100, help="optimizer steps")
-    a("--learning_rate", type=float, default=5e-4)
+    a("--learning_rate", type=float, default=None,
+      help=f"AdamW learning rate (default: {DEFAULT_LEARNING_RATE['lora']:g} with --reference lora, "
+           f"{DEFAULT_LEARNING_RATE['copy']:g} with --reference copy; the value used is in args.json)")
     a("--scale_lr", action="store_true", help="multiply the LR by batch x accumulation x processes")
-    a("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
-    a("--lr_warmup_steps", type=int, default=0)
-    a("--max_grad_norm", type=float, default=1.0)
-    a("--adam_beta1", type=float, default=0.9)
-    a("--adam_beta2", type=float, default=0.999)
-    a("--adam_weight_decay", type=float, default=1e-2)
-    a("--adam_epsilon", type=float, default=1e-8)
-    a("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
-    a("--gradient_checkpointing", action="store_true")
+    a("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="diffusers LR schedule")
+    a("--lr_warmup_steps", type=int, default=0, help="LR warm-up steps of the schedule")
+    a("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this (> 0)")
+    a("--adam_beta1", type=float, default=0.9, help="AdamW beta1, in [0, 1)")
+    a("--adam_beta2", type=float, default=0.999, help="AdamW beta2, in [0, 1)")
+    a("--adam_weight_decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
+    a("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    a("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
+      help="weight dtype and autocast of the frozen parts and the forward passes")
+    a("--gradient_checkpointing", action="store_true", help="activation checkpointing in the UNet")
     a("--enable_xformers_memory_efficient_attention", action="store_true",
       help="require xformers attention (default: xformers when installed and working on CUDA, "
            "PyTorch SDPA otherwise)")
@@ -50,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--rank", type=int, default=4, help="LoRA rank (--reference lora)")
     a("--loss_type", default="dpo", help=f"one of {', '.join(LOSS_TYPES)}")
     a("--beta", type=float, default=None,
-      help="β in the official convention (spec §2.1); default: the loss type's spec default "
+      help="β in the official convention (docs/methods.md §2.1); default: the loss type's own default "
            "(5000 for dpo*, 0.001 for dspo*)")
     a("--beta_dpo", type=float, default=None, help=argparse.SUPPRESS)
     a("--rpo_tau", type=float, default=0.5,
-      help="--loss_type rpo: softmax temperature of the prompt-similarity weights (spec: 0.5)")
+      help="--loss_type rpo: softmax temperature of the prompt-similarity weights (docs/methods.md §2.4)")
     a("--sspo_snapshot_steps", type=int, default=25,
       help="--loss_type sspo: snapshot the trained weights every this many steps for replay")
     a("--sspo_num_snapshots", type=int, default=4,
@@ -65,14 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cuda_graph", action="store_true",
       help="capture the whole training step in one CUDA graph after 3 eager warm-up steps and "
            "replay it (one process, CUDA only; fp16 captures forward and backward only)")
-    a("--checkpointing_steps", type=int, default=500)
-    a("--checkpoints_total_limit", type=int, default=None)
-    a("--resume_from_checkpoint", default=None, help="a checkpoint directory or 'latest'")
-    a("--output_dir", default="fastpref-output")
-    a("--seed", type=int, default=0)
+    a("--checkpointing_steps", type=int, default=500, help="write a checkpoint every this many steps")
+    a("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints (default: all)")
+    a("--resume_from_checkpoint", default=None,
+      help="a checkpoint directory, or 'latest' (the newest checkpoint of --output_dir that loads; "
+           "none yet: start afresh). Only --max_train_steps, --checkpointing_steps, --checkpoints_total_limit, "
+           "--logging_steps, --report_to, --output_dir and a few machine flags may differ from the checkpoint's run")
+    a("--output_dir", default="fastpref-output", help="directory for args.json, metrics, checkpoints and weights")
+    a("--seed", type=int, default=0, help="seed of the initialisation and of every data-stream draw")
     a("--report_to", default="tensorboard", choices=("tensorboard", "csv", "all", "none"),
       help="CSV metrics and curves.png are always written; tensorboard adds event files")
-    a("--logging_steps", type=int, default=1)
+    a("--logging_steps", type=int, default=1,
+      help="read and log the metrics every this many steps (also where non-finite loss or weights are caught)")
     return p
 
 
@@ -85,15 +133,26 @@ def beta_dpo_message(beta_dpo: float) -> str:
             f"huaishengzhu/DSPO pass --beta {beta_dpo:g}.")
 
 
-def _positive(name: str, value, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"--{name}: expected {'>= 0' if allow_zero else '> 0'}, got {value}")
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric flag finite and in range (ValueError naming the flag, expected and actual)."""
+    for name, (low, low_ok, high) in FLOAT_RANGES.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        upper = "" if high is None else f" and < {high:g}"
+        if not math.isfinite(value) or value < low or (value == low and not low_ok) or \
+                (high is not None and value >= high):
+            relation = ">=" if low_ok else ">"
+            raise ValueError(f"--{name}: expected a finite number {relation} {low:g}{upper}, got {value}")
+    for name, minimum in INT_MINIMUM.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name}: expected an integer >= {minimum}, got {value}")
 
 
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> argparse.Namespace:
-    """Parse and check the flags that need no file access; ValueError names the flag.
+    """Parse and check the flags (no model or data access); ValueError names the flag.
+    ``args.learning_rate`` is filled with the ``--reference`` mode's default when not given.
     ``defaults`` (flag name -> value) replace the parser's defaults; ``argv`` overrides them."""
     parser = build_parser()
     parser.set_defaults(**(defaults or {}))
@@ -107,13 +166,12 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> a
                          f"and {args.train_data_dir!r}")
     args.data_argument = "--dataset_name" if args.dataset_name else "--train_data_dir"
     args.data_path = args.dataset_name or args.train_data_dir or str(DEFAULT_DATA)
-    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps",
-                 "learning_rate", "checkpointing_steps", "rank", "logging_steps", "resolution",
-                 "checkpoints_total_limit", "rpo_tau", "sspo_snapshot_steps", "sspo_sample_steps"):
-        _positive(name, getattr(args, name))
-    for name in ("lr_warmup_steps", "max_grad_norm", "adam_weight_decay", "adam_epsilon", "sspo_guidance_scale",
-                 "sspo_num_snapshots"):
-        _positive(name, getattr(args, name), allow_zero=True)
-    if args.beta is not None and not args.beta > 0:
-        raise ValueError(f"--beta: expected > 0, got {args.beta}")
+    if args.learning_rate is None:
+        args.learning_rate = DEFAULT_LEARNING_RATE[args.reference]
+    check_numbers(args)
+    output = Path(args.output_dir)
+    blocking = next((p for p in (output, *output.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--output_dir: expected a directory (existing or new), got {args.output_dir!r}, "
+                         f"{'which is' if blocking == output else f'whose parent {str(blocking)!r} is'} a file")
     return args

@@ -1,5 +1,6 @@
 """torch.distributed set-up for ``torchrun`` launches (gloo on CPU, nccl on GPU)."""
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -28,16 +29,30 @@ class DistState:
         return self.world_size > 1
 
 
+def select_device(local_rank: int, local_world_size: int, cuda_available: bool, device_count: int) -> torch.device:
+    """The device of local process ``local_rank`` of ``local_world_size`` on this node: ``cuda:local_rank``
+    when every local process has its own GPU, the CPU when there is no GPU. Fewer visible GPUs
+    than local processes is a ValueError (two processes on one GPU would contend for its memory
+    and NCCL refuses them): it says how to run on the CPU with gloo instead."""
+    if not cuda_available or device_count == 0:
+        return torch.device("cpu")
+    if local_world_size > device_count:
+        raise ValueError(f"torchrun --nproc_per_node: expected at most one process per GPU, got {local_world_size} "
+                         f"processes on this node and {device_count} visible GPU(s); start at most {device_count} "
+                         f"processes per node, or run every process on the CPU (gloo) with CUDA_VISIBLE_DEVICES=''")
+    return torch.device("cuda", local_rank % device_count)
+
+
 def init_distributed() -> DistState:
     """Join the process group torchrun describes in the environment (or run alone)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    cuda = torch.cuda.is_available()
+    device = select_device(local_rank, local_world_size, cuda, torch.cuda.device_count() if cuda else 0)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistState(rank, world_size, local_rank, device)
@@ -79,7 +94,16 @@ def kto_global_baseline(state: DistState):
     return baseline
 
 
-def cleanup(state: DistState) -> None:
-    """Leave the process group."""
-    if state.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(state: DistState, model: torch.nn.Module | None = None) -> None:
+    """Leave the process group, in the order that cannot hang: first drop ``model``'s DDP
+    Reducer (and the Logger holding it) while the group still exists, collect it, wait for
+    every rank, then destroy the group. Freeing a Reducer after ``destroy_process_group`` can
+    deadlock (a gloo worker thread waiting for the GIL); ``model`` stays usable as a module."""
+    if not (state.enabled and dist.is_initialized()):
+        return
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        for name in ("logger", "reducer"):  # the Logger holds the Reducer: drop it first
+            model.__dict__.pop(name, None)
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

@@ -1,8 +1,8 @@
 """``--loss_type`` dispatch: one table entry per training objective, on top of fastpref's losses.
 
-Adding a method is one entry: the fastpref function it calls and whether it needs a reference
-prediction; β defaults to that function's own default. Rows ``0..B-1`` of every batch are
-winners, ``B..2B-1`` losers.
+The table is built from the method descriptors (kernels/method.py: each one's ``loss_types``),
+so adding a method adds no line here; β defaults to the fastpref function's own default.
+Rows ``0..B-1`` of every batch are winners, ``B..2B-1`` losers.
 """
 
 import inspect
@@ -11,30 +11,40 @@ from dataclasses import dataclass, field
 import torch
 
 import fastpref
+from fastpref.kernels import REGISTRY
+from fastpref.kernels.method import INPUT, POSITIONAL_INPUTS
 
 
 @dataclass(frozen=True)
 class LossType:
     """How one ``--loss_type`` turns (model_pred, ref_pred, target) into ``(loss, metrics)``."""
 
-    function: str                       # name of the fastpref function
-    needs_reference: bool               # whether ref_pred is computed and passed
+    function: str  # name of the fastpref function
+    needs_reference: bool  # whether ref_pred is computed and passed
     options: dict = field(default_factory=dict)  # fixed keyword arguments
     description: str = ""
-    data: str = "pairs"                 # batch layout: pairs, images (KTO) or winners (SSPO)
-    extra_input: str | None = None      # Batch field passed after target: timesteps or labels
-    prompt_weights: bool = False        # RPO: W from the pooled prompt embeddings and --rpo_tau
-    min_pairs: int = 1                  # smallest per-process micro-batch the loss accepts
+    data: str = "pairs"  # batch layout: pairs, images (KTO) or winners (SSPO)
+    extra_input: str | None = None  # Batch field passed after target: timesteps or labels
+    prompt_weights: bool = False  # RPO: W from the pooled prompt embeddings and --rpo_tau
+    min_pairs: int = 1  # smallest per-process micro-batch the loss accepts
 
     @property
     def default_beta(self) -> float | None:
-        """The fastpref function's own default β (the spec's); None if it takes no β."""
+        """The fastpref function's own default β (docs/methods.md's); None if it takes no β."""
         param = inspect.signature(getattr(fastpref, self.function)).parameters.get("beta")
         return None if param is None else param.default
 
-    def __call__(self, model_pred: torch.Tensor, ref_pred: torch.Tensor | None, target: torch.Tensor,
-                 batch, *, beta: float | None = None, rpo_tau: float = 0.5,
-                 kl_baseline: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    def __call__(
+        self,
+        model_pred: torch.Tensor,
+        ref_pred: torch.Tensor | None,
+        target: torch.Tensor,
+        batch,
+        *,
+        beta: float | None = None,
+        rpo_tau: float = 0.5,
+        kl_baseline: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict]:
         """Evaluate on ``[R, C, H, W]`` predictions of ``batch`` (a ``Batch``; paired layouts put
         winners in rows ``0..B-1``); returns fastpref's ``(loss, metrics)``."""
         fn = getattr(fastpref, self.function)
@@ -54,33 +64,29 @@ class LossType:
         return fn(*inputs, **kwargs)
 
 
+def _loss_type(method, preset, description) -> LossType:
+    """The table entry of one of `method`'s ``loss_types`` (kernels/method.py)."""
+    kwargs = method.preset(preset)
+    prompt_weights = kwargs.pop("emb_w", None) == INPUT
+    extra = next((name for name in method.inputs if name in POSITIONAL_INPUTS), None)
+    return LossType(
+        method.function,
+        method.needs_ref,
+        kwargs,
+        description,
+        data=method.data,
+        extra_input=extra,
+        prompt_weights=prompt_weights,
+        min_pairs=method.min_pairs,
+    )
+
+
 LOSS_TYPES: dict[str, LossType] = {
-    "dpo": LossType("diffusion_dpo_loss", True, {"loss_type": "sigmoid"},
-                    "Diffusion-DPO, sigmoid (the paper's loss)"),
-    "dpo_hinge": LossType("diffusion_dpo_loss", True, {"loss_type": "hinge"},
-                          "Diffusion-DPO, hinge"),
-    "dpo_ipo": LossType("diffusion_dpo_loss", True, {"loss_type": "ipo"},
-                        "Diffusion-DPO, IPO"),
-    "sft": LossType("sft_loss", False, {"winners_only": True},
-                    "supervised fine-tuning on the winners (no reference)"),
-    "dspo": LossType("dspo_loss", True, {"variant": "sd15"}, "DSPO, SD1.5 variant"),
-    "dspo_sdxl": LossType("dspo_loss", True, {"variant": "sdxl"},
-                          "DSPO, SDXL variant (the official SDXL launcher passes --beta 5000)"),
-    "dense_dpo": LossType("dense_dpo_loss", True, {}, "Diffusion-DPO with the dense-reward "
-                          "temporal discount (gamma 0.9, 50 sampler steps)", extra_input="timesteps"),
-    "rpo": LossType("rpo_loss", True, {}, "Diffusion-RPO, all winner x loser pairs weighted by the "
-                    "similarity of their pooled prompt embeddings (--rpo_tau)", prompt_weights=True),
-    "rpo_uniform": LossType("rpo_loss", True, {}, "Diffusion-RPO, all winner x loser pairs, uniform weights"),
-    "rpo_diagonal": LossType("rpo_diagonal_loss", True, {}, "Diffusion-RPO, diagonal weight 0.8",
-                             min_pairs=2),
-    "kto": LossType("kto_loss", True, {}, "Diffusion-KTO: every image a labelled row (unpaired)",
-                    data="images", extra_input="labels"),
-    "mapo": LossType("mapo_loss", False, {}, "MaPO (reference-free: no reference forward)"),
-    "sdpo": LossType("sdpo_loss", True, {}, "Diffusion-SDPO: DPO with the safeguarded loser gradient"),
-    "dmpo": LossType("dmpo_loss", True, {}, "DMPO"),
-    "sspo": LossType("sspo_loss", True, {}, "SSPO: winners vs self-samples of a replayed checkpoint, "
-                     "which is also the reference", data="winners"),
+    name: _loss_type(method, preset, description)
+    for method in REGISTRY.values()
+    for name, preset, description in method.loss_types
 }
+"""``--loss_type`` name -> entry, from every method descriptor's ``loss_types``."""
 
 
 def get_loss_type(name: str) -> LossType:
@@ -89,6 +95,7 @@ def get_loss_type(name: str) -> LossType:
         raise ValueError(f"--loss_type: expected one of {sorted(LOSS_TYPES)}, got {name!r}")
     entry = LOSS_TYPES[name]
     if not callable(getattr(fastpref, entry.function, None)):
-        raise ValueError(f"--loss_type {name!r} needs fastpref.{entry.function}, which this "
-                         f"fastpref installation does not provide")
+        raise ValueError(
+            f"--loss_type {name!r} needs fastpref.{entry.function}, which this fastpref installation does not provide"
+        )
     return entry
