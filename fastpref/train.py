@@ -67,21 +67,21 @@ class Run:
 
     config: Config
     dist: DistState
-    family: ModelFamily            # the model: frozen encoders, schedule, trainable ``family.denoiser``
+    family: ModelFamily  # the model: frozen encoders, schedule, trainable ``family.denoiser``
     loss_type: LossType
     batch: Callable[[int], Batch]  # stream position -> this process's micro-batch starting there
-    per_process: int               # stream items of one micro-batch of one process
+    per_process: int  # stream items of one micro-batch of one process
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     scaler: torch.amp.GradScaler | None
-    train_step: TrainStep          # the eager step
+    train_step: TrainStep  # the eager step
     step: Callable[[list[Batch]], dict[str, torch.Tensor]]  # what the loop calls: train_step or its StaticStep
     replay: CheckpointReplay | None  # SSPO's snapshot pool, whose replay model is the reference
     encoders: Encoders
-    model: torch.nn.Module         # what the policy forward calls: the denoiser, DDP-wrapped under torchrun
-    start_step: int = 0            # optimizer steps already taken (a resumed checkpoint's)
-    start_position: int = 0        # stream position of the next micro-batch
+    model: torch.nn.Module  # what the policy forward calls: the denoiser, DDP-wrapped under torchrun
+    start_step: int = 0  # optimizer steps already taken (a resumed checkpoint's)
+    start_position: int = 0  # stream position of the next micro-batch
 
 
 def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | None]:
@@ -89,21 +89,26 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
     resolution filled in, loss type, pairs, resume checkpoint or None)."""
     loss_type = get_loss_type(config.loss_type)
     if config.train_batch_size < loss_type.min_pairs:
-        raise ValueError(f"--train_batch_size: --loss_type {config.loss_type} needs at least "
-                         f"{loss_type.min_pairs} pairs per process, got {config.train_batch_size}")
+        raise ValueError(
+            f"--train_batch_size: --loss_type {config.loss_type} needs at least "
+            f"{loss_type.min_pairs} pairs per process, got {config.train_batch_size}"
+        )
     family = family_class(config.pretrained_model_name_or_path)
     factor = family.check(config.pretrained_model_name_or_path)
     resolution = config.resolution or family.default_resolution(config.pretrained_model_name_or_path)
     config = config.replace(resolution=resolution)
     if config.resolution % factor:
-        raise ValueError(f"--resolution: expected a multiple of the VAE downsampling factor "
-                         f"{factor}, got {config.resolution}")
+        raise ValueError(
+            f"--resolution: expected a multiple of the VAE downsampling factor {factor}, got {config.resolution}"
+        )
     pairs = PreferencePairs(parquet_files(config.data_path, config.data_argument), config.data_argument)
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     if config.cuda_graph:
-        refusal = graph_refusal(cuda_available=torch.cuda.is_available(),
-                                gradient_checkpointing=config.gradient_checkpointing,
-                                world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        refusal = graph_refusal(
+            cuda_available=torch.cuda.is_available(),
+            gradient_checkpointing=config.gradient_checkpointing,
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        )
         if refusal:
             raise ValueError(refusal)
     return config, loss_type, pairs, resume
@@ -112,23 +117,41 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
 def optimizer_and_schedule(config: Config, params: list[torch.nn.Parameter], world_size: int = 1):
     """AdamW over ``params`` (``--cuda_graph``: the tensor-LR one a captured step needs) and its
     ``--lr_scheduler``; ``--scale_lr`` multiplies the LR by the global batch."""
-    lr = config.learning_rate * (config.train_batch_size * config.gradient_accumulation_steps * world_size
-                                 if config.scale_lr else 1)
-    optimizer = make_optimizer(params, lr, static=config.cuda_graph, betas=(config.adam_beta1, config.adam_beta2),
-                               weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=config.max_train_steps)
+    lr = config.learning_rate * (
+        config.train_batch_size * config.gradient_accumulation_steps * world_size if config.scale_lr else 1
+    )
+    optimizer = make_optimizer(
+        params,
+        lr,
+        static=config.cuda_graph,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_train_steps,
+    )
     return optimizer, lr_scheduler
 
 
-def make_step(config: Config, loss_fn: Callable, params: list[torch.nn.Parameter], optimizer, *,
-              scaler=None, no_sync: Callable | None = None) -> tuple[TrainStep, Callable]:
+def make_step(
+    config: Config,
+    loss_fn: Callable,
+    params: list[torch.nn.Parameter],
+    optimizer,
+    *,
+    scaler=None,
+    no_sync: Callable | None = None,
+) -> tuple[TrainStep, Callable]:
     """``(train_step, step)``: the eager ``TrainStep`` of ``loss_fn(batch) -> (loss, metrics)``
     and what the loop calls, the same step captured in a CUDA graph under ``--cuda_graph``."""
-    train_step = TrainStep(loss_fn, params, optimizer, max_grad_norm=config.max_grad_norm, scaler=scaler,
-                           no_sync=no_sync)
-    step = StaticStep(train_step, use_graph=True, capture_optimizer=scaler is None) \
-        if config.cuda_graph else train_step
+    train_step = TrainStep(
+        loss_fn, params, optimizer, max_grad_norm=config.max_grad_norm, scaler=scaler, no_sync=no_sync
+    )
+    step = StaticStep(train_step, use_graph=True, capture_optimizer=scaler is None) if config.cuda_graph else train_step
     return train_step, step
 
 
@@ -158,15 +181,23 @@ def build(config: Config) -> Run:
     replay, reference_model = None, None  # LoRA: the reference is the denoiser with its adapters disabled
     if loss_type.data == "winners":  # SSPO: the replayed checkpoint is the reference
         reference_model = frozen_copy(denoiser, weight_dtype)
-        replay = CheckpointReplay(denoiser, reference_model, snapshot_steps=config.sspo_snapshot_steps,
-                                  num_snapshots=config.sspo_num_snapshots, seed=config.seed)
+        replay = CheckpointReplay(
+            denoiser,
+            reference_model,
+            snapshot_steps=config.sspo_snapshot_steps,
+            num_snapshots=config.sspo_num_snapshots,
+            seed=config.seed,
+        )
     elif config.reference == "copy" and loss_type.needs_reference:
         reference_model = frozen_copy(denoiser, weight_dtype)
     denoiser.train()
 
     optimizer, lr_scheduler = optimizer_and_schedule(config, params, dist.world_size)
-    scaler = torch.amp.GradScaler(dist.device.type) \
-        if config.mixed_precision == "fp16" and dist.device.type == "cuda" else None
+    scaler = (
+        torch.amp.GradScaler(dist.device.type)
+        if config.mixed_precision == "fp16" and dist.device.type == "cuda"
+        else None
+    )
     start_step, start_position = 0, 0
     if resume is not None:
         tensors, state = load_checkpoint(resume, optimizer, lr_scheduler, scaler)
@@ -174,15 +205,24 @@ def build(config: Config) -> Run:
         start_step, start_position = state["step"], state["data_position"]
         if replay is not None:
             if "sspo_pool_steps" not in state["extra"]:
-                raise ValueError(f"--resume_from_checkpoint: {str(resume)!r} holds no SSPO replay pool "
-                                 f"(written by another --loss_type); start --loss_type sspo afresh")
+                raise ValueError(
+                    f"--resume_from_checkpoint: {str(resume)!r} holds no SSPO replay pool "
+                    f"(written by another --loss_type); start --loss_type sspo afresh"
+                )
             replay.restore(resume, state["extra"]["sspo_pool_steps"])
-    model = DistributedDataParallel(denoiser, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
-        if dist.enabled else denoiser
+    model = (
+        DistributedDataParallel(denoiser, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        if dist.enabled
+        else denoiser
+    )
 
     # a graph-captured step must not reuse autocast's weight-cast cache across capture
-    autocast = torch.autocast(dist.device.type, dtype=weight_dtype, enabled=config.mixed_precision != "no",
-                              cache_enabled=not config.cuda_graph)
+    autocast = torch.autocast(
+        dist.device.type,
+        dtype=weight_dtype,
+        enabled=config.mixed_precision != "no",
+        cache_enabled=not config.cuda_graph,
+    )
 
     def policy(noisy, t, emb, pooled):
         with autocast:
@@ -198,23 +238,56 @@ def build(config: Config) -> Run:
     kl_baseline = kto_global_baseline(dist)
 
     def loss_fn(micro_batch: Batch):
-        return preference_loss(policy, reference, family, loss_type, micro_batch, beta=config.beta,
-                               rpo_tau=config.rpo_tau, kl_baseline=kl_baseline)
+        return preference_loss(
+            policy,
+            reference,
+            family,
+            loss_type,
+            micro_batch,
+            beta=config.beta,
+            rpo_tau=config.rpo_tau,
+            kl_baseline=kl_baseline,
+        )
 
-    train_step, step = make_step(config, loss_fn, params, optimizer, scaler=scaler,
-                                 no_sync=model.no_sync if dist.enabled else None)
+    train_step, step = make_step(
+        config, loss_fn, params, optimizer, scaler=scaler, no_sync=model.no_sync if dist.enabled else None
+    )
 
     encoders = Encoders(family, config.resolution, config.random_crop, not config.no_hflip, config.seed)
     layout = LAYOUTS[loss_type.data]
-    sampler = () if replay is None else (self_sampler(reference, family, num_steps=config.sspo_sample_steps,
-                                                      guidance_scale=config.sspo_guidance_scale),)
+    sampler = (
+        ()
+        if replay is None
+        else (
+            self_sampler(
+                reference, family, num_steps=config.sspo_sample_steps, guidance_scale=config.sspo_guidance_scale
+            ),
+        )
+    )
     per_process = config.train_batch_size * (2 if loss_type.data == "images" else 1)  # stream items
 
     def batch_at(start: int) -> Batch:
         return layout(pairs, list(range(start, start + per_process)), encoders, *sampler)
 
-    return Run(config, dist, family, loss_type, batch_at, per_process, params, optimizer, lr_scheduler, scaler,
-               train_step, step, replay, encoders, model, start_step, start_position)
+    return Run(
+        config,
+        dist,
+        family,
+        loss_type,
+        batch_at,
+        per_process,
+        params,
+        optimizer,
+        lr_scheduler,
+        scaler,
+        train_step,
+        step,
+        replay,
+        encoders,
+        model,
+        start_step,
+        start_position,
+    )
 
 
 def train(run: Run) -> Path:
@@ -233,8 +306,10 @@ def train(run: Run) -> Path:
                 index = run.replay.pick(step)
                 run.replay.load(index)
                 replayed_step = run.replay.steps[index]
-            batches = [run.batch(position + (micro * dist.world_size + dist.rank) * run.per_process)
-                       for micro in range(config.gradient_accumulation_steps)]
+            batches = [
+                run.batch(position + (micro * dist.world_size + dist.rank) * run.per_process)
+                for micro in range(config.gradient_accumulation_steps)
+            ]
             metrics = run.step(batches)
             position += run.per_process * config.gradient_accumulation_steps * dist.world_size
             run.lr_scheduler.step()
@@ -262,8 +337,11 @@ def train(run: Run) -> Path:
     check_finite(step, None, run.params, where="saving the final weights")
     if dist.is_main:
         if stopping:
-            print(f"fastpref-train: stopped by a signal after step {step}; wrote {output_dir}/checkpoint-{step}, "
-                  f"continue with --resume_from_checkpoint latest", file=sys.stderr)
+            print(
+                f"fastpref-train: stopped by a signal after step {step}; wrote {output_dir}/checkpoint-{step}, "
+                f"continue with --resume_from_checkpoint latest",
+                file=sys.stderr,
+            )
         else:
             run.family.save_weights(config.reference, output_dir)
         logger.close()
@@ -291,9 +369,17 @@ def write_checkpoint(run: Run, logger: MetricsLogger | None, output_dir: Path, s
         extra, files = {}, {}
         if run.replay is not None:
             files[REPLAY_FILE], extra["sspo_pool_steps"] = run.replay.state()
-        save_checkpoint(output_dir, step, trainable=trainable_state(run.family.denoiser, run.config.reference),
-                        optimizer=run.optimizer, lr_scheduler=run.lr_scheduler, data_position=position,
-                        grad_scaler=run.scaler, extra=extra, extra_files=files)
+        save_checkpoint(
+            output_dir,
+            step,
+            trainable=trainable_state(run.family.denoiser, run.config.reference),
+            optimizer=run.optimizer,
+            lr_scheduler=run.lr_scheduler,
+            data_position=position,
+            grad_scaler=run.scaler,
+            extra=extra,
+            extra_files=files,
+        )
         prune_checkpoints(output_dir, run.config.checkpoints_total_limit)
     barrier(run.dist)
 
