@@ -42,3 +42,10 @@ def test_diverging_run_stops_non_zero_and_keeps_the_last_good_checkpoint(tmp_pat
     assert "non-finite" in capsys.readouterr().err
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_learning_rate_default_per_reference_mode():
+    from fastpref.training.args import parse_args
+    assert parse_args([]).learning_rate == 5e-4
+    assert parse_args(["--reference", "copy"]).learning_rate == 3e-6
+    assert parse_args(["--reference", "copy", "--learning_rate", "1e-4"]).learning_rate == 1e-4
