@@ -37,7 +37,7 @@ from fastpref.training.models import (add_lora, check_pipeline_dir, frozen_copy,
                                       trainable_state, vae_sample_size)
 from fastpref.training.replay import REPLAY_FILE, CheckpointReplay, self_sampler
 from fastpref.training.step import TrainStep, preference_loss
-from fastpref.training.stopping import StopRequest
+from fastpref.training.stopping import EXIT_STOPPED, StopRequest, last_run_stopped
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -219,6 +219,8 @@ def cli() -> None:
     """Console entry point: bad input prints one error line and exits with status 2."""
     try:
         main()
+        if last_run_stopped():
+            sys.exit(EXIT_STOPPED)
     except ValueError as error:
         build_parser().exit(2, f"fastpref-train: error: {error}\n")
     except NonFiniteError as error:
