@@ -109,9 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpointing_steps", type=int, default=500, help="write a checkpoint every this many steps")
     a("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints (default: all)")
     a("--resume_from_checkpoint", default=None,
-      help="a checkpoint directory, or 'latest' (the newest checkpoint of --output_dir that loads; "
-           "none yet: start afresh). Only --max_train_steps, --checkpointing_steps, --checkpoints_total_limit, "
-           "--logging_steps, --report_to, --output_dir and a few machine flags may differ from the checkpoint's run")
+      help="a checkpoint directory, or 'latest' (the newest complete checkpoint of --output_dir; none yet: "
+           "start afresh)")
     a("--output_dir", default="fastpref-output", help="directory for args.json, metrics, checkpoints and weights")
     a("--seed", type=int, default=0, help="seed of the initialisation and of every data-stream draw")
     a("--report_to", default="tensorboard", choices=("tensorboard", "csv", "all", "none"),
