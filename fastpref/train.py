@@ -55,7 +55,7 @@ from fastpref.training.losses import LossType, get_loss_type
 from fastpref.training.models import frozen_copy, load_trainable_state, trainable_state
 from fastpref.training.replay import REPLAY_FILE, CheckpointReplay, self_sampler
 from fastpref.training.step import TrainStep, preference_loss
-from fastpref.training.stopping import StopRequest
+from fastpref.training.stopping import EXIT_STOPPED, StopRequest, last_run_stopped
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHOWN_METRICS = ("loss", "implicit_acc", "acc", "margin_acc", "dpo_fraction")  # the progress bar's
@@ -394,6 +394,8 @@ def cli() -> None:
     """Console entry point: bad input prints one error line and exits with status 2."""
     try:
         main()
+        if last_run_stopped():
+            sys.exit(EXIT_STOPPED)
     except ValueError as error:
         build_parser().exit(2, f"fastpref-train: error: {error}\n")
     except NonFiniteError as error:

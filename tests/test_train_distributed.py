@@ -8,10 +8,10 @@ import os
 import sys
 import time
 
+import proc_helpers
 import torch
 import torch.distributed as dist
 
-import proc_helpers
 from fastpref.training.distributed import DistState, cleanup, select_device
 
 
@@ -48,7 +48,7 @@ def test_subprocess_timeout_fails_clearly_and_kills_a_grandchild_in_its_own_sess
     pid_file = tmp_path / "pid"
     grandchild = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
     child = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}], "
-             f"stdout=subprocess.DEVNULL, start_new_session=True); time.sleep(600)")
+             f"stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True); time.sleep(600)")
     with pytest.raises(pytest.fail.Exception, match="sleeper did not finish within 3 s: killed it and all"):
         proc_helpers.run([sys.executable, "-c", child], timeout=3, what="sleeper")
     pid = int(pid_file.read_text())

@@ -42,3 +42,33 @@ def test_diverging_run_stops_non_zero_and_keeps_the_last_good_checkpoint(tmp_pat
     assert "non-finite" in capsys.readouterr().err
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_learning_rate_default_per_reference_mode():
+    from fastpref.training.args import parse_args
+    assert parse_args([]).learning_rate == 5e-4
+    assert parse_args(["--reference", "copy"]).learning_rate == 3e-6
+    assert parse_args(["--reference", "copy", "--learning_rate", "1e-4"]).learning_rate == 1e-4
+
+
+@needs_kernels
+def test_sigterm_exits_75_after_writing_the_checkpoint(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from fastpref.training.logging import MetricsLogger
+    from fastpref.training.stopping import EXIT_STOPPED
+
+    original_log = MetricsLogger.log
+
+    def log_then_signal(self, step, values):
+        original_log(self, step, values)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_signal)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["fastpref-train", *FAST, "--output_dir", str(out), "--max_train_steps", "3"])
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli()
+    assert exit_info.value.code == EXIT_STOPPED == 75
+    assert (out / "checkpoint-1" / "state.json").is_file()

@@ -13,7 +13,7 @@ DEFAULT_DATA = ASSETS / "tiny-prefs.parquet"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
-DEFAULT_LEARNING_RATE = {"lora": 5e-4, "copy": 1e-5}
+DEFAULT_LEARNING_RATE = {"lora": 5e-4, "copy": 3e-6}
 """Default ``--learning_rate`` per ``--reference`` mode, chosen from 100-step runs on the bundled
 tiny model (docs/training.md, "Learning rate"): full fine-tuning diverges at LoRA's rate."""
 
@@ -61,9 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
       help="local diffusers Stable Diffusion directory (default: the bundled tiny pipeline)")
     a("--dataset_name", default=None, help="local Pick-a-Pic-layout parquet file or directory")
     a("--train_data_dir", default=None, help="same as --dataset_name (default: the bundled tiny set)")
-    a("--skip_bad_rows", action="store_true",
-      help="drop rows whose caption, label or images are missing or undecodable (every image is decoded "
-           "once at start) and log how many; without it such a row is an error naming file, row and column")
     a("--resolution", type=int, default=None, help="training resolution (default: the VAE's sample_size)")
     a("--random_crop", action="store_true", help="random instead of centre crops")
     a("--no_hflip", action="store_true", help="disable random horizontal flips")
@@ -112,9 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpointing_steps", type=int, default=500, help="write a checkpoint every this many steps")
     a("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints (default: all)")
     a("--resume_from_checkpoint", default=None,
-      help="a checkpoint directory, or 'latest' (the newest checkpoint of --output_dir that loads; "
-           "none yet: start afresh). Only --max_train_steps, --checkpointing_steps, --checkpoints_total_limit, "
-           "--logging_steps, --report_to, --output_dir and a few machine flags may differ from the checkpoint's run")
+      help="a checkpoint directory, or 'latest' (the newest complete checkpoint of --output_dir; none yet: "
+           "start afresh)")
     a("--output_dir", default="fastpref-output", help="directory for args.json, metrics, checkpoints and weights")
     a("--seed", type=int, default=0, help="seed of the initialisation and of every data-stream draw")
     a("--report_to", default="tensorboard", choices=("tensorboard", "csv", "all", "none"),

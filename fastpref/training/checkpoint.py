@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "state.json"
+CONSTRUCTION_FLAGS = ("capturable", "foreach", "fused", "differentiable", "maximize")
 
 
 def _flatten_optimizer_state(state_dict: dict) -> tuple[dict, dict]:
@@ -144,8 +145,10 @@ def load_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer, lr_sched
     trainable = load_file(path / "trainable.safetensors")
     opt_tensors = load_file(path / "optimizer.safetensors")
     tensor_hyper = [{k: v for k, v in group.items() if torch.is_tensor(v)} for group in optimizer.param_groups]
+    built = [{k: group[k] for k in CONSTRUCTION_FLAGS if k in group} for group in optimizer.param_groups]
     optimizer.load_state_dict(_unflatten_optimizer_state(
         opt_tensors, state["optimizer_scalars"], state["optimizer_param_groups"]))
+    restore_construction(optimizer, built)
     for group, tensors in zip(optimizer.param_groups, tensor_hyper):
         for key, tensor in tensors.items():  # keep the tensor a captured step reads, refilled
             group[key] = tensor.fill_(group[key])
@@ -158,6 +161,20 @@ def load_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer, lr_sched
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     return trainable, state
+
+
+def restore_construction(optimizer: torch.optim.Optimizer, built: list[dict]) -> None:
+    """Put back the flags the optimizer was built with (``capturable``, ``foreach``, ...), which
+    ``load_state_dict`` overwrites with the checkpoint's (a checkpoint written without
+    ``--cuda_graph`` resumed into a ``--cuda_graph`` run), and keep each step count where the
+    flags need it: a capturable or fused AdamW's float32 on its parameter's device."""
+    for group, flags in zip(optimizer.param_groups, built, strict=True):
+        group.update(flags)
+        on_device = group.get("capturable") or group.get("fused")
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if on_device and step is not None:
+                optimizer.state[p]["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device)
 
 
 def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> None:

@@ -22,7 +22,8 @@ class MetricsLogger:
         if report_to in ("tensorboard", "all"):
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tensorboard = SummaryWriter(str(self.dir / "logs"))
+                # events after the resumed step, from the interrupted run, are purged
+                self.tensorboard = SummaryWriter(str(self.dir / "logs"), purge_step=resume_step + 1 if resume_step else None)
             except ImportError:
                 warnings.warn("--report_to tensorboard: tensorboard is not installed; "
                               "logging to metrics.csv only")

@@ -1,5 +1,6 @@
 """Stopping without losing work: SIGTERM or SIGINT (Ctrl-C) lets the current step finish, then
-the trainer writes a checkpoint and exits; ``--resume_from_checkpoint latest`` continues from
+the trainer writes a checkpoint and exits with status 75 (``EXIT_STOPPED``, EX_TEMPFAIL, so a
+scheduler can requeue); ``--resume_from_checkpoint latest`` continues from
 it. A second signal stops at once (SIGINT raises KeyboardInterrupt, SIGTERM its default)."""
 
 import signal
@@ -9,6 +10,13 @@ import torch
 import torch.distributed as dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+EXIT_STOPPED = 75  # EX_TEMPFAIL: a scheduler may requeue the job with --resume_from_checkpoint latest
+_last_run = {"stopped": False}
+
+
+def last_run_stopped() -> bool:
+    """Whether the most recent ``StopRequest`` block ended with the processes agreeing to stop."""
+    return _last_run["stopped"]
 
 
 class StopRequest:
@@ -16,6 +24,7 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.stopped = False
         self._previous: dict = {}
 
     def __enter__(self):
@@ -25,6 +34,7 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc):
+        _last_run["stopped"] = self.stopped
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -41,9 +51,11 @@ class StopRequest:
         only at ``check_now`` steps (logging steps), from a MAX all-reduce of the flags, so all
         stop after the same step."""
         if not state.enabled:
-            return self.requested
+            self.stopped = self.requested
+            return self.stopped
         if not check_now:
             return False
         flag = torch.tensor([float(self.requested)], device=state.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())  # host-ok: logging step, outside the captured step
+        self.stopped = bool(flag.item())  # host-ok: logging step, outside the captured step
+        return self.stopped
