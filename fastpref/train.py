@@ -38,7 +38,7 @@ from fastpref.training.args import build_parser
 from fastpref.training.batches import LAYOUTS, Batch, Encoders
 from fastpref.training.checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from fastpref.training.config import Config, parse_config
-from fastpref.training.data import PreferencePairs, parquet_files
+from fastpref.training.data import PreferencePairs, log_skipped_rows, parquet_files
 from fastpref.training.distributed import (
     DistState,
     barrier,
@@ -82,6 +82,7 @@ class Run:
     model: torch.nn.Module         # what the policy forward calls: the denoiser, DDP-wrapped under torchrun
     start_step: int = 0            # optimizer steps already taken (a resumed checkpoint's)
     start_position: int = 0        # stream position of the next micro-batch
+    skipped_rows: tuple = ()       # --skip_bad_rows: the dropped rows (PreferencePairs.skipped)
 
 
 def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | None]:
@@ -98,7 +99,8 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
     if config.resolution % factor:
         raise ValueError(f"--resolution: expected a multiple of the VAE downsampling factor "
                          f"{factor}, got {config.resolution}")
-    pairs = PreferencePairs(parquet_files(config.data_path, config.data_argument), config.data_argument)
+    pairs = PreferencePairs(parquet_files(config.data_path, config.data_argument), config.data_argument,
+                            skip_bad_rows=config.skip_bad_rows)
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     if config.cuda_graph:
         refusal = graph_refusal(cuda_available=torch.cuda.is_available(),
@@ -214,7 +216,7 @@ def build(config: Config) -> Run:
         return layout(pairs, list(range(start, start + per_process)), encoders, *sampler)
 
     return Run(config, dist, family, loss_type, batch_at, per_process, params, optimizer, lr_scheduler, scaler,
-               train_step, step, replay, encoders, model, start_step, start_position)
+               train_step, step, replay, encoders, model, start_step, start_position, tuple(pairs.skipped))
 
 
 def train(run: Run) -> Path:
@@ -279,6 +281,8 @@ def start_output(run: Run, output_dir: Path) -> MetricsLogger | None:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "args.json").write_text(json.dumps(run.config.as_dict(), indent=1))
         logger = MetricsLogger(output_dir, run.config.report_to, resume_step=run.start_step)
+        if run.config.skip_bad_rows:
+            log_skipped_rows(run.skipped_rows, output_dir)
     barrier(run.dist)
     return logger
 
