@@ -36,7 +36,15 @@ from tqdm.auto import tqdm
 
 from fastpref.training.args import build_parser
 from fastpref.training.batches import LAYOUTS, Batch, Encoders
-from fastpref.training.checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from fastpref.training.checkpoint import (
+    check_resume_config,
+    load_checkpoint,
+    prune_checkpoints,
+    record_resume,
+    remove_orphans,
+    resolve_resume,
+    save_checkpoint,
+)
 from fastpref.training.config import Config, parse_config
 from fastpref.training.data import PreferencePairs, log_skipped_rows, parquet_files
 from fastpref.training.distributed import (
@@ -83,6 +91,7 @@ class Run:
     start_step: int = 0            # optimizer steps already taken (a resumed checkpoint's)
     start_position: int = 0        # stream position of the next micro-batch
     skipped_rows: tuple = ()       # --skip_bad_rows: the dropped rows (PreferencePairs.skipped)
+    resumed: tuple[Path, dict] | None = None  # a resume: (checkpoint, the safe flags it changed)
 
 
 def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | None]:
@@ -147,6 +156,7 @@ def adapters_disabled(model: torch.nn.Module):
 def build(config: Config) -> Run:
     """The run of ``config``, ready to ``train``. Bad input raises ValueError before any write."""
     config, loss_type, pairs, resume = validate(config)
+    resumed = None if resume is None else (resume, check_resume_config(resume, config.as_dict()))
     dist = init_distributed()
     weight_dtype = DTYPES[config.mixed_precision]
     torch.manual_seed(config.seed)
@@ -172,7 +182,11 @@ def build(config: Config) -> Run:
     start_step, start_position = 0, 0
     if resume is not None:
         tensors, state = load_checkpoint(resume, optimizer, lr_scheduler, scaler)
-        load_trainable_state(denoiser, config.reference, tensors)
+        try:
+            load_trainable_state(denoiser, config.reference, tensors)
+        except (RuntimeError, ValueError, KeyError) as error:  # shapes or keys of another rank / model
+            raise ValueError(f"--resume_from_checkpoint: {str(resume / 'trainable.safetensors')!r} does not fit "
+                             f"this model (another --rank or model?): {str(error)[:300]}") from error
         start_step, start_position = state["step"], state["data_position"]
         if replay is not None:
             if "sspo_pool_steps" not in state["extra"]:
@@ -216,7 +230,8 @@ def build(config: Config) -> Run:
         return layout(pairs, list(range(start, start + per_process)), encoders, *sampler)
 
     return Run(config, dist, family, loss_type, batch_at, per_process, params, optimizer, lr_scheduler, scaler,
-               train_step, step, replay, encoders, model, start_step, start_position, tuple(pairs.skipped))
+               train_step, step, replay, encoders, model, start_step, start_position, tuple(pairs.skipped),
+               resumed)
 
 
 def train(run: Run) -> Path:
@@ -279,7 +294,11 @@ def start_output(run: Run, output_dir: Path) -> MetricsLogger | None:
     logger = None
     if run.dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(run.config.as_dict(), indent=1))
+        remove_orphans(output_dir)
+        if run.resumed is None:
+            (output_dir / "args.json").write_text(json.dumps(run.config.as_dict(), indent=1))
+        else:  # args.json keeps the original run's flags; resume-<step>.json what this resume changed
+            record_resume(output_dir, run.config.as_dict(), *run.resumed, run.start_step)
         logger = MetricsLogger(output_dir, run.config.report_to, resume_step=run.start_step)
         if run.config.skip_bad_rows:
             log_skipped_rows(run.skipped_rows, output_dir)
@@ -297,7 +316,7 @@ def write_checkpoint(run: Run, logger: MetricsLogger | None, output_dir: Path, s
             files[REPLAY_FILE], extra["sspo_pool_steps"] = run.replay.state()
         save_checkpoint(output_dir, step, trainable=trainable_state(run.family.denoiser, run.config.reference),
                         optimizer=run.optimizer, lr_scheduler=run.lr_scheduler, data_position=position,
-                        grad_scaler=run.scaler, extra=extra, extra_files=files)
+                        grad_scaler=run.scaler, extra=extra, extra_files=files, config=run.config.as_dict())
         prune_checkpoints(output_dir, run.config.checkpoints_total_limit)
     barrier(run.dist)
 
