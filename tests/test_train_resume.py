@@ -8,10 +8,10 @@ import json
 import shutil
 
 from safetensors.torch import load_file
+from train_helpers import FAST
 
 from fastpref import train
 from fastpref.training import checkpoint
-from train_helpers import FAST
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 BASE = [*FAST, "--checkpointing_steps", "1", "--max_train_steps", "2"]

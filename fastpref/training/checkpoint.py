@@ -233,7 +233,8 @@ def check_resume_config(path: str | Path, config: dict) -> dict:
     a ValueError listing every such flag with the old and new value.
     """
     path = Path(path)
-    old = json.loads((path / STATE_FILE).read_text()).get("config")
+    state = json.loads((path / STATE_FILE).read_text())
+    old = state.get("config")
     if old is None and (path.parent / "args.json").is_file():
         try:
             old = json.loads((path.parent / "args.json").read_text())
@@ -249,6 +250,8 @@ def check_resume_config(path: str | Path, config: dict) -> dict:
         listing = "; ".join(f"--{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         note = " (max_train_steps may change only with a constant --lr_scheduler)" \
             if "max_train_steps" in refused else ""
+        if new.get("loss_type") == "sspo" and "sspo_pool_steps" not in (state.get("extra") or {}):
+            note += " (the checkpoint holds no SSPO replay pool: start --loss_type sspo afresh)"
         raise ValueError(f"--resume_from_checkpoint: {str(path)!r} was written by a run with other flags: "
                          f"{listing}{note}. Resume with the checkpoint's values, or start a new run in another "
                          f"--output_dir")
