@@ -115,3 +115,12 @@ def test_every_file_and_the_directory_fsynced_before_the_rename(run_dir, monkeyp
     assert set(synced[:4]) == {"trainable.safetensors", "optimizer.safetensors", "rng.safetensors",
                                "replay.safetensors"}
     assert synced[4:] == [".tmp-checkpoint-9-" + synced[4].rsplit("-", 1)[1], run_dir.name]
+
+
+def test_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for output_dir, said in ((blocker, "which is a file"), (blocker / "sub", "whose parent")):
+        with pytest.raises(ValueError, match=f"--output_dir: expected a directory.*{said}"):
+            train.main([*FAST, "--output_dir", str(output_dir)])
+    assert blocker.read_text() == "x"
