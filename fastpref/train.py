@@ -36,9 +36,17 @@ from tqdm.auto import tqdm
 
 from fastpref.training.args import build_parser
 from fastpref.training.batches import LAYOUTS, Batch, Encoders
-from fastpref.training.checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from fastpref.training.checkpoint import (
+    check_resume_config,
+    load_checkpoint,
+    prune_checkpoints,
+    record_resume,
+    remove_orphans,
+    resolve_resume,
+    save_checkpoint,
+)
 from fastpref.training.config import Config, parse_config
-from fastpref.training.data import PreferencePairs, parquet_files
+from fastpref.training.data import PreferencePairs, log_skipped_rows, parquet_files
 from fastpref.training.distributed import (
     DistState,
     barrier,
@@ -79,9 +87,11 @@ class Run:
     step: Callable[[list[Batch]], dict[str, torch.Tensor]]  # what the loop calls: train_step or its StaticStep
     replay: CheckpointReplay | None  # SSPO's snapshot pool, whose replay model is the reference
     encoders: Encoders
-    model: torch.nn.Module  # what the policy forward calls: the denoiser, DDP-wrapped under torchrun
-    start_step: int = 0  # optimizer steps already taken (a resumed checkpoint's)
-    start_position: int = 0  # stream position of the next micro-batch
+    model: torch.nn.Module         # what the policy forward calls: the denoiser, DDP-wrapped under torchrun
+    start_step: int = 0            # optimizer steps already taken (a resumed checkpoint's)
+    start_position: int = 0        # stream position of the next micro-batch
+    skipped_rows: tuple = ()       # --skip_bad_rows: the dropped rows (PreferencePairs.skipped)
+    resumed: tuple[Path, dict] | None = None  # a resume: (checkpoint, the safe flags it changed)
 
 
 def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | None]:
@@ -98,10 +108,10 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
     resolution = config.resolution or family.default_resolution(config.pretrained_model_name_or_path)
     config = config.replace(resolution=resolution)
     if config.resolution % factor:
-        raise ValueError(
-            f"--resolution: expected a multiple of the VAE downsampling factor {factor}, got {config.resolution}"
-        )
-    pairs = PreferencePairs(parquet_files(config.data_path, config.data_argument), config.data_argument)
+        raise ValueError(f"--resolution: expected a multiple of the VAE downsampling factor "
+                         f"{factor}, got {config.resolution}")
+    pairs = PreferencePairs(parquet_files(config.data_path, config.data_argument), config.data_argument,
+                            skip_bad_rows=config.skip_bad_rows)
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     if config.cuda_graph:
         refusal = graph_refusal(
@@ -168,6 +178,7 @@ def adapters_disabled(model: torch.nn.Module):
 def build(config: Config) -> Run:
     """The run of ``config``, ready to ``train``. Bad input raises ValueError before any write."""
     config, loss_type, pairs, resume = validate(config)
+    resumed = None if resume is None else (resume, check_resume_config(resume, config.as_dict()))
     dist = init_distributed()
     weight_dtype = DTYPES[config.mixed_precision]
     torch.manual_seed(config.seed)
@@ -201,7 +212,11 @@ def build(config: Config) -> Run:
     start_step, start_position = 0, 0
     if resume is not None:
         tensors, state = load_checkpoint(resume, optimizer, lr_scheduler, scaler)
-        load_trainable_state(denoiser, config.reference, tensors)
+        try:
+            load_trainable_state(denoiser, config.reference, tensors)
+        except (RuntimeError, ValueError, KeyError) as error:  # shapes or keys of another rank / model
+            raise ValueError(f"--resume_from_checkpoint: {str(resume / 'trainable.safetensors')!r} does not fit "
+                             f"this model (another --rank or model?): {str(error)[:300]}") from error
         start_step, start_position = state["step"], state["data_position"]
         if replay is not None:
             if "sspo_pool_steps" not in state["extra"]:
@@ -269,25 +284,9 @@ def build(config: Config) -> Run:
     def batch_at(start: int) -> Batch:
         return layout(pairs, list(range(start, start + per_process)), encoders, *sampler)
 
-    return Run(
-        config,
-        dist,
-        family,
-        loss_type,
-        batch_at,
-        per_process,
-        params,
-        optimizer,
-        lr_scheduler,
-        scaler,
-        train_step,
-        step,
-        replay,
-        encoders,
-        model,
-        start_step,
-        start_position,
-    )
+    return Run(config, dist, family, loss_type, batch_at, per_process, params, optimizer, lr_scheduler, scaler,
+               train_step, step, replay, encoders, model, start_step, start_position, tuple(pairs.skipped),
+               resumed)
 
 
 def train(run: Run) -> Path:
@@ -355,8 +354,14 @@ def start_output(run: Run, output_dir: Path) -> MetricsLogger | None:
     logger = None
     if run.dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(run.config.as_dict(), indent=1))
+        remove_orphans(output_dir)
+        if run.resumed is None:
+            (output_dir / "args.json").write_text(json.dumps(run.config.as_dict(), indent=1))
+        else:  # args.json keeps the original run's flags; resume-<step>.json what this resume changed
+            record_resume(output_dir, run.config.as_dict(), *run.resumed, run.start_step)
         logger = MetricsLogger(output_dir, run.config.report_to, resume_step=run.start_step)
+        if run.config.skip_bad_rows:
+            log_skipped_rows(run.skipped_rows, output_dir)
     barrier(run.dist)
     return logger
 
@@ -369,17 +374,9 @@ def write_checkpoint(run: Run, logger: MetricsLogger | None, output_dir: Path, s
         extra, files = {}, {}
         if run.replay is not None:
             files[REPLAY_FILE], extra["sspo_pool_steps"] = run.replay.state()
-        save_checkpoint(
-            output_dir,
-            step,
-            trainable=trainable_state(run.family.denoiser, run.config.reference),
-            optimizer=run.optimizer,
-            lr_scheduler=run.lr_scheduler,
-            data_position=position,
-            grad_scaler=run.scaler,
-            extra=extra,
-            extra_files=files,
-        )
+        save_checkpoint(output_dir, step, trainable=trainable_state(run.family.denoiser, run.config.reference),
+                        optimizer=run.optimizer, lr_scheduler=run.lr_scheduler, data_position=position,
+                        grad_scaler=run.scaler, extra=extra, extra_files=files, config=run.config.as_dict())
         prune_checkpoints(output_dir, run.config.checkpoints_total_limit)
     barrier(run.dist)
 

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="local diffusers Stable Diffusion directory (default: the bundled tiny pipeline)")
     a("--dataset_name", default=None, help="local Pick-a-Pic-layout parquet file or directory")
     a("--train_data_dir", default=None, help="same as --dataset_name (default: the bundled tiny set)")
+    a("--skip_bad_rows", action="store_true",
+      help="drop rows whose caption, label or images are missing or undecodable (every image is decoded "
+           "once at start) and log how many; without it such a row is an error naming file, row and column")
     a("--resolution", type=int, default=None, help="training resolution (default: the VAE's sample_size)")
     a("--random_crop", action="store_true", help="random instead of centre crops")
     a("--no_hflip", action="store_true", help="disable random horizontal flips")

@@ -7,25 +7,41 @@ Layout of ``<output_dir>/checkpoint-<step>/``:
 - ``rng.safetensors``        torch CPU (and CUDA) generator states;
 - ``<name>.safetensors``     any extra tensor files the caller adds (SSPO's replay pool);
 - ``state.json``             step, data position, optimizer hyper-parameters, LR-scheduler and
-                             grad-scaler state, written last.
+                             grad-scaler state, the run's flags (``config``), written last.
 
-A checkpoint is written into a hidden temporary directory and renamed into place, so a
-directory named ``checkpoint-<step>`` is always complete and ``latest`` never picks a
-half-written one.
+A checkpoint is written into a hidden temporary directory, every file and the directory are
+fsynced, and it is renamed into place, so a directory named ``checkpoint-<step>`` is always
+complete and ``latest`` never picks a half-written one. ``verify_checkpoint`` checks a
+checkpoint's files (ValueError naming the file); ``resolve_resume("latest")`` takes the newest
+one that verifies; ``check_resume_config`` refuses a resume whose run-defining flags differ
+(docs/training.md, "Resuming").
 """
 
 import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "state.json"
 CONSTRUCTION_FLAGS = ("capturable", "foreach", "fused", "differentiable", "maximize")
+TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+STATE_KEYS = ("step", "data_position", "optimizer_param_groups", "optimizer_scalars", "lr_scheduler")
+SAFE_FLAGS = frozenset({
+    "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "logging_steps", "report_to", "output_dir",
+    "resume_from_checkpoint", "cuda_graph", "enable_xformers_memory_efficient_attention", "gradient_checkpointing",
+    "dataset_name", "train_data_dir", "data_argument",  # the data itself is ``data_path``, compared
+})
+"""Flags a resume may change: they do not change the math of the steps already taken or to come
+(``max_train_steps`` only with a constant LR schedule: the others are stretched by it)."""
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 
 
 def _flatten_optimizer_state(state_dict: dict) -> tuple[dict, dict]:
@@ -57,12 +73,13 @@ def _json_value(value):
 def save_checkpoint(output_dir: str | Path, step: int, *, trainable: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, lr_scheduler, data_position: int,
                     grad_scaler=None, extra: dict | None = None,
-                    extra_files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+                    extra_files: dict[str, dict[str, torch.Tensor]] | None = None, config: dict | None = None) -> Path:
     """Write ``checkpoint-<step>`` atomically and return its path (call on rank 0 only).
-    ``extra`` goes into state.json; ``extra_files`` maps file names to tensors to store."""
+    ``extra`` goes into state.json; ``extra_files`` maps file names to tensors to store;
+    ``config`` (the run's flags) goes into state.json for ``check_resume_config``."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
+    tmp = output_dir / f"{TMP_PREFIX}{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
@@ -84,15 +101,69 @@ def save_checkpoint(output_dir: str | Path, step: int, *, trainable: dict[str, t
         "lr_scheduler": lr_scheduler.state_dict(),
         "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
         "extra": extra or {},
+        "config": config,
     }
+    for name in os.listdir(tmp):  # the tensor files on disk before state.json says the checkpoint is whole
+        _fsync(tmp / name)
     with open(tmp / STATE_FILE, "w") as f:
         json.dump(state, f, indent=1, default=_json_value)
         f.flush()
         os.fsync(f.fileno())
+    _fsync(tmp)
     if final.exists():  # a re-run of the same step replaces the old one
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync(output_dir)
     return final
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory (its entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_orphans(output_dir: str | Path) -> list[Path]:
+    """Delete the ``.tmp-checkpoint-*`` directories of killed runs in ``output_dir`` (rank 0,
+    before the loop), saying so on stderr; returns them."""
+    output_dir = Path(output_dir)
+    found = sorted(output_dir.glob(TMP_PREFIX + "*")) if output_dir.is_dir() else []
+    for tmp in found:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if found:
+        print(f"fastpref-train: removed {len(found)} unfinished checkpoint directories of an interrupted run: "
+              f"{', '.join(p.name for p in found)}", file=sys.stderr)
+    return found
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """The parsed state.json of checkpoint ``path`` after checking its files: every file present,
+    state.json a JSON object with the keys ``load_checkpoint`` reads, every ``.safetensors`` file
+    a whole safetensors file. ValueError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{str(path)!r} is not a checkpoint directory")
+    for name in (STATE_FILE, *TENSOR_FILES):
+        if not (path / name).is_file():
+            raise ValueError(f"{str(path / name)!r} is missing")
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(path / STATE_FILE)!r} is not valid JSON ({error})") from error
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{str(path / STATE_FILE)!r} lacks {missing}; expected a JSON object with {list(STATE_KEYS)}")
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{str(file)!r} is not a whole safetensors file (truncated or corrupt: {error})") \
+                from error
+    return state
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -115,20 +186,90 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
     """The checkpoint to resume from: an explicit path, ``latest`` in ``output_dir``, or None.
 
-    ``latest`` with no checkpoint yet starts a fresh run; an explicit path that is not a
-    complete checkpoint is a ValueError.
+    ``latest`` is the newest ``checkpoint-<step>`` that ``verify_checkpoint`` accepts; newer
+    ones that fail are skipped, saying which and why on stderr; none yet starts a fresh run. An
+    explicit path that fails is a ValueError naming the bad file.
     """
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        output_dir = Path(output_dir)
+        steps = sorted(((int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))),
+                       reverse=True) if output_dir.is_dir() else []
+        skipped = []
+        for _, path in steps:
+            try:
+                verify_checkpoint(path)
+            except ValueError as error:
+                skipped.append(f"{path.name} ({error})")
+                continue
+            if skipped:
+                print(f"fastpref-train: --resume_from_checkpoint latest: resuming from {path.name}; skipped "
+                      f"{len(skipped)} newer checkpoints that do not load: {'; '.join(skipped)}", file=sys.stderr)
+            return path
+        if skipped:
+            print(f"fastpref-train: --resume_from_checkpoint latest: no checkpoint loads, starting afresh; skipped "
+                  f"{'; '.join(skipped)}", file=sys.stderr)
+        return None
     path = Path(resume_from_checkpoint)
-    if not is_checkpoint(path):
-        raise ValueError(f"--resume_from_checkpoint: expected 'latest' or a checkpoint directory "
-                         f"holding {STATE_FILE}, trainable/optimizer/rng .safetensors, "
-                         f"got {resume_from_checkpoint!r}")
+    try:
+        verify_checkpoint(path)
+    except ValueError as error:
+        raise ValueError(f"--resume_from_checkpoint: expected 'latest' or a checkpoint directory holding {STATE_FILE}, "
+                         f"trainable/optimizer/rng .safetensors, got {resume_from_checkpoint!r}: {error}") from error
     return path
+
+
+def _normal(value):
+    """A flag value as JSON stores it (tuples as lists), for comparison with a stored config."""
+    return json.loads(json.dumps(value))
+
+
+def check_resume_config(path: str | Path, config: dict) -> dict:
+    """The safe flags a resume from checkpoint ``path`` changes, ``{flag: {"old", "new"}}``.
+
+    The checkpoint's run is its state.json's ``config`` (or, for a checkpoint written without
+    one, the ``args.json`` beside it; neither: nothing to compare, ``{}``). A difference in a
+    flag outside ``SAFE_FLAGS`` (or in ``max_train_steps`` under a non-constant LR schedule) is
+    a ValueError listing every such flag with the old and new value.
+    """
+    path = Path(path)
+    state = json.loads((path / STATE_FILE).read_text())
+    old = state.get("config")
+    if old is None and (path.parent / "args.json").is_file():
+        try:
+            old = json.loads((path.parent / "args.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+    if not isinstance(old, dict):
+        return {}
+    new = {k: _normal(v) for k, v in config.items()}
+    differ = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    refused = {k: v for k, v in differ.items() if k not in SAFE_FLAGS or
+               (k == "max_train_steps" and new.get("lr_scheduler") not in CONSTANT_SCHEDULES)}
+    if refused:
+        listing = "; ".join(f"--{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        note = " (max_train_steps may change only with a constant --lr_scheduler)" \
+            if "max_train_steps" in refused else ""
+        if new.get("loss_type") == "sspo" and "sspo_pool_steps" not in (state.get("extra") or {}):
+            note += " (the checkpoint holds no SSPO replay pool: start --loss_type sspo afresh)"
+        raise ValueError(f"--resume_from_checkpoint: {str(path)!r} was written by a run with other flags: "
+                         f"{listing}{note}. Resume with the checkpoint's values, or start a new run in another "
+                         f"--output_dir")
+    return {k: {"old": a, "new": b} for k, (a, b) in differ.items() if k not in ("resume_from_checkpoint",)}
+
+
+def record_resume(output_dir: str | Path, config: dict, path: str | Path, changed: dict, step: int) -> None:
+    """Rank 0, a resumed run: ``args.json`` keeps the original run's flags (written from the
+    checkpoint's config when missing) and ``resume-<step>.json`` records the checkpoint, the
+    step and the safe flags this resume changed."""
+    output_dir, path = Path(output_dir), Path(path)
+    args = output_dir / "args.json"
+    if not args.is_file():
+        stored = json.loads((path / STATE_FILE).read_text()).get("config")
+        args.write_text(json.dumps(stored if isinstance(stored, dict) else config, indent=1))
+    (output_dir / f"resume-{step}.json").write_text(json.dumps(
+        {"checkpoint": str(path), "step": step, "changed": changed, "flags": config}, indent=1, default=str))
 
 
 def load_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer, lr_scheduler,
@@ -140,14 +281,17 @@ def load_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer, lr_sched
     ``state["step"]`` and ``state["data_position"]``.
     """
     path = Path(path)
-    with open(path / STATE_FILE) as f:
-        state = json.load(f)
+    state = verify_checkpoint(path)
     trainable = load_file(path / "trainable.safetensors")
     opt_tensors = load_file(path / "optimizer.safetensors")
     tensor_hyper = [{k: v for k, v in group.items() if torch.is_tensor(v)} for group in optimizer.param_groups]
     built = [{k: group[k] for k in CONSTRUCTION_FLAGS if k in group} for group in optimizer.param_groups]
-    optimizer.load_state_dict(_unflatten_optimizer_state(
-        opt_tensors, state["optimizer_scalars"], state["optimizer_param_groups"]))
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer_state(
+            opt_tensors, state["optimizer_scalars"], state["optimizer_param_groups"]))
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:  # another parameter set (rank, model)
+        raise ValueError(f"--resume_from_checkpoint: {str(path / 'optimizer.safetensors')!r} does not fit this "
+                         f"optimizer's parameters (another --rank or model?): {error}") from error
     restore_construction(optimizer, built)
     for group, tensors in zip(optimizer.param_groups, tensor_hyper):
         for key, tensor in tensors.items():  # keep the tensor a captured step reads, refilled
