@@ -29,3 +29,9 @@ def test_licence_file_matches_the_declared_licence():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]["text"]
     assert declared == "Apache-2.0"
     assert "Apache License" in (ROOT / "LICENSE").read_text().splitlines()[0]
+
+
+def test_no_test_skips_for_a_missing_install():
+    """A dependency `make test` installs must fail its tests when missing, never skip them."""
+    offenders = [p.name for p in (ROOT / "tests").glob("*.py") if "importor" + "skip(" in p.read_text()]
+    assert offenders == []
