@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers.optimization import get_scheduler
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -55,15 +54,16 @@ from fastpref.training.distributed import (
     kto_global_baseline,
     read_metrics,
 )
+from fastpref.training.exits import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_STOPPED
 from fastpref.training.family import ModelFamily, family_class, load_family
-from fastpref.training.finite import EXIT_NON_FINITE, NonFiniteError, check_finite
+from fastpref.training.finite import NonFiniteError, check_finite
 from fastpref.training.graph import StaticStep, graph_refusal, make_optimizer
 from fastpref.training.logging import MetricsLogger
 from fastpref.training.losses import LossType, get_loss_type
 from fastpref.training.models import frozen_copy, load_trainable_state, trainable_state
 from fastpref.training.replay import REPLAY_FILE, CheckpointReplay, self_sampler
 from fastpref.training.step import TrainStep, preference_loss
-from fastpref.training.stopping import EXIT_STOPPED, StopRequest, last_run_stopped
+from fastpref.training.stopping import StopRequest
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHOWN_METRICS = ("loss", "implicit_acc", "acc", "margin_acc", "dpo_fraction")  # the progress bar's
@@ -92,6 +92,7 @@ class Run:
     start_position: int = 0        # stream position of the next micro-batch
     skipped_rows: tuple = ()       # --skip_bad_rows: the dropped rows (PreferencePairs.skipped)
     resumed: tuple[Path, dict] | None = None  # a resume: (checkpoint, the safe flags it changed)
+    stopped: bool = False          # set by ``train``: a stop signal ended it before --max_train_steps
 
 
 def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | None]:
@@ -127,23 +128,14 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
 def optimizer_and_schedule(config: Config, params: list[torch.nn.Parameter], world_size: int = 1):
     """AdamW over ``params`` (``--cuda_graph``: the tensor-LR one a captured step needs) and its
     ``--lr_scheduler``; ``--scale_lr`` multiplies the LR by the global batch."""
-    lr = config.learning_rate * (
-        config.train_batch_size * config.gradient_accumulation_steps * world_size if config.scale_lr else 1
-    )
-    optimizer = make_optimizer(
-        params,
-        lr,
-        static=config.cuda_graph,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.lr_warmup_steps,
-        num_training_steps=config.max_train_steps,
-    )
+    from diffusers.optimization import get_scheduler  # here: ``fastpref-train --help`` imports no diffusers
+
+    lr = config.learning_rate * (config.train_batch_size * config.gradient_accumulation_steps * world_size
+                                 if config.scale_lr else 1)
+    optimizer = make_optimizer(params, lr, static=config.cuda_graph, betas=(config.adam_beta1, config.adam_beta2),
+                               weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=config.max_train_steps)
     return optimizer, lr_scheduler
 
 
@@ -290,8 +282,9 @@ def build(config: Config) -> Run:
 
 
 def train(run: Run) -> Path:
-    """Run the training loop of ``run`` to ``--max_train_steps`` (or a stop signal); returns the
-    output directory. Only rank 0 writes."""
+    """Run the training loop of ``run`` to ``--max_train_steps`` (or a stop signal: then
+    ``run.stopped`` is True and the CLI exits with ``EXIT_STOPPED``); returns the output directory.
+    Only rank 0 writes."""
     config, dist = run.config, run.dist
     output_dir = Path(config.output_dir)
     logger = start_output(run, output_dir)
@@ -332,15 +325,14 @@ def train(run: Run) -> Path:
                 check_finite(step, None, run.params, where=f"writing checkpoint-{step}")
                 write_checkpoint(run, logger, output_dir, step, position)
     progress.close()
+    run.stopped = stopping
 
     check_finite(step, None, run.params, where="saving the final weights")
     if dist.is_main:
         if stopping:
-            print(
-                f"fastpref-train: stopped by a signal after step {step}; wrote {output_dir}/checkpoint-{step}, "
-                f"continue with --resume_from_checkpoint latest",
-                file=sys.stderr,
-            )
+            print(f"fastpref-train: stopped by a signal after step {step}; wrote {output_dir}/checkpoint-{step}, "
+                  f"continue with --resume_from_checkpoint latest (the command line exits with status "
+                  f"{EXIT_STOPPED}, EX_TEMPFAIL)", file=sys.stderr)
         else:
             run.family.save_weights(config.reference, output_dir)
         logger.close()
@@ -382,21 +374,26 @@ def write_checkpoint(run: Run, logger: MetricsLogger | None, output_dir: Path, s
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Train from command-line flags (None: ``sys.argv[1:]``); returns the output directory.
-    Bad input raises ValueError before any write."""
+    """Train from command-line flags (None: ``sys.argv[1:]``); returns the output directory, also
+    after a stop by signal (``cli`` turns that into its exit status). Bad input raises ValueError
+    before any write."""
     return train(build(parse_config(argv)))
 
 
 def cli() -> None:
-    """Console entry point: bad input prints one error line and exits with status 2."""
+    """Console entry point (``fastpref-train``, ``python -m fastpref.train``). Exit status
+    (``fastpref.training.exits``): 0 finished, 2 bad input (one error line), 3 non-finite loss or
+    weights, 75 stopped by SIGTERM/SIGINT after writing a checkpoint."""
     try:
-        main()
-        if last_run_stopped():
-            sys.exit(EXIT_STOPPED)
+        config = parse_config(None)  # sys.argv; --help and flag errors end here, before the model loads
+        run = build(config)
+        train(run)
     except ValueError as error:
-        build_parser().exit(2, f"fastpref-train: error: {error}\n")
+        build_parser().exit(EXIT_BAD_INPUT, f"fastpref-train: error: {error}\n")
     except NonFiniteError as error:
         build_parser().exit(EXIT_NON_FINITE, f"fastpref-train: error: {error}\n")
+    if run.stopped:
+        sys.exit(EXIT_STOPPED)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_sigterm_exits_75_after_writing_the_checkpoint(tmp_path, monkeypatch):
     import signal
 
     from fastpref.training.logging import MetricsLogger
-    from fastpref.training.stopping import EXIT_STOPPED
+    from fastpref.training.exits import EXIT_STOPPED
 
     original_log = MetricsLogger.log
 

@@ -5,6 +5,7 @@ import argparse
 import math
 from pathlib import Path
 
+from .exits import exit_status_text
 from .losses import LOSS_TYPES
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -51,11 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastpref-train", formatter_class=_DefaultsFormatter,
         description="Preference alignment (Diffusion-DPO, DSPO, RPO, KTO, SSPO, MaPO, ...) of a "
-                    "Stable-Diffusion-layout model with fastpref's fused losses. Defaults train the bundled tiny model on "
-                    "the bundled tiny preference set.",
-        epilog="Exit status: 0 finished; 2 bad input (one error line, nothing written); 3 the loss or the "
-               "weights became non-finite (the last good checkpoint is kept); 75 stopped by SIGTERM/SIGINT "
-               "after writing a checkpoint (EX_TEMPFAIL: requeue with --resume_from_checkpoint latest).")
+                    "Stable-Diffusion-layout model with fastpref's fused losses. Defaults train the bundled tiny "
+                    "model on the bundled tiny preference set.",
+        epilog=exit_status_text())
     a = p.add_argument
     a("--pretrained_model_name_or_path", default=str(DEFAULT_MODEL),
       help="local diffusers Stable Diffusion directory (default: the bundled tiny pipeline)")

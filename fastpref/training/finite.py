@@ -10,7 +10,7 @@ import math
 
 import torch
 
-EXIT_NON_FINITE = 3
+from .exits import EXIT_NON_FINITE  # noqa: F401  (re-exported: its status lives in exits.py)
 
 
 class NonFiniteError(RuntimeError):

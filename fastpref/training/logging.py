@@ -5,8 +5,18 @@ import warnings
 from pathlib import Path
 
 
+def _row(record: dict[str, str]) -> dict:
+    """A metrics.csv row as logged: ``step`` an int, the other metrics floats; a metric that row
+    did not log (an empty cell: csv.DictWriter's filler) is left out."""
+    return {k: int(float(v)) if k == "step" else float(v) for k, v in record.items() if v not in ("", None)}
+
+
 class MetricsLogger:
-    """Appends one row of scalars per optimizer step; rank 0 only."""
+    """Appends one row of scalars per optimizer step; rank 0 only.
+
+    ``resume_step`` > 0 (a resumed run, possibly from an earlier checkpoint than the newest):
+    metrics.csv keeps its rows up to that step only, and TensorBoard purges the events after it
+    (``SummaryWriter(purge_step=resume_step + 1)``), so each step appears once in both."""
 
     def __init__(self, output_dir: str | Path, report_to: str, resume_step: int = 0):
         self.dir = Path(output_dir)
@@ -15,18 +25,17 @@ class MetricsLogger:
         self.rows: list[dict] = []
         if resume_step and self.csv_path.exists():  # keep the rows up to the resumed step
             with open(self.csv_path) as f:
-                self.rows = [{k: int(float(v)) if k == "step" else float(v) for k, v in r.items()}
-                         for r in csv.DictReader(f)
-                             if int(float(r["step"])) <= resume_step]
+                self.rows = [row for row in map(_row, csv.DictReader(f)) if row["step"] <= resume_step]
         self.tensorboard = None
         if report_to in ("tensorboard", "all"):
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                # events after the resumed step, from the interrupted run, are purged
-                self.tensorboard = SummaryWriter(str(self.dir / "logs"), purge_step=resume_step + 1 if resume_step else None)
+                # events of steps > resume_step, written by the run after its checkpoint, are purged
+                self.tensorboard = SummaryWriter(str(self.dir / "logs"),
+                                                 purge_step=resume_step + 1 if resume_step else None)
             except ImportError:
                 warnings.warn("--report_to tensorboard: tensorboard is not installed; "
-                              "logging to metrics.csv only")
+                              "logging to metrics.csv only", stacklevel=2)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         """Record ``values`` at optimizer step ``step``."""
@@ -69,7 +78,7 @@ class MetricsLogger:
         rows = -(-len(names) // columns)
         fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
         steps = [r["step"] for r in self.rows]
-        for ax, name in zip(axes.flat, names):
+        for ax, name in zip(axes.flat, names, strict=False):
             ax.plot(steps, [r.get(name, float("nan")) for r in self.rows])
             ax.set_title(name)
             ax.set_xlabel("step")

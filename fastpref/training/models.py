@@ -1,14 +1,12 @@
 """Architecture-independent helpers for a diffusers denoiser: dtype casts, attention back-end,
-LoRA adapters, the frozen reference copy and the tensors a checkpoint stores."""
+LoRA adapters, the frozen reference copy and the tensors a checkpoint stores. diffusers and peft
+are imported where used, so importing the trainer (``fastpref-train --help``) stays fast."""
 
 import copy
 import importlib.util
 import warnings
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 
 def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -39,15 +37,15 @@ def set_attention(model: torch.nn.Module, use_xformers: bool | None, sdpa_proces
             return "xformers"
         except Exception as error:  # diffusers raises several types when the kernels cannot run
             if use_xformers:
-                raise ValueError(
-                    f"--enable_xformers_memory_efficient_attention: xformers cannot run "
-                    f"here ({type(error).__name__}: {error})"
-                ) from error
-            warnings.warn(
-                f"xformers is installed but cannot run here ({type(error).__name__}); using PyTorch SDPA attention",
-                stacklevel=2,
-            )
-    model.set_attn_processor(sdpa_processor if sdpa_processor is not None else AttnProcessor2_0())
+                raise ValueError(f"--enable_xformers_memory_efficient_attention: xformers cannot run "
+                                 f"here ({type(error).__name__}: {error})") from error
+            warnings.warn(f"xformers is installed but cannot run here ({type(error).__name__}); "
+                          f"using PyTorch SDPA attention", stacklevel=2)
+    if sdpa_processor is None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        sdpa_processor = AttnProcessor2_0()
+    model.set_attn_processor(sdpa_processor)
     return "sdpa"
 
 
@@ -56,6 +54,8 @@ def add_lora(
 ) -> list[torch.nn.Parameter]:
     """Freeze ``model`` (cast to ``weight_dtype``), attach float32 LoRA adapters of rank ``rank``
     (alpha = rank, gaussian init) to ``target_modules``; returns the trainable adapter parameters."""
+    from peft import LoraConfig
+
     cast(model.requires_grad_(False), weight_dtype)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=target_modules))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -72,6 +72,8 @@ def frozen_copy(model: torch.nn.Module, weight_dtype: torch.dtype) -> torch.nn.M
 def trainable_state(model: torch.nn.Module, reference: str) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores: LoRA adapter weights (peft names) or the full model."""
     if reference == "lora":
+        from peft.utils import get_peft_model_state_dict
+
         return get_peft_model_state_dict(model)
     return model.state_dict()
 
@@ -79,6 +81,8 @@ def trainable_state(model: torch.nn.Module, reference: str) -> dict[str, torch.T
 def load_trainable_state(model: torch.nn.Module, reference: str, tensors: dict) -> None:
     """Inverse of ``trainable_state``; every stored tensor must match a parameter."""
     if reference == "lora":
+        from peft.utils import set_peft_model_state_dict
+
         result = set_peft_model_state_dict(model, tensors)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"--resume_from_checkpoint: unexpected LoRA keys {result.unexpected_keys[:4]}")

@@ -14,7 +14,6 @@ a denoiser per entry, in the weight dtype), plus the replay model itself.
 """
 
 import torch
-from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
 REPLAY_FILE = "replay.safetensors"
@@ -104,6 +103,8 @@ def ddim_sample(
     """Latents ``[B, C, h, w]`` sampled by ``num_steps`` DDIM steps from ``start`` noise,
     classifier-free guided by ``embeddings`` ``[B, L, D]`` against ``negative`` ``[1, L, D]``.
     ``unet(x, t, emb)`` returns the model output the scheduler config's prediction type names."""
+    from diffusers import DDIMScheduler  # here: importing the trainer stays fast
+
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(num_steps, device=start.device)
     latents = start * scheduler.init_noise_sigma

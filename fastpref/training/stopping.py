@@ -1,6 +1,6 @@
 """Stopping without losing work: SIGTERM or SIGINT (Ctrl-C) lets the current step finish, then
-the trainer writes a checkpoint and exits with status 75 (``EXIT_STOPPED``, EX_TEMPFAIL, so a
-scheduler can requeue); ``--resume_from_checkpoint latest`` continues from
+the trainer writes a checkpoint and exits with status 75 (``exits.EXIT_STOPPED``, EX_TEMPFAIL, so
+a scheduler can requeue); ``--resume_from_checkpoint latest`` continues from
 it. A second signal stops at once (SIGINT raises KeyboardInterrupt, SIGTERM its default)."""
 
 import signal
@@ -10,13 +10,6 @@ import torch
 import torch.distributed as dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-EXIT_STOPPED = 75  # EX_TEMPFAIL: a scheduler may requeue the job with --resume_from_checkpoint latest
-_last_run = {"stopped": False}
-
-
-def last_run_stopped() -> bool:
-    """Whether the most recent ``StopRequest`` block ended with the processes agreeing to stop."""
-    return _last_run["stopped"]
 
 
 class StopRequest:
@@ -34,7 +27,6 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc):
-        _last_run["stopped"] = self.stopped
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
