@@ -87,12 +87,12 @@ class Run:
     step: Callable[[list[Batch]], dict[str, torch.Tensor]]  # what the loop calls: train_step or its StaticStep
     replay: CheckpointReplay | None  # SSPO's snapshot pool, whose replay model is the reference
     encoders: Encoders
-    model: torch.nn.Module         # what the policy forward calls: the denoiser, DDP-wrapped under torchrun
-    start_step: int = 0            # optimizer steps already taken (a resumed checkpoint's)
-    start_position: int = 0        # stream position of the next micro-batch
-    skipped_rows: tuple = ()       # --skip_bad_rows: the dropped rows (PreferencePairs.skipped)
+    model: torch.nn.Module  # what the policy forward calls: the denoiser, DDP-wrapped under torchrun
+    start_step: int = 0  # optimizer steps already taken (a resumed checkpoint's)
+    start_position: int = 0  # stream position of the next micro-batch
+    skipped_rows: tuple = ()  # --skip_bad_rows: the dropped rows (PreferencePairs.skipped)
     resumed: tuple[Path, dict] | None = None  # a resume: (checkpoint, the safe flags it changed)
-    stopped: bool = False          # set by ``train``: a stop signal ended it before --max_train_steps
+    stopped: bool = False  # set by ``train``: a stop signal ended it before --max_train_steps
 
 
 def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | None]:
@@ -109,10 +109,12 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
     resolution = config.resolution or family.default_resolution(config.pretrained_model_name_or_path)
     config = config.replace(resolution=resolution)
     if config.resolution % factor:
-        raise ValueError(f"--resolution: expected a multiple of the VAE downsampling factor "
-                         f"{factor}, got {config.resolution}")
-    pairs = PreferencePairs(parquet_files(config.data_path, config.data_argument), config.data_argument,
-                            skip_bad_rows=config.skip_bad_rows)
+        raise ValueError(
+            f"--resolution: expected a multiple of the VAE downsampling factor {factor}, got {config.resolution}"
+        )
+    pairs = PreferencePairs(
+        parquet_files(config.data_path, config.data_argument), config.data_argument, skip_bad_rows=config.skip_bad_rows
+    )
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     if config.cuda_graph:
         refusal = graph_refusal(
@@ -130,12 +132,23 @@ def optimizer_and_schedule(config: Config, params: list[torch.nn.Parameter], wor
     ``--lr_scheduler``; ``--scale_lr`` multiplies the LR by the global batch."""
     from diffusers.optimization import get_scheduler  # here: ``fastpref-train --help`` imports no diffusers
 
-    lr = config.learning_rate * (config.train_batch_size * config.gradient_accumulation_steps * world_size
-                                 if config.scale_lr else 1)
-    optimizer = make_optimizer(params, lr, static=config.cuda_graph, betas=(config.adam_beta1, config.adam_beta2),
-                               weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=config.max_train_steps)
+    lr = config.learning_rate * (
+        config.train_batch_size * config.gradient_accumulation_steps * world_size if config.scale_lr else 1
+    )
+    optimizer = make_optimizer(
+        params,
+        lr,
+        static=config.cuda_graph,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_train_steps,
+    )
     return optimizer, lr_scheduler
 
 
@@ -207,8 +220,10 @@ def build(config: Config) -> Run:
         try:
             load_trainable_state(denoiser, config.reference, tensors)
         except (RuntimeError, ValueError, KeyError) as error:  # shapes or keys of another rank / model
-            raise ValueError(f"--resume_from_checkpoint: {str(resume / 'trainable.safetensors')!r} does not fit "
-                             f"this model (another --rank or model?): {str(error)[:300]}") from error
+            raise ValueError(
+                f"--resume_from_checkpoint: {str(resume / 'trainable.safetensors')!r} does not fit "
+                f"this model (another --rank or model?): {str(error)[:300]}"
+            ) from error
         start_step, start_position = state["step"], state["data_position"]
         if replay is not None:
             if "sspo_pool_steps" not in state["extra"]:
@@ -276,9 +291,27 @@ def build(config: Config) -> Run:
     def batch_at(start: int) -> Batch:
         return layout(pairs, list(range(start, start + per_process)), encoders, *sampler)
 
-    return Run(config, dist, family, loss_type, batch_at, per_process, params, optimizer, lr_scheduler, scaler,
-               train_step, step, replay, encoders, model, start_step, start_position, tuple(pairs.skipped),
-               resumed)
+    return Run(
+        config,
+        dist,
+        family,
+        loss_type,
+        batch_at,
+        per_process,
+        params,
+        optimizer,
+        lr_scheduler,
+        scaler,
+        train_step,
+        step,
+        replay,
+        encoders,
+        model,
+        start_step,
+        start_position,
+        tuple(pairs.skipped),
+        resumed,
+    )
 
 
 def train(run: Run) -> Path:
@@ -330,9 +363,12 @@ def train(run: Run) -> Path:
     check_finite(step, None, run.params, where="saving the final weights")
     if dist.is_main:
         if stopping:
-            print(f"fastpref-train: stopped by a signal after step {step}; wrote {output_dir}/checkpoint-{step}, "
-                  f"continue with --resume_from_checkpoint latest (the command line exits with status "
-                  f"{EXIT_STOPPED}, EX_TEMPFAIL)", file=sys.stderr)
+            print(
+                f"fastpref-train: stopped by a signal after step {step}; wrote {output_dir}/checkpoint-{step}, "
+                f"continue with --resume_from_checkpoint latest (the command line exits with status "
+                f"{EXIT_STOPPED}, EX_TEMPFAIL)",
+                file=sys.stderr,
+            )
         else:
             run.family.save_weights(config.reference, output_dir)
         logger.close()
@@ -366,9 +402,18 @@ def write_checkpoint(run: Run, logger: MetricsLogger | None, output_dir: Path, s
         extra, files = {}, {}
         if run.replay is not None:
             files[REPLAY_FILE], extra["sspo_pool_steps"] = run.replay.state()
-        save_checkpoint(output_dir, step, trainable=trainable_state(run.family.denoiser, run.config.reference),
-                        optimizer=run.optimizer, lr_scheduler=run.lr_scheduler, data_position=position,
-                        grad_scaler=run.scaler, extra=extra, extra_files=files, config=run.config.as_dict())
+        save_checkpoint(
+            output_dir,
+            step,
+            trainable=trainable_state(run.family.denoiser, run.config.reference),
+            optimizer=run.optimizer,
+            lr_scheduler=run.lr_scheduler,
+            data_position=position,
+            grad_scaler=run.scaler,
+            extra=extra,
+            extra_files=files,
+            config=run.config.as_dict(),
+        )
         prune_checkpoints(output_dir, run.config.checkpoints_total_limit)
     barrier(run.dist)
 

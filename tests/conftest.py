@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET must be set before any kernel module is imported, so it is decided here,
 before the test modules import fastpref."""
+
 import os
 
 import torch
@@ -9,10 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
+from helpers import KERNELS_RUN_HERE, NO_KERNELS_HERE
 
-from fastpref.kernels import poisoned_outputs  # noqa: E402
-from helpers import KERNELS_RUN_HERE, NO_KERNELS_HERE  # noqa: E402
+from fastpref.kernels import poisoned_outputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -34,6 +35,7 @@ def no_launch(monkeypatch):
 
     def launch(self, grid):
         raise AssertionError(f"a kernel was launched before validation: {getattr(self, '__name__', self)}")
+
     monkeypatch.setattr(KernelInterface, "__getitem__", launch)
 
 

@@ -9,6 +9,7 @@ cannot pass for the fresh one.
 The runs go through ``fastpref.train.main``; the hooks replace three names that ``train``
 imports (``make_optimizer``, ``StaticStep``, ``graph_refusal``) for the duration of one run.
 """
+
 import csv
 import math
 from dataclasses import dataclass
@@ -60,8 +61,10 @@ DISCRIMINATION = 4.0  # how much closer to its own step's errors than to another
 def graph_step(use_graph: bool, cls=StaticStep):
     """A stand-in for ``StaticStep`` in ``train``: builds ``cls`` as the trainer asks, with
     ``use_graph`` forced (False: the same static-buffer step, called without capture)."""
+
     def build(step, **kwargs):
         return cls(step, **{**kwargs, "use_graph": use_graph})
+
     return build
 
 
@@ -119,29 +122,35 @@ def assert_twins_agree(subject: Run, twin: Run, tolerance: Tolerance, *, first: 
     this step than the twin's value at that step is (so a metric that repeats across steps,
     with data that do not change, fails)."""
     t_rows, s_rows = twin.rows, subject.rows
-    assert [r["step"] for r in s_rows] == [r["step"] for r in t_rows] and len(t_rows) > first, \
+    assert [r["step"] for r in s_rows] == [r["step"] for r in t_rows] and len(t_rows) > first, (
         f"the runs logged steps {[r['step'] for r in s_rows]} and {[r['step'] for r in t_rows]}"
+    )
     errors = sorted(k for k in t_rows[0] if "mse" in k)
     assert errors, f"no prediction-error metric (*mse*) in {sorted(t_rows[0])}"
     for key in errors + [k for k in OTHER_METRICS if k in t_rows[0]]:
         rtol = tolerance.errors if key in errors else tolerance.other
         scale = max((abs(r[key]) for r in t_rows if math.isfinite(r[key])), default=0.0)
-        for t_row, s_row in zip(t_rows, s_rows):
-            assert _close(s_row[key], t_row[key], rtol, scale), \
-                (f"step {int(t_row['step'])} {key}: {s_row[key]!r} against the eager twin's {t_row[key]!r} "
-                 f"(rtol {rtol}); every step: {[r[key] for r in s_rows]} vs {[r[key] for r in t_rows]}")
+        for t_row, s_row in zip(t_rows, s_rows, strict=True):
+            assert _close(s_row[key], t_row[key], rtol, scale), (
+                f"step {int(t_row['step'])} {key}: {s_row[key]!r} against the eager twin's {t_row[key]!r} "
+                f"(rtol {rtol}); every step: {[r[key] for r in s_rows]} vs {[r[key] for r in t_rows]}"
+            )
     for k in range(first, len(t_rows)):
         for j in range(k):
-            margins = {m: abs(t_rows[k][m] - t_rows[j][m]) - DISCRIMINATION * abs(s_rows[k][m] - t_rows[k][m])
-                       for m in errors}
-            assert max(margins.values()) > 0, \
-                (f"step {k + 1}: no prediction error tells the subject's inputs from step {j + 1}'s "
-                 f"(twin at steps {k + 1} and {j + 1}, subject at {k + 1}: "
-                 f"{ {m: (t_rows[k][m], t_rows[j][m], s_rows[k][m]) for m in errors} })")
+            margins = {
+                m: abs(t_rows[k][m] - t_rows[j][m]) - DISCRIMINATION * abs(s_rows[k][m] - t_rows[k][m]) for m in errors
+            }
+            assert max(margins.values()) > 0, (
+                f"step {k + 1}: no prediction error tells the subject's inputs from step {j + 1}'s "
+                f"(twin at steps {k + 1} and {j + 1}, subject at {k + 1}: "
+                f"{ {m: (t_rows[k][m], t_rows[j][m], s_rows[k][m]) for m in errors} })"
+            )
     assert len(subject.initial) == len(twin.initial) and all(
-        torch.equal(a, b) for a, b in zip(subject.initial, twin.initial)), "the twins started from different weights"
-    moved = math.sqrt(sum(float((f - i).square().sum()) for f, i in zip(twin.final, twin.initial)))
-    apart = math.sqrt(sum(float((s - t).square().sum()) for s, t in zip(subject.final, twin.final)))
+        torch.equal(a, b) for a, b in zip(subject.initial, twin.initial, strict=True)
+    ), "the twins started from different weights"
+    moved = math.sqrt(sum(float((f - i).square().sum()) for f, i in zip(twin.final, twin.initial, strict=True)))
+    apart = math.sqrt(sum(float((s - t).square().sum()) for s, t in zip(subject.final, twin.final, strict=True)))
     assert moved > 0, "the twin's weights did not move"
-    assert apart <= tolerance.weights * moved, \
+    assert apart <= tolerance.weights * moved, (
         f"final weights {apart:.3e} apart, {apart / moved:.2e} of what training moved them ({moved:.3e})"
+    )

@@ -1,4 +1,5 @@
 """Shared test helpers: random paired inputs, running a loss and its float64 reference."""
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -9,17 +10,19 @@ from fastpref.kernels import INTERPRET
 # when there is no CUDA, unless TRITON_INTERPRET is already set): CUDA tensors always compile;
 # CPU tensors need the interpreter, which is off on a CUDA machine.
 KERNELS_RUN_HERE = torch.cuda.is_available() or INTERPRET
-NO_KERNELS_HERE = ("needs Triton's interpreter or a CUDA device: this machine has no CUDA and "
-                   "TRITON_INTERPRET is not 1, so no kernel can run")
+NO_KERNELS_HERE = (
+    "needs Triton's interpreter or a CUDA device: this machine has no CUDA and "
+    "TRITON_INTERPRET is not 1, so no kernel can run"
+)
 # a test that runs the kernels where the code under test puts its tensors (the trainer: CUDA
 # where there is a GPU); a test with tensors of its own takes conftest's ``device`` fixture
 needs_kernels = pytest.mark.skipif(not KERNELS_RUN_HERE, reason=NO_KERNELS_HERE)
 
-EPS32 = 2.0 ** -24
+EPS32 = 2.0**-24
 # Output rounding of the gradient store: relative (a full ulp, double the round-to-nearest
 # error), plus float16's subnormal spacing for tiny gradient entries.
-OUT_RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
-OUT_ATOL = {torch.float64: 0.0, torch.float32: 0.0, torch.float16: 2.0 ** -24, torch.bfloat16: 0.0}
+OUT_RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+OUT_ATOL = {torch.float64: 0.0, torch.float32: 0.0, torch.float16: 2.0**-24, torch.bfloat16: 0.0}
 
 
 def make_inputs(shape, dtypes, device, seed, scale=0.05):
@@ -32,7 +35,7 @@ def make_inputs(shape, dtypes, device, seed, scale=0.05):
     target = torch.randn(shape, generator=g, dtype=torch.float64)
     ref = target + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
     model = ref + scale * torch.randn(shape, generator=g, dtype=torch.float64)
-    return tuple(x.to(dt).to(device) for x, dt in zip((model, ref, target), dtypes))
+    return tuple(x.to(dt).to(device) for x, dt in zip((model, ref, target), dtypes, strict=True))
 
 
 def run(fn, model_pred, *others, grad_scale=None, **kw):
@@ -101,8 +104,11 @@ def case_id(shape, dtypes):
 
 def compute_dtype(inputs):
     """float64 if any tensor input is float64, else float32 (docs/methods.md §1)."""
-    return torch.float64 if any(isinstance(x, torch.Tensor) and x.dtype == torch.float64 for x in inputs) \
+    return (
+        torch.float64
+        if any(isinstance(x, torch.Tensor) and x.dtype == torch.float64 for x in inputs)
         else torch.float32
+    )
 
 
 def compute_rtol(inputs, beta):
@@ -116,12 +122,17 @@ def check_accuracy(name, value, decision, tol):
     """mean 1[decision > 0] equals the reference's up to entries within tol of 0."""
     exp = (decision > 0).double().mean()
     ambiguous = int((decision.abs() <= tol).sum())
-    assert abs(float(value) - float(exp)) <= ambiguous / decision.numel() + 1e-6, \
+    assert abs(float(value) - float(exp)) <= ambiguous / decision.numel() + 1e-6, (
         f"{name}: {float(value)} vs reference {float(exp)} ({ambiguous} ambiguous)"
+    )
 
 
-SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-            torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
+SYNC_OPS = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.item.default,
+    torch.ops.aten.is_nonzero.default,
+    torch.ops.aten.equal.default,
+}
 
 
 class FailOnHostSync(TorchDispatchMode):
@@ -152,8 +163,9 @@ class RecordOps(TorchDispatchMode):
             return tuple(RecordOps._signature(v) for v in value)
         if isinstance(value, float):
             return value.hex()  # compares NaN equal to NaN
-        if value is None or isinstance(value, (bool, int, str, torch.dtype, torch.device,
-                                               torch.layout, torch.memory_format)):
+        if value is None or isinstance(
+            value, (bool, int, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
+        ):
             return value
         return type(value).__name__  # an opaque handle (e.g. a profiler record), not an argument
 
@@ -170,8 +182,14 @@ class RecordOps(TorchDispatchMode):
             original = cls.run
 
             def run(kernel, *args, grid, warmup, _original=original, **kwargs):
-                self.ops.append(("triton:" + kernel.__name__, self._signature(args),
-                                 self._signature(sorted(kwargs.items())), self._signature(grid)))
+                self.ops.append(
+                    (
+                        "triton:" + kernel.__name__,
+                        self._signature(args),
+                        self._signature(sorted(kwargs.items())),
+                        self._signature(grid),
+                    )
+                )
                 return _original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
 
             cls.run = run
@@ -187,7 +205,9 @@ class RecordOps(TorchDispatchMode):
 
 def bad_input_case_ids(cases):
     """Test ids of a ``cases(device)`` generator of ``(argument name(s), exception, call)``."""
-    return [f"{i}-{arg if isinstance(arg, str) else arg[0]}" for i, (arg, _, _) in enumerate(cases(torch.device("cpu")))]
+    return [
+        f"{i}-{arg if isinstance(arg, str) else arg[0]}" for i, (arg, _, _) in enumerate(cases(torch.device("cpu")))
+    ]
 
 
 def assert_bad_input_case(cases, index, device):

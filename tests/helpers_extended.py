@@ -5,10 +5,10 @@ Reference functions may return, besides docs/methods.md's metrics, keys starting
 float64 decision values behind an accuracy metric (e.g. "_implicit_acc" holds the inside
 values whose sign `implicit_acc` counts). They are compared by sign, with pairs within
 rounding of 0 allowed either way, and are not metric keys themselves."""
+
 import math
 
 import torch
-
 from helpers import assert_close, assert_grad_close, check_accuracy, compute_dtype, run, run_reference
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -16,22 +16,25 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 # (shape, dtypes): n = 3 * 25 * 41 = 3075 elements per row (several blocks of 1024, ending in a
 # partial one) in every dtype and two mixes; B = 1; 5-D video latents with a three-way mix.
 CASES = [
-    ((6, 3, 25, 41), F32), ((6, 3, 25, 41), F16), ((6, 3, 25, 41), BF16), ((6, 3, 25, 41), F64),
-    ((6, 3, 25, 41), (F32, F16, F16)), ((6, 3, 25, 41), (BF16, F32, F16)),
+    ((6, 3, 25, 41), F32),
+    ((6, 3, 25, 41), F16),
+    ((6, 3, 25, 41), BF16),
+    ((6, 3, 25, 41), F64),
+    ((6, 3, 25, 41), (F32, F16, F16)),
+    ((6, 3, 25, 41), (BF16, F32, F16)),
     ((2, 4, 8, 8), F32),
     ((4, 2, 3, 5, 7), (F16, BF16, F32)),
 ]
 # Unpaired (KTO): odd N, N = 1, 5-D.
 UNPAIRED_CASES = [
-    ((5, 3, 25, 41), F32), ((5, 3, 25, 41), F16), ((5, 3, 25, 41), BF16), ((5, 3, 25, 41), F64),
-    ((5, 3, 25, 41), (F32, F16, F16)), ((1, 4, 8, 8), F32), ((3, 2, 3, 5, 7), (F16, BF16, F32)),
+    ((5, 3, 25, 41), F32),
+    ((5, 3, 25, 41), F16),
+    ((5, 3, 25, 41), BF16),
+    ((5, 3, 25, 41), F64),
+    ((5, 3, 25, 41), (F32, F16, F16)),
+    ((1, 4, 8, 8), F32),
+    ((3, 2, 3, 5, 7), (F16, BF16, F32)),
 ]
-
-
-
-
-
-
 
 
 def mapo_rtol(model_pred, target, beta, snr_value, T):
@@ -39,7 +42,7 @@ def mapo_rtol(model_pred, target, beta, snr_value, T):
     T s, and the rounding of f itself (|f| <= 1, two roundings) by T; the loss and gradient see u
     through β log σ(u)."""
     f64 = F64 in (model_pred.dtype, target.dtype)
-    base, unit = (1e-12, 2.0 ** -51) if f64 else (4e-6, 2.0 ** -22)
+    base, unit = (1e-12, 2.0**-51) if f64 else (4e-6, 2.0**-22)
     m = ((model_pred.double() - target.double()) ** 2).flatten(1).mean(1)
     return base * (1 + T * snr_value * float(m.max())) + T * unit * (1 + beta)
 
@@ -56,11 +59,14 @@ def correlated_inputs(shape, dtypes, device, seed, scale=0.05, rho=0.5):
     common = torch.randn((B,) + tuple(shape[1:]), generator=g, dtype=F64)
     own = torch.randn(shape, generator=g, dtype=F64)
     shared = torch.cat([common, common])
-    off = math.sqrt(abs(rho)) * shared * torch.tensor([1.0] * B + [math.copysign(1.0, rho)] * B,
-                                                      dtype=F64).view((-1,) + (1,) * (len(shape) - 1))
+    off = (
+        math.sqrt(abs(rho))
+        * shared
+        * torch.tensor([1.0] * B + [math.copysign(1.0, rho)] * B, dtype=F64).view((-1,) + (1,) * (len(shape) - 1))
+    )
     ref = target + 0.5 * (off + math.sqrt(1 - abs(rho)) * own)
     model = ref + scale * torch.randn(shape, generator=g, dtype=F64)
-    return tuple(x.to(dt).to(device) for x, dt in zip((model, ref, target), dtypes))
+    return tuple(x.to(dt).to(device) for x, dt in zip((model, ref, target), dtypes, strict=True))
 
 
 def random_labels(n, seed, dtype=torch.int64, device="cpu"):
@@ -92,7 +98,9 @@ def check_metrics(metrics, expected, rtol, compute, tie_tol):
     assert set(metrics) == set(expected), f"metric keys {sorted(metrics)} != {sorted(expected)}"
     for name, value in metrics.items():
         assert not value.requires_grad, f"metric {name} must be detached"
-        assert value.shape == expected[name].shape, f"{name}: shape {tuple(value.shape)} != {tuple(expected[name].shape)}"
+        assert value.shape == expected[name].shape, (
+            f"{name}: shape {tuple(value.shape)} != {tuple(expected[name].shape)}"
+        )
         if name in decisions:
             check_accuracy(name, value, decisions[name], tie_tol)
         elif value.dtype.is_floating_point:
@@ -102,15 +110,13 @@ def check_metrics(metrics, expected, rtol, compute, tie_tol):
             assert torch.equal(value.cpu(), expected[name].to(value.dtype)), f"{name}: {value} != {expected[name]}"
 
 
-
-
 def check_against_reference(fn, ref_fn, inputs, extra=(), *, rtol, grad_rtol=None, **kw):
     """Run fn(*inputs, *extra, **kw) forward and backward with a random incoming gradient and
     compare loss (0-dim, compute dtype), gradient (model_pred's dtype) and every metric with
     ref_fn on float64 copies. Returns (metrics, reference metrics, grad, reference grad)."""
     loss, metrics, grad, G = run(fn, *inputs, *extra, **kw)
     ref_loss, ref_metrics, ref_grad = run_reference(ref_fn, *inputs, *extra, G=G, **kw)
-    compute = compute_dtype(inputs)        # the predictions decide it (docs/methods.md §1)
+    compute = compute_dtype(inputs)  # the predictions decide it (docs/methods.md §1)
     assert loss.dtype == compute and loss.shape == (), f"loss {loss.dtype} {tuple(loss.shape)}"
     assert_close("loss", loss, ref_loss, rtol, atol=rtol)
     assert_grad_close(grad, ref_grad, inputs[0].dtype, grad_rtol or rtol)

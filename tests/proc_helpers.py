@@ -1,6 +1,7 @@
 """Subprocesses of the tests with a hard timeout: on expiry the whole process tree (torchrun
 and its workers, which torchrun starts in sessions of their own) is killed and the test fails
 with a message saying what hung, instead of hanging CI."""
+
 import os
 import signal
 import subprocess
@@ -54,8 +55,10 @@ def run(cmd: list[str], *, timeout: float, what: str, check: bool = True, **pope
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)
         out, _ = proc.communicate()
-        pytest.fail(f"{what} did not finish within {timeout:g} s: killed it and all its child processes. "
-                    f"Last output:\n{(out or '')[-3000:]}")
+        pytest.fail(
+            f"{what} did not finish within {timeout:g} s: killed it and all its child processes. "
+            f"Last output:\n{(out or '')[-3000:]}"
+        )
     finally:
         if proc.poll() is None:  # an exception in the test itself (KeyboardInterrupt)
             kill_tree(proc.pid)

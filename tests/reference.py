@@ -1,6 +1,7 @@
 """A float64 implementation of docs/methods.md, written plainly
 from the formulas (no cancellation-free forms, no fused tricks); gradients come from
 autograd. The kernels are tested against it."""
+
 import torch
 import torch.nn.functional as F
 
@@ -21,8 +22,10 @@ def shared_metrics(m_w, m_l, r_w, r_l):
     return {
         "model_mse": 0.5 * (m_w.mean() + m_l.mean()),
         "ref_mse": torch.cat([r_w, r_l]).mean(),
-        "model_mse_w": m_w.mean(), "model_mse_l": m_l.mean(),
-        "ref_mse_w": r_w.mean(), "ref_mse_l": r_l.mean(),
+        "model_mse_w": m_w.mean(),
+        "model_mse_l": m_l.mean(),
+        "ref_mse_w": r_w.mean(),
+        "ref_mse_l": r_l.mean(),
     }
 
 
@@ -39,9 +42,13 @@ def dpo(model_pred, ref_pred, target, beta=5000.0, loss_type="sigmoid"):
     else:
         raise ValueError(loss_type)
     wins = (inside > 0).double().mean()
-    metrics = {"loss": loss, "implicit_acc": wins,
-               "implicit_acc_ties_half": wins + 0.5 * (inside == 0).double().mean(),
-               "inside_term": inside, **shared_metrics(m_w, m_l, r_w, r_l)}
+    metrics = {
+        "loss": loss,
+        "implicit_acc": wins,
+        "implicit_acc_ties_half": wins + 0.5 * (inside == 0).double().mean(),
+        "inside_term": inside,
+        **shared_metrics(m_w, m_l, r_w, r_l),
+    }
     return loss, metrics
 
 
@@ -55,7 +62,7 @@ def dspo(model_pred, ref_pred, target, beta=0.001, variant="sd15", sdxl_threshol
     m_w, m_l, r_w, r_l = pair_errors(model_pred, ref_pred, target)
     B = m_w.shape[0]
     inside = -0.5 * beta * ((m_w - m_l) - (r_w - r_l))
-    g = torch.sigmoid(-inside)                       # carries gradient
+    g = torch.sigmoid(-inside)  # carries gradient
     shape = (B,) + (1,) * (model_pred.dim() - 1)
     e = model_pred[:B] - target[:B]
     d = model_pred[:B] - ref_pred[:B]
@@ -63,15 +70,20 @@ def dspo(model_pred, ref_pred, target, beta=0.001, variant="sd15", sdxl_threshol
         loss = ((e - beta * g.view(shape) * d) ** 2).flatten(1).mean(1).mean()
         branch = 0
     else:
-        q = (d ** 2).mean().detach()
+        q = (d**2).mean().detach()
         if q >= sdxl_threshold:
             loss = ((g.view(shape) * d) ** 2).flatten(1).mean(1).mean()
             branch = 1
         else:
-            loss = (g ** 2).mean()
+            loss = (g**2).mean()
             branch = 2
     shared = shared_metrics(m_w, m_l, r_w, r_l)
-    metrics = {"loss": loss, "implicit_acc": (inside > 0).double().mean(),
-               "model_mse": shared["model_mse"], "ref_mse": shared["ref_mse"],
-               "weight_mean": g.mean(), "sdxl_branch": torch.tensor(branch)}
+    metrics = {
+        "loss": loss,
+        "implicit_acc": (inside > 0).double().mean(),
+        "model_mse": shared["model_mse"],
+        "ref_mse": shared["ref_mse"],
+        "weight_mean": g.mean(),
+        "sdxl_branch": torch.tensor(branch),
+    }
     return loss, metrics

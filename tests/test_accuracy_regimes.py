@@ -6,14 +6,15 @@ Errors are against the float64 references (docs/methods.md) on the same (rounded
 
 `python tests/test_accuracy_regimes.py` prints the figures quoted in the README (SD1.5-size
 latents, β = 5000)."""
-import pytest
-import torch
-import torch.nn.functional as F
 
-import fastpref
+import pytest
 import reference
 import reference_extended
+import torch
+import torch.nn.functional as F
 from helpers import run, run_reference
+
+import fastpref
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 G = 0.75
@@ -55,6 +56,7 @@ def row_errors64(model, ref, target):
 
 # ---------------------------------------------------------------- the eager fp32 blocks
 
+
 def eager_errors(model, ref, target):
     """Per-row mean squared errors after an fp32 upcast, as the upstream trainers compute them."""
     model_losses = (model.float() - target.float()).pow(2).flatten(1).mean(1)
@@ -81,9 +83,9 @@ def eager_dspo(model, ref, target, beta, variant, sdxl_threshold):
     d = model[:B].float() - ref[:B].float()
     if variant == "sd15":
         return (e - beta * g.view(shape) * d).pow(2).flatten(1).mean(1).mean()
-    if (d ** 2).mean() >= sdxl_threshold:
+    if (d**2).mean() >= sdxl_threshold:
         return (g.view(shape) * d).pow(2).flatten(1).mean(1).mean()
-    return (g ** 2).mean()
+    return (g**2).mean()
 
 
 def eager_kto(model, ref, target, labels, beta, kl_baseline):
@@ -105,26 +107,26 @@ def errors(method, inputs, beta=None):
     if method == "kto":
         labels = torch.arange(model.shape[0], device=model.device) % 3 != 0
         gap = r - m
-        z = float(gap.mean())                  # a baseline used as given: x = s β (g - z) stays O(1)
+        z = float(gap.mean())  # a baseline used as given: x = s β (g - z) stays O(1)
         beta = beta or 2.0 / float(gap.std())
-        fused = lambda p: fastpref.kto_loss(p, ref, target, labels, beta=beta, kl_baseline=z)   # noqa: E731
+        fused = lambda p: fastpref.kto_loss(p, ref, target, labels, beta=beta, kl_baseline=z)  # noqa: E731
         exact = lambda p, rr, t: reference_extended.kto(p, rr, t, labels, beta=beta, kl_baseline=z)  # noqa: E731
-        eager = lambda p: eager_kto(p, ref, target, labels, beta, z)                             # noqa: E731
+        eager = lambda p: eager_kto(p, ref, target, labels, beta, z)  # noqa: E731
     else:
         B = m.shape[0] // 2
         ell = (r[:B] - r[B:]) - (m[:B] - m[B:])
         beta = beta or 2.0 / float(ell.std())
         if method == "dpo":
-            fused = lambda p: fastpref.diffusion_dpo_loss(p, ref, target, beta=beta)              # noqa: E731
-            exact = lambda p, rr, t: reference.dpo(p, rr, t, beta=beta)                         # noqa: E731
-            eager = lambda p: eager_dpo(p, ref, target, beta)                                   # noqa: E731
+            fused = lambda p: fastpref.diffusion_dpo_loss(p, ref, target, beta=beta)  # noqa: E731
+            exact = lambda p, rr, t: reference.dpo(p, rr, t, beta=beta)  # noqa: E731
+            eager = lambda p: eager_dpo(p, ref, target, beta)  # noqa: E731
         else:
             variant = method.split("-")[1]
             q = float(((model.double() - ref.double())[:B] ** 2).mean())
-            kw = dict(beta=beta, variant=variant, sdxl_threshold=q / 2)        # branch 1, clear of q
-            fused = lambda p: fastpref.dspo_loss(p, ref, target, **kw)                            # noqa: E731
-            exact = lambda p, rr, t: reference.dspo(p, rr, t, **kw)                             # noqa: E731
-            eager = lambda p: eager_dspo(p, ref, target, beta, variant, q / 2)                  # noqa: E731
+            kw = dict(beta=beta, variant=variant, sdxl_threshold=q / 2)  # branch 1, clear of q
+            fused = lambda p: fastpref.dspo_loss(p, ref, target, **kw)  # noqa: E731
+            exact = lambda p, rr, t: reference.dspo(p, rr, t, **kw)  # noqa: E731
+            eager = lambda p: eager_dspo(p, ref, target, beta, variant, q / 2)  # noqa: E731
     loss, _, grad, g_out = run(fused, model, grad_scale=G)
     loss64, _, grad64 = run_reference(exact, model, ref, target, G=g_out)
     leaf = model.detach().clone().requires_grad_(True)
@@ -169,8 +171,16 @@ def test_far_from_the_reference_no_less_accurate(method, dtype, device):
     S_mr's terms |e² - f²| are still smaller than its e² + f². Both errors are then the same
     kind of rounding of a sum, so one call can go either way: compared as the root mean square
     over 12 seeds. (The former (2 S_ptr - S_pr)/n was 1.6-1.8x the eager error here in fp32.)"""
-    runs = torch.tensor([errors(method, tuple(x.to(device) for x in regime_inputs(
-        8, (4, 8, 8), 1.0, seed, dtype, paired=method != "kto"))) for seed in range(12)], dtype=F64)
+    runs = torch.tensor(
+        [
+            errors(
+                method,
+                tuple(x.to(device) for x in regime_inputs(8, (4, 8, 8), 1.0, seed, dtype, paired=method != "kto")),
+            )
+            for seed in range(12)
+        ],
+        dtype=F64,
+    )
     lf, le, gf, ge = runs.pow(2).mean(0).sqrt().tolist()
     assert_no_worse(f"{method} loss (rms)", lf, le)
     assert_no_worse(f"{method} gradient (rms)", gf, ge, BF16_GRAD_SLACK if dtype == BF16 else 1.0)
@@ -187,11 +197,15 @@ def _figures(seeds=16):
     for scale, label in ((1.0, "far"), (0.01, "near")):
         for method in ("dpo", "dspo-sdxl"):
             for dtype in (F32, BF16):
-                rows = [errors(method, make_inputs((16, 4, 64, 64), dtype, "cpu", seed, scale), 5000.0)
-                        for seed in range(seeds)]
+                rows = [
+                    errors(method, make_inputs((16, 4, 64, 64), dtype, "cpu", seed, scale), 5000.0)
+                    for seed in range(seeds)
+                ]
                 lf, le, gf, ge = torch.tensor(rows, dtype=F64).pow(2).mean(0).sqrt().tolist()
-                print(f"{label:6s}  {method:9s}  {str(dtype)[6:]:8s}  {lf:.1e}  {le:.1e}  |  {gf:.1e}  {ge:.1e}",
-                      flush=True)
+                print(
+                    f"{label:6s}  {method:9s}  {str(dtype)[6:]:8s}  {lf:.1e}  {le:.1e}  |  {gf:.1e}  {ge:.1e}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

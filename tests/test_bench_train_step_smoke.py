@@ -2,9 +2,6 @@
 assertions): every provider writes its rows or says why it was skipped. On a CUDA machine the
 same miniature run reports the memory figures of every provider, the captured one's graph
 pool included."""
-import pytest
-
-import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
 
 import csv
 import json
@@ -12,15 +9,37 @@ import os
 import subprocess
 import sys
 
+import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _bench(out, device, *extra, env):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_train_step.py"), "--tiny",
-                           "--device", device, "--steps", "2", "--warmup", "1", "--batches", "1", "--out", str(out),
-                           *extra], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "bench_train_step.py"),
+            "--tiny",
+            "--device",
+            device,
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batches",
+            "1",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     with open(out) as f:
         return {(r["kernel_provider"], r["metric_name"]): r for r in csv.DictReader(f)}

@@ -2,16 +2,17 @@
 own fp32 -> bf16 conversion truncates) as on the GPU: the bf16/fp16 gradient is exactly the
 conversion of the gradient the same kernel computes in its accumulation dtype, and it is
 unbiased against float64."""
+
 import numpy as np
 import pytest
-import torch
-
-import fastpref  # noqa: I001  (before triton: on a CPU-only machine it turns the interpreter on)
 import reference
+import torch
 import triton
 import triton.language as tl
-from fastpref.kernels._math import bf16_bits_rne
 from helpers import make_inputs, run, run_reference
+
+import fastpref
+from fastpref.kernels._math import bf16_bits_rne
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -27,26 +28,49 @@ def _round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 # fp32 bit patterns: exact ties (to even: down from an even bf16, up from an odd one), one bit
 # either side of a tie, the carry into the exponent, overflow of the largest fp32 to inf, ±inf,
 # NaNs (a payload only in the low half: truncation would turn it into inf), subnormals, ±0.
-SPECIAL = [0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0x3F80FFFF, 0x3FFF8000, 0x7F7FFFFF, 0x7F7F8000,
-           0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 0x7F800001, 0xFF800001, 0x00008000, 0x00018000,
-           0x80018000, 0x007FFFFF, 0x00000000, 0x80000000, 0xBF808000, 0xBF818000]
+SPECIAL = [
+    0x3F808000,
+    0x3F818000,
+    0x3F808001,
+    0x3F807FFF,
+    0x3F80FFFF,
+    0x3FFF8000,
+    0x7F7FFFFF,
+    0x7F7F8000,
+    0x7F800000,
+    0xFF800000,
+    0x7FC00000,
+    0xFFC00001,
+    0x7F800001,
+    0xFF800001,
+    0x00008000,
+    0x00018000,
+    0x80018000,
+    0x007FFFFF,
+    0x00000000,
+    0x80000000,
+    0xBF808000,
+    0xBF818000,
+]
 
 
 def test_bf16_rounding_helper_is_round_to_nearest_even(device):
     g = torch.Generator().manual_seed(0)
-    random_bits = torch.randint(-2 ** 31, 2 ** 31, (20000,), generator=g, dtype=torch.int64)
+    random_bits = torch.randint(-(2**31), 2**31, (20000,), generator=g, dtype=torch.int64)
     bits = torch.cat([torch.tensor(SPECIAL, dtype=torch.int64), random_bits])
-    x = ((bits + 2 ** 31) % 2 ** 32 - 2 ** 31).to(torch.int32).view(F32).to(device)
+    x = ((bits + 2**31) % 2**32 - 2**31).to(torch.int32).view(F32).to(device)
     out = torch.empty(x.shape, dtype=BF16, device=device)
     _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
-    expected = x.to(BF16)                       # torch's conversion: round to nearest even
+    expected = x.to(BF16)  # torch's conversion: round to nearest even
     nan = torch.isnan(x)
     assert torch.isnan(out[nan]).all(), "a NaN must stay a NaN"
     assert (torch.signbit(out[nan]) == torch.signbit(x[nan])).all(), "a NaN keeps its sign"
     differ = (out.view(torch.int16) != expected.view(torch.int16)) & ~nan
-    assert not differ.any(), (f"{int(differ.sum())} values differ from round-to-nearest-even, e.g. "
-                              f"{x[differ][:4].tolist()} -> {out[differ][:4].tolist()}, expected "
-                              f"{expected[differ][:4].tolist()}")
+    assert not differ.any(), (
+        f"{int(differ.sum())} values differ from round-to-nearest-even, e.g. "
+        f"{x[differ][:4].tolist()} -> {out[differ][:4].tolist()}, expected "
+        f"{expected[differ][:4].tolist()}"
+    )
 
 
 def _grad(fn, model_pred, *others, **kw):
@@ -55,7 +79,7 @@ def _grad(fn, model_pred, *others, **kw):
 
 CALLS = [
     ("dpo", lambda p, r, t: fastpref.diffusion_dpo_loss(p, r, t, beta=50.0)),
-    ("dspo-sd15", lambda p, r, t: fastpref.dspo_loss(p, r, t, beta=1.0)),        # b != 0: reads ref_pred
+    ("dspo-sd15", lambda p, r, t: fastpref.dspo_loss(p, r, t, beta=1.0)),  # b != 0: reads ref_pred
     ("kto", lambda p, r, t: fastpref.kto_loss(p, r, t, torch.arange(p.shape[0], device=p.device) % 2, beta=50.0)),
     ("sft", lambda p, r, t: fastpref.sft_loss(p, t)),
 ]
@@ -83,8 +107,10 @@ def test_half_gradient_is_the_rounded_wide_gradient(name, fn, dtype, others, dev
         expected = wide.to(F32).to(dtype)
     differ = half.view(torch.int16) != expected.view(torch.int16)
     assert torch.isfinite(half).all()
-    assert not differ.any(), (f"{name}: {int(differ.sum())} of {differ.numel()} gradient entries are not the "
-                              f"nearest {dtype} of the {wide_dtype} gradient")
+    assert not differ.any(), (
+        f"{name}: {int(differ.sum())} of {differ.numel()} gradient entries are not the "
+        f"nearest {dtype} of the {wide_dtype} gradient"
+    )
 
 
 def bf16_gradient_figures(device="cpu"):
@@ -111,5 +137,7 @@ def test_bf16_gradient_is_unbiased_against_float64(device):
 
 if __name__ == "__main__":
     error, rounding, bias = bf16_gradient_figures("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"bf16 DPO gradient: {error:.2e} from float64 (float64 rounded to bf16: {rounding:.2e}), "
-          f"mean relative magnitude error {bias:+.3%}")
+    print(
+        f"bf16 DPO gradient: {error:.2e} from float64 (float64 rounded to bf16: {rounding:.2e}), "
+        f"mean relative magnitude error {bias:+.3%}"
+    )

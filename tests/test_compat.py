@@ -5,14 +5,15 @@ sequence (same upcasts, same reductions, same log keys); they are not copies of 
 code. Agreement: float32 rounding amplified by β (docs/methods.md §4). The official DiffusionDPO/DSPO
 trainers compute the reference error in the reference network's dtype; with fp16 reference
 and target, the difference is bounded by the measured fp16 rounding of those errors."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import OUT_RTOL, assert_close, assert_grad_close, compute_rtol, forward_backward, make_inputs
 
 from fastpref import compat
-from helpers import OUT_RTOL, assert_close, assert_grad_close, compute_rtol, forward_backward, make_inputs
 
 F16, F32 = torch.float16, torch.float32
 DPO_KEYS = {"step_loss", "model_mse_unaccumulated", "ref_mse_unaccumulated", "implicit_acc"}
@@ -74,8 +75,12 @@ def eager_official(model_pred, ref_pred, target, beta_dpo, method="dpo", sdxl=Fa
         else:
             e = (model_pred - target).chunk(2)[0]
             loss = _row_mean((e - beta_dpo * weight * d).pow(2)).mean()
-    logs = {"step_loss": loss.detach(), "model_mse_unaccumulated": raw_model.detach(),
-            "ref_mse_unaccumulated": raw_ref, "implicit_acc": acc}
+    logs = {
+        "step_loss": loss.detach(),
+        "model_mse_unaccumulated": raw_model.detach(),
+        "ref_mse_unaccumulated": raw_ref,
+        "implicit_acc": acc,
+    }
     return loss, logs, inside.detach()
 
 
@@ -95,20 +100,27 @@ def compare(ours, theirs, rtol, margin, acc_tol):
             assert_close(key, value, elogs[key], rtol, atol=rtol)
 
 
-DIFFUSERS = [("sigmoid", False, 2500.0, 0.01), ("hinge", False, 2500.0, 0.01), ("ipo", False, 2500.0, 0.01),
-             ("sigmoid", False, 25.0, 0.1), ("sigmoid", True, 5000.0, 0.01), ("sigmoid", True, 50.0, 0.1)]
+DIFFUSERS = [
+    ("sigmoid", False, 2500.0, 0.01),
+    ("hinge", False, 2500.0, 0.01),
+    ("ipo", False, 2500.0, 0.01),
+    ("sigmoid", False, 25.0, 0.1),
+    ("sigmoid", True, 5000.0, 0.01),
+    ("sigmoid", True, 50.0, 0.1),
+]
 
 
 @pytest.mark.parametrize("dtypes", [F32, (torch.bfloat16, F16, F32)], ids=["fp32", "mixed"])
-@pytest.mark.parametrize("loss_type,sdxl,beta_dpo,scale", DIFFUSERS,
-                         ids=[f"{t}-{'sdxl' if x else 'sd15'}-{b:g}" for t, x, b, _ in DIFFUSERS])
+@pytest.mark.parametrize(
+    "loss_type,sdxl,beta_dpo,scale", DIFFUSERS, ids=[f"{t}-{'sdxl' if x else 'sd15'}-{b:g}" for t, x, b, _ in DIFFUSERS]
+)
 def test_diffusers_block(loss_type, sdxl, beta_dpo, scale, dtypes, device):
     inputs = make_inputs((6, 4, 16, 16), dtypes, device, 0, scale)
     beta = beta_dpo if sdxl else 2 * beta_dpo
     ours = forward_backward(compat.diffusers_dpo_loss, *inputs, beta_dpo=beta_dpo, loss_type=loss_type, sdxl=sdxl)
     theirs = forward_backward(eager_diffusers, *inputs, beta_dpo, loss_type, sdxl)
     rtol = 2 * compute_rtol(inputs, beta)
-    compare(ours, theirs, rtol, theirs[0][2] * (1.0 if sdxl else beta_dpo), rtol)   # in inside units
+    compare(ours, theirs, rtol, theirs[0][2] * (1.0 if sdxl else beta_dpo), rtol)  # in inside units
 
 
 @pytest.mark.parametrize("sdxl", [False, True])
@@ -123,12 +135,20 @@ def test_diffusers_counts_ties_half_and_official_strict(sdxl, device):
         assert float(logs["implicit_acc"]) == 0.0
 
 
-OFFICIAL = [("dpo", False, 5000.0, 0.01), ("dpo", False, 50.0, 0.1), ("dspo", False, 0.001, 0.3),
-            ("dspo", True, 5000.0, 0.01), ("dspo", True, 5000.0, 0.5)]   # sdxl: branch 2, then branch 1
+OFFICIAL = [
+    ("dpo", False, 5000.0, 0.01),
+    ("dpo", False, 50.0, 0.1),
+    ("dspo", False, 0.001, 0.3),
+    ("dspo", True, 5000.0, 0.01),
+    ("dspo", True, 5000.0, 0.5),
+]  # sdxl: branch 2, then branch 1
 
 
-@pytest.mark.parametrize("method,sdxl,beta_dpo,scale", OFFICIAL,
-                         ids=[f"{m}-{'sdxl' if x else 'sd15'}-{b:g}-{s:g}" for m, x, b, s in OFFICIAL])
+@pytest.mark.parametrize(
+    "method,sdxl,beta_dpo,scale",
+    OFFICIAL,
+    ids=[f"{m}-{'sdxl' if x else 'sd15'}-{b:g}-{s:g}" for m, x, b, s in OFFICIAL],
+)
 def test_official_block_fp32(method, sdxl, beta_dpo, scale, device):
     inputs = make_inputs((6, 4, 16, 16), F32, device, 2, scale)
     if method == "dpo":
@@ -138,7 +158,7 @@ def test_official_block_fp32(method, sdxl, beta_dpo, scale, device):
     theirs = forward_backward(eager_official, *inputs, beta_dpo, method, sdxl)
     rtol = 2 * compute_rtol(inputs, beta_dpo)
     if method == "dspo":
-        rtol *= 1 + 2 * beta_dpo ** 2 * scale ** 2
+        rtol *= 1 + 2 * beta_dpo**2 * scale**2
     assert set(ours[0][1]) == DPO_KEYS
     compare(ours, theirs, rtol, theirs[0][2], rtol)
 
@@ -161,8 +181,8 @@ def test_official_block_fp16_reference(method, beta_dpo, device):
     B = dr.shape[0] // 2
     d_inside = 0.5 * beta_dpo * (dr[:B] + dr[B:]) + 2 * compute_rtol((model, ref_pred, target), beta_dpo)
     assert abs(float(loss.detach()) - float(eloss.detach())) <= float(d_inside.mean()) + 1e-6
-    ref_mse16 = float(elogs["ref_mse_unaccumulated"])                  # itself rounded to fp16
-    assert abs(float(logs["ref_mse_unaccumulated"]) - ref_mse16) <= float(dr.mean()) + abs(ref_mse16) * 2.0 ** -11
+    ref_mse16 = float(elogs["ref_mse_unaccumulated"])  # itself rounded to fp16
+    assert abs(float(logs["ref_mse_unaccumulated"]) - ref_mse16) <= float(dr.mean()) + abs(ref_mse16) * 2.0**-11
     assert_close("model_mse_unaccumulated", logs["model_mse_unaccumulated"], elogs["model_mse_unaccumulated"], 1e-5)
     flips = int((inside.abs() <= d_inside).sum())
     assert abs(float(logs["implicit_acc"]) - float(elogs["implicit_acc"])) <= flips / B + 1e-6
@@ -201,4 +221,4 @@ def test_compat_rejects_bad_flags(device):
     with pytest.raises(ValueError, match="beta_dpo"):
         compat.official_dpo_loss(p, r, t, beta_dpo=float("nan"))
     with pytest.raises(TypeError):
-        compat.official_dspo_loss(p, r, t)          # beta_dpo has no default
+        compat.official_dspo_loss(p, r, t)  # beta_dpo has no default

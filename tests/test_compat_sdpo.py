@@ -6,16 +6,24 @@ The eager function is this project's own code following the trainer's operation 
 (errors in the inputs' promoted dtype, λ from the output-space gradient proxies rounded to
 model_pred's dtype, the loser-gradient edit, each base's objective); it is not a copy of
 upstream code. Agreement: float32 rounding amplified by β (docs/methods.md §4)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fastpref import compat
 from helpers import OUT_RTOL, assert_close, assert_grad_close, compute_rtol, forward_backward
 
+from fastpref import compat
+
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
-SDPO_KEYS = {"step_loss", "model_mse_unaccumulated", "ref_mse_unaccumulated", "implicit_acc",
-             "avg_win_diff_loss", "avg_lose_diff_loss", "avg_lose_l_scale"}
+SDPO_KEYS = {
+    "step_loss",
+    "model_mse_unaccumulated",
+    "ref_mse_unaccumulated",
+    "implicit_acc",
+    "avg_win_diff_loss",
+    "avg_lose_diff_loss",
+    "avg_lose_l_scale",
+}
 
 
 def pair_inputs(shape, dtypes, seed, scale, corr=0.5):
@@ -34,7 +42,7 @@ def pair_inputs(shape, dtypes, seed, scale, corr=0.5):
     own = torch.randn(shape, generator=g, dtype=torch.float64)
     ref = target + 0.5 * (abs(corr) ** 0.5 * shared + (1 - abs(corr)) ** 0.5 * own)
     model = ref + scale * torch.randn(shape, generator=g, dtype=torch.float64)
-    return tuple(x.to(dt) for x, dt in zip((model, ref, target), dtypes))
+    return tuple(x.to(dt) for x, dt in zip((model, ref, target), dtypes, strict=True))
 
 
 def _row_mean(x):
@@ -57,7 +65,7 @@ def eager_sdpo(model_pred, ref_pred, target, train_method, beta_dpo, sdxl, use_w
         lam = lam.clamp(0.0, 1.0).to(model_pred.dtype)
     else:
         lam = torch.tensor(1.0)
-    m_l_edit = m_l.detach() + lam * (m_l - m_l.detach())          # value m_l, gradient λ·∂m_l
+    m_l_edit = m_l.detach() + lam * (m_l - m_l.detach())  # value m_l, gradient λ·∂m_l
     with torch.no_grad():
         r_w, r_l = _row_mean((ref_pred - target).pow(2)).chunk(2)
         raw_ref = torch.cat([r_w, r_l]).mean()
@@ -70,8 +78,11 @@ def eager_sdpo(model_pred, ref_pred, target, train_method, beta_dpo, sdxl, use_w
         weight = (1 - torch.sigmoid(inside)).view(shape)
         d_w = (model_pred - ref_pred).chunk(2)[0]
         if sdxl:
-            loss = (_row_mean((weight * d_w).pow(2)).mean() if _row_mean(d_w.pow(2)).mean() >= 0.1
-                    else _row_mean(weight.pow(2).expand_as(d_w)).mean())
+            loss = (
+                _row_mean((weight * d_w).pow(2)).mean()
+                if _row_mean(d_w.pow(2)).mean() >= 0.1
+                else _row_mean(weight.pow(2).expand_as(d_w)).mean()
+            )
         else:
             loss = _row_mean((err.chunk(2)[0] - beta_dpo * weight * d_w).pow(2)).mean()
     else:
@@ -79,10 +90,15 @@ def eager_sdpo(model_pred, ref_pred, target, train_method, beta_dpo, sdxl, use_w
         q = torch.tensor([1.0 - dmpo_alpha], dtype=p.dtype).clamp(1e-6, 1 - 1e-6)
         kl = p * (-F.softplus(-inside) - torch.log(q)) + (1 - p) * (-F.softplus(inside) - torch.log1p(-q))
         loss = kl.mean()
-    logs = {"step_loss": loss.detach(), "model_mse_unaccumulated": raw_model.detach(),
-            "ref_mse_unaccumulated": raw_ref, "implicit_acc": acc,
-            "avg_win_diff_loss": (m_w - r_w).mean().detach(), "avg_lose_diff_loss": (m_l - r_l).mean().detach(),
-            "avg_lose_l_scale": lam.float()}
+    logs = {
+        "step_loss": loss.detach(),
+        "model_mse_unaccumulated": raw_model.detach(),
+        "ref_mse_unaccumulated": raw_ref,
+        "implicit_acc": acc,
+        "avg_win_diff_loss": (m_w - r_w).mean().detach(),
+        "avg_lose_diff_loss": (m_l - r_l).mean().detach(),
+        "avg_lose_l_scale": lam.float(),
+    }
     return loss, logs, inside.detach()
 
 
@@ -95,7 +111,10 @@ def compare(ours, theirs, inputs, beta, lam_rtol=0.0, loss_rtol=None):
     rtol = 2 * compute_rtol(inputs, beta)
     assert_close("loss", loss, eloss, loss_rtol or rtol)
     assert_grad_close(grad, egrad.double(), model.dtype, (loss_rtol or rtol) + lam_rtol)
-    mse = float(_row_mean((model.double() - target.double()) ** 2).max() + _row_mean((ref_pred.double() - target.double()) ** 2).max())
+    mse = float(
+        _row_mean((model.double() - target.double()) ** 2).max()
+        + _row_mean((ref_pred.double() - target.double()) ** 2).max()
+    )
     for key, value in logs.items():
         assert not value.requires_grad and value.shape == (), f"{key} must be a detached 0-dim tensor"
         if key == "implicit_acc":
@@ -105,15 +124,19 @@ def compare(ours, theirs, inputs, beta, lam_rtol=0.0, loss_rtol=None):
             assert_close(key, value, eloss, loss_rtol or rtol)
         elif key == "avg_lose_l_scale":
             assert_close(key, value, elogs[key], 2e-5 + lam_rtol)
-        elif key.startswith("avg_"):                    # differences of errors: fp32 rounding of m and r
+        elif key.startswith("avg_"):  # differences of errors: fp32 rounding of m and r
             assert_close(key, value, elogs[key], 0.0, atol=1e-5 * mse)
         else:
             assert_close(key, value, elogs[key], 1e-5)
 
 
-BASES = [("diffusion-dpo", 5000.0, False, 0.9, 0.0, 0.005), ("dspo", 0.001, False, 0.2, 0.0, 0.3),
-         ("dspo", 5000.0, True, 0.6, 0.0, 0.005), ("dspo", 50.0, True, 0.6, 0.0, 0.35),
-         ("dmpo", 2000.0, False, 0.9, 0.01, 0.005)]     # the launchers' β, μ, α; sdxl branch 2, then 1
+BASES = [
+    ("diffusion-dpo", 5000.0, False, 0.9, 0.0, 0.005),
+    ("dspo", 0.001, False, 0.2, 0.0, 0.3),
+    ("dspo", 5000.0, True, 0.6, 0.0, 0.005),
+    ("dspo", 50.0, True, 0.6, 0.0, 0.35),
+    ("dmpo", 2000.0, False, 0.9, 0.01, 0.005),
+]  # the launchers' β, μ, α; sdxl branch 2, then 1
 BASE_IDS = ["dpo", "dspo-sd15", "dspo-sdxl-branch2", "dspo-sdxl-branch1", "dmpo"]
 
 
@@ -121,8 +144,14 @@ BASE_IDS = ["dpo", "dspo-sd15", "dspo-sdxl-branch2", "dspo-sdxl-branch1", "dmpo"
 @pytest.mark.parametrize("method,beta,sdxl,mu,alpha,scale", BASES, ids=BASE_IDS)
 def test_sdpo_block_fp32(method, beta, sdxl, mu, alpha, scale, safeguard):
     inputs = pair_inputs((4, 4, 16, 16), F32, 21, scale)
-    flags = dict(train_method=method, beta_dpo=beta, sdxl=sdxl, use_winner_preserving=safeguard,
-                 winner_preserving_mu=mu, dmpo_alpha=alpha)
+    flags = dict(
+        train_method=method,
+        beta_dpo=beta,
+        sdxl=sdxl,
+        use_winner_preserving=safeguard,
+        winner_preserving_mu=mu,
+        dmpo_alpha=alpha,
+    )
     ours = forward_backward(compat.official_sdpo_loss, *inputs, **flags)
     theirs = forward_backward(eager_sdpo, *inputs, method, beta, sdxl, safeguard, mu, alpha)
     lam = float(theirs[0][1]["avg_lose_l_scale"])
@@ -131,8 +160,15 @@ def test_sdpo_block_fp32(method, beta, sdxl, mu, alpha, scale, safeguard):
     if sdxl:
         q = float(((inputs[0] - inputs[1])[:2] ** 2).mean())
         assert (q >= 0.1) == (scale > 0.1), f"the construction must take the intended DSPO-SDXL branch, q = {q}"
-    compare(ours, theirs, inputs, beta, loss_rtol=(2 * compute_rtol(inputs, beta) * (1 + 2 * beta ** 2 * scale ** 2)
-                                                   if method == "dspo" and not sdxl else None))
+    compare(
+        ours,
+        theirs,
+        inputs,
+        beta,
+        loss_rtol=(
+            2 * compute_rtol(inputs, beta) * (1 + 2 * beta**2 * scale**2) if method == "dspo" and not sdxl else None
+        ),
+    )
 
 
 @pytest.mark.parametrize("method,beta,sdxl,mu,alpha,scale", BASES[:3] + BASES[4:], ids=BASE_IDS[:3] + BASE_IDS[4:])
@@ -141,14 +177,27 @@ def test_sdpo_block_mixed_dtypes(method, beta, sdxl, mu, alpha, scale):
     upcast elements, as fastpref's); its λ is rounded to bfloat16 (fastpref keeps float32), so
     loser-row gradients and the logged λ may differ by that rounding."""
     inputs = pair_inputs((4, 4, 16, 16), (BF16, F16, F32), 22, scale)
-    flags = dict(train_method=method, beta_dpo=beta, sdxl=sdxl, use_winner_preserving=True,
-                 winner_preserving_mu=mu, dmpo_alpha=alpha)
+    flags = dict(
+        train_method=method,
+        beta_dpo=beta,
+        sdxl=sdxl,
+        use_winner_preserving=True,
+        winner_preserving_mu=mu,
+        dmpo_alpha=alpha,
+    )
     ours = forward_backward(compat.official_sdpo_loss, *inputs, **flags)
     theirs = forward_backward(eager_sdpo, *inputs, method, beta, sdxl, True, mu, alpha)
     assert ours[1].dtype == BF16
-    compare(ours, theirs, inputs, beta, lam_rtol=2.0 ** -7,
-            loss_rtol=(2 * compute_rtol(inputs, beta) * (1 + 2 * beta ** 2 * scale ** 2)
-                       if method == "dspo" and not sdxl else None))
+    compare(
+        ours,
+        theirs,
+        inputs,
+        beta,
+        lam_rtol=2.0**-7,
+        loss_rtol=(
+            2 * compute_rtol(inputs, beta) * (1 + 2 * beta**2 * scale**2) if method == "dspo" and not sdxl else None
+        ),
+    )
 
 
 @pytest.mark.parametrize("method", ["diffusion-dpo", "dspo", "dmpo"])
@@ -182,10 +231,12 @@ def test_sdpo_defaults_are_upstreams_argparse_defaults():
     """train_method diffusion-dpo, beta_dpo 5000, winner_preserving_mu 0.0 and dmpo_alpha 0.0
     (fastpref.sdpo_loss's own defaults are mu 0.9 and dmpo_alpha 0.01: both must not leak in)."""
     inputs = pair_inputs((4, 4, 16, 16), F32, 25, 0.005)
-    cases = [(dict(), ("diffusion-dpo", 5000.0, False, False, 0.0, 0.0)),
-             (dict(use_winner_preserving=True), ("diffusion-dpo", 5000.0, False, True, 0.0, 0.0)),
-             (dict(train_method="dmpo", beta_dpo=2000.0), ("dmpo", 2000.0, False, False, 0.0, 0.0)),
-             (dict(train_method="dspo", beta_dpo=5000.0, sdxl=True), ("dspo", 5000.0, True, False, 0.0, 0.0))]
+    cases = [
+        (dict(), ("diffusion-dpo", 5000.0, False, False, 0.0, 0.0)),
+        (dict(use_winner_preserving=True), ("diffusion-dpo", 5000.0, False, True, 0.0, 0.0)),
+        (dict(train_method="dmpo", beta_dpo=2000.0), ("dmpo", 2000.0, False, False, 0.0, 0.0)),
+        (dict(train_method="dspo", beta_dpo=5000.0, sdxl=True), ("dspo", 5000.0, True, False, 0.0, 0.0)),
+    ]
     for flags, eager_args in cases:
         ours = forward_backward(compat.official_sdpo_loss, *inputs, **flags)
         theirs = forward_backward(eager_sdpo, *inputs, *eager_args)
@@ -207,30 +258,51 @@ def test_sdpo_sft(dtype):
     assert_grad_close(grad, egrad.double(), dtype, 4e-6 + OUT_RTOL[dtype])
 
 
-@pytest.mark.parametrize("flags,name", [
-    (dict(train_method="dpo"), "train_method"), (dict(beta_dpo=0.0), "beta_dpo"),
-    (dict(winner_preserving_mu=1.5), "winner_preserving_mu"), (dict(winner_preserving_mu=-0.1), "winner_preserving_mu"),
-    (dict(dmpo_alpha=float("nan")), "dmpo_alpha"), (dict(beta_dpo=float("inf")), "beta_dpo")])
+@pytest.mark.parametrize(
+    "flags,name",
+    [
+        (dict(train_method="dpo"), "train_method"),
+        (dict(beta_dpo=0.0), "beta_dpo"),
+        (dict(winner_preserving_mu=1.5), "winner_preserving_mu"),
+        (dict(winner_preserving_mu=-0.1), "winner_preserving_mu"),
+        (dict(dmpo_alpha=float("nan")), "dmpo_alpha"),
+        (dict(beta_dpo=float("inf")), "beta_dpo"),
+    ],
+)
 def test_sdpo_block_rejects_bad_flags_before_any_launch(flags, name, no_launch):
     inputs = pair_inputs((4, 4, 8, 8), F32, 27, 0.01)
     with pytest.raises(ValueError, match=name):
         compat.official_sdpo_loss(*inputs, **flags)
 
 
-@pytest.mark.parametrize("fn,kw", [(compat.official_dpo_loss, {}), (compat.official_dspo_loss, dict(beta_dpo=5000.0, sdxl=True)),
-                                   (compat.official_sdpo_loss, dict(use_winner_preserving=True, winner_preserving_mu=0.9))],
-                         ids=["DiffusionDPO", "DSPO-sdxl", "SDPO"])
+@pytest.mark.parametrize(
+    "fn,kw",
+    [
+        (compat.official_dpo_loss, {}),
+        (compat.official_dspo_loss, dict(beta_dpo=5000.0, sdxl=True)),
+        (compat.official_sdpo_loss, dict(use_winner_preserving=True, winner_preserving_mu=0.9)),
+    ],
+    ids=["DiffusionDPO", "DSPO-sdxl", "SDPO"],
+)
 def test_official_blocks_average_whole_rows_of_video_latents(fn, kw):
     """[2B, C, F, H, W]: the official blocks' mean(dim=[1,2,3]) would leave the W axis; the
     drop-ins average whole rows, i.e. give upstream's 4-D result on [2B, C*F, H, W]."""
     video = pair_inputs((4, 4, 3, 8, 8), F32, 28, 0.01)
     (loss5, logs5), grad5 = forward_backward(fn, *video, **kw)
     (loss4, logs4), grad4 = forward_backward(fn, *(x.flatten(1, 2) for x in video), **kw)
-    theirs = forward_backward(eager_sdpo, *(x.flatten(1, 2) for x in video), "diffusion-dpo", 5000.0, False,
-                              fn is compat.official_sdpo_loss, 0.9, 0.0)
+    theirs = forward_backward(
+        eager_sdpo,
+        *(x.flatten(1, 2) for x in video),
+        "diffusion-dpo",
+        5000.0,
+        False,
+        fn is compat.official_sdpo_loss,
+        0.9,
+        0.0,
+    )
     assert_close("loss", loss5, loss4, 1e-6)
     assert_close("grad", grad5.flatten(1, 2), grad4, 1e-6)
     for key in logs4:
         assert_close(key, logs5[key], logs4[key], 1e-6)
-    if fn is not compat.official_dspo_loss:        # the DPO-base blocks against the eager 4-D twin
+    if fn is not compat.official_dspo_loss:  # the DPO-base blocks against the eager 4-D twin
         assert_close("loss", loss5, theirs[0][0], 2 * compute_rtol(video, 5000.0))

@@ -1,18 +1,28 @@
 """Compiled kernels at real latent shapes, CUDA-graph capture and CUDA memory. These need a
 CUDA GPU; on a machine without one every check above runs the same kernels interpreted."""
-import pytest
-import torch
 
-import fastpref
+import pytest
 import reference
+import torch
 from helpers import amplification, assert_close, assert_grad_close, make_inputs, run
 from loss_calls import CALLS, call
 
+import fastpref
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-REAL_SHAPES = {"sd15-512-B8": (16, 4, 64, 64), "sdxl-1024-B4": (8, 4, 128, 128), "video-16x64x64-B2": (4, 4, 16, 64, 64)}
-REFERENCES = {"dpo_sigmoid": reference.dpo, "dpo_hinge": reference.dpo, "dpo_ipo": reference.dpo,
-              "dspo_sd15": reference.dspo, "dspo_sdxl": reference.dspo}
+REAL_SHAPES = {
+    "sd15-512-B8": (16, 4, 64, 64),
+    "sdxl-1024-B4": (8, 4, 128, 128),
+    "video-16x64x64-B2": (4, 4, 16, 64, 64),
+}
+REFERENCES = {
+    "dpo_sigmoid": reference.dpo,
+    "dpo_hinge": reference.dpo,
+    "dpo_ipo": reference.dpo,
+    "dspo_sd15": reference.dspo,
+    "dspo_sdxl": reference.dspo,
+}
 
 
 def reference_on_gpu(name, model, ref, target, G):
@@ -49,7 +59,7 @@ def test_forward_backward_is_capturable_in_a_cuda_graph(name):
     static[0].requires_grad_(True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):                     # warm-up (compiles the kernels) off-graph
+    with torch.cuda.stream(side):  # warm-up (compiles the kernels) off-graph
         for _ in range(2):
             static[0].grad = None
             loss, metrics = call(name, *static)
@@ -63,7 +73,7 @@ def test_forward_backward_is_capturable_in_a_cuda_graph(name):
     for seed in (1, 2):
         fresh = make_inputs(shape, torch.float32, device, seed, 0.05)
         with torch.no_grad():
-            for s, f in zip(static, fresh):
+            for s, f in zip(static, fresh, strict=True):
                 s.copy_(f)
         graph.replay()
         eager_loss, eager_metrics, eager_grad, _ = run(lambda *a, **k: call(name, *a), *fresh, grad_scale=1.0)

@@ -1,13 +1,13 @@
 """A fused forward+backward never reads a tensor back to the host (so it can be captured in a
 CUDA graph), and needs no full-size temporary besides the gradient."""
+
 import gc
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from helpers import FailOnHostSync, make_inputs
 from loss_calls import CALLS, call
+from torch.profiler import ProfilerActivity, profile
 
 
 def test_sync_detector_catches_item():
@@ -56,7 +56,7 @@ def test_extra_memory_is_one_gradient(name, dtype, device):
         loss, _ = call(name, model, ref, target)
         loss.backward()
 
-    step()                                   # first call: caches, lazy initialisation
+    step()  # first call: caches, lazy initialisation
     model.grad = None
     extra = peak_extra_bytes(step)
     grad_bytes = model.numel() * model.element_size()

@@ -4,18 +4,19 @@ model_pred, ref_pred or target makes the loss NaN, every metric that depends on 
 the pair's entries of the per-pair vectors NaN, while the other pairs' entries stay exactly
 what they are without the bad element. Outputs are poisoned (conftest), so a NaN that the
 kernel did not compute cannot pass for one."""
+
 import math
 
 import pytest
 import torch
-
-import fastpref
 from helpers import make_inputs
 from loss_calls import CALLS, call
 
+import fastpref
+
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0 * inf, on purpose
 KINDS = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
-SHAPE = (6, 3, 5, 5)                     # B = 3 pairs (KTO/SFT: 6 rows)
+SHAPE = (6, 3, 5, 5)  # B = 3 pairs (KTO/SFT: 6 rows)
 UNPAIRED = ("kto", "kto_baseline", "sft")
 # Metrics that do not depend on the predictions (embedding weights, timestep weights, a given
 # KTO baseline, λ = 1 without the safeguard): they stay as they are.
@@ -49,8 +50,9 @@ def _forward_backward(name, model, ref, target):
     return loss.detach(), metrics, leaf.grad
 
 
-@pytest.mark.parametrize("name,where,kind,loser", CASES,
-                         ids=[f"{n}-{w}-{k}-{'loser' if lo else 'winner'}" for n, w, k, lo in CASES])
+@pytest.mark.parametrize(
+    "name,where,kind,loser", CASES, ids=[f"{n}-{w}-{k}-{'loser' if lo else 'winner'}" for n, w, k, lo in CASES]
+)
 def test_a_non_finite_element_poisons_its_pair(name, where, kind, loser, device):
     inputs = list(make_inputs(SHAPE, torch.float32, device, 0))
     _, clean, clean_grad = _forward_backward(name, *inputs)
@@ -65,17 +67,18 @@ def test_a_non_finite_element_poisons_its_pair(name, where, kind, loser, device)
     constant = CONSTANT_METRICS | CONSTANT_BY_CALL.get(name, set())
     assert set(metrics) == set(clean)
     for key, value in metrics.items():
-        if not value.dtype.is_floating_point:           # integer metrics (the DSPO branch) stay integers
+        if not value.dtype.is_floating_point:  # integer metrics (the DSPO branch) stay integers
             continue
         if key in constant:
             assert torch.equal(value, clean[key]), f"{key} does not depend on the predictions: {value}"
         elif value.dim() == 0:
             assert torch.isnan(value), f"metric {key} = {float(value)} with {kind} in {where} row {row}"
-        else:                                            # per-pair vectors: inside_term, criterion
+        else:  # per-pair vectors: inside_term, criterion
             others = torch.arange(value.shape[0], device=value.device) != pair
             assert torch.isnan(value[pair]), f"{key}[{pair}] = {float(value[pair])}"
-            assert torch.isfinite(value[others]).all() and torch.equal(value[others], clean[key][others]), \
+            assert torch.isfinite(value[others]).all() and torch.equal(value[others], clean[key][others]), (
                 f"{key}: the other pairs changed: {value} vs {clean[key]}"
+            )
     if name not in COUPLED:
         rows = [pair] if name in UNPAIRED else [pair, pair + B]
         keep = torch.ones(SHAPE[0], dtype=torch.bool, device=grad.device)

@@ -1,13 +1,13 @@
 """The float64 reference of §2.4-2.10 checked on its own (no kernels): against `reference.py`
 where docs/methods.md states a reduction, and its autograd gradients against the closed forms of
 docs/methods.md §3 (μ_k = ∂L/∂m_k, gradient (2/n) μ_k (p - t)), an independent derivation."""
+
 import math
 
 import pytest
-import torch
-
 import reference
 import reference_extended as ref
+import torch
 from helpers import make_inputs
 from helpers_extended import correlated_inputs
 
@@ -39,8 +39,12 @@ def assert_same(a, b, rtol=1e-10):
 def test_rpo_one_pair_and_sdpo_without_safeguard_reduce_to_dpo():
     p, r, t = inputs64((2, 3, 7, 5))
     dloss, _, dgrad = grad_of(reference.dpo, p, r, t)
-    for fn, kw in [(ref.rpo, {}), (ref.rpo, dict(emb_w=torch.randn(1, 4, dtype=F64))),
-                   (ref.sdpo, dict(safeguard=False)), (ref.dense_dpo, dict(gamma=1.0))]:
+    for fn, kw in [
+        (ref.rpo, {}),
+        (ref.rpo, dict(emb_w=torch.randn(1, 4, dtype=F64))),
+        (ref.sdpo, dict(safeguard=False)),
+        (ref.dense_dpo, dict(gamma=1.0)),
+    ]:
         args = (torch.tensor([7]),) if fn is ref.dense_dpo else ()
         loss, _, grad = grad_of(fn, p, r, t, *args, **kw)
         assert_same(loss, dloss)
@@ -52,8 +56,9 @@ def test_sdpo_dspo_base_without_safeguard_is_dspo(variant, beta):
     p, r, t = inputs64(scale=0.3 if variant == "sd15" else 0.01)
     for threshold in (1e-6, 10.0):
         bloss, bm, bgrad = grad_of(reference.dspo, p, r, t, beta=beta, variant=variant, sdxl_threshold=threshold)
-        loss, m, grad = grad_of(ref.sdpo, p, r, t, beta=beta, base="dspo", safeguard=False,
-                                dspo_variant=variant, sdxl_threshold=threshold)
+        loss, m, grad = grad_of(
+            ref.sdpo, p, r, t, beta=beta, base="dspo", safeguard=False, dspo_variant=variant, sdxl_threshold=threshold
+        )
         assert_same(loss, bloss)
         assert_same(grad, bgrad)
         assert int(m["dspo_branch"]) == int(bm["sdxl_branch"])
@@ -100,7 +105,7 @@ def test_rpo_gradient_closed_form():
     beta, B = 5000.0, 4
     _, m, grad = grad_of(ref.rpo, p, r, t, emb_w=torch.randn(B, 6, dtype=F64), beta=beta)
     W = m["weights"]
-    u = m["_pair_acc_all"] * W                     # 0.5 β W ℓ
+    u = m["_pair_acc_all"] * W  # 0.5 β W ℓ
     s = W * torch.sigmoid(-u) * beta / (2 * B * B)
     assert_same(grad, grad_from_mu(p, t, torch.cat([s.sum(1), -s.sum(0)])))
 
@@ -120,14 +125,14 @@ def test_mapo_gradient_closed_form_and_h():
     """μ_w = 1/B - (βT/B) σ(-u) f'(m_w), μ_l = (βT/B) σ(-u) f'(m_l), f'(m) = s h'(s m); h against
     its series near 0 and the plain formula elsewhere."""
     x = torch.tensor([1e-12, 1e-6, 1e-3], dtype=F64)
-    assert_same(ref.mapo_h(x), 1 - x / 2 + x ** 2 / 12, 1e-12)
+    assert_same(ref.mapo_h(x), 1 - x / 2 + x**2 / 12, 1e-12)
     x = torch.tensor([0.0011, 0.1, 1.0, 5.0, 30.0], dtype=F64)
     assert_same(ref.mapo_h(x), x / (torch.exp(x) - 1), 1e-12)
     # h' on both sides of the series cut: -1/2 + x/6 - x^3/180 + x^5/5040 (truncation < 1e-22).
     x = torch.tensor([1e-9, 1e-6, 9.9e-4, 1.01e-3, 3e-3], dtype=F64, requires_grad=True)
     ref.mapo_h(x).sum().backward()
     xd = x.detach()
-    assert_same(x.grad, -0.5 + xd / 6 - xd ** 3 / 180 + xd ** 5 / 5040, 1e-12)
+    assert_same(x.grad, -0.5 + xd / 6 - xd**3 / 180 + xd**5 / 5040, 1e-12)
     p, _, t = inputs64(seed=6, scale=0.3)
     beta, s, T, B = 0.5, 2.0, 1000, 3
     _, m, grad = grad_of(ref.mapo, p, t, beta=beta, snr_value=s, num_train_timesteps=T)

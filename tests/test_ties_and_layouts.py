@@ -1,10 +1,11 @@
 """Exact constructions of docs/methods.md's tie rules (§4), input layouts, and where gradients go."""
+
 import pytest
+import reference
 import torch
+from helpers import assert_close, assert_grad_close, make_inputs, run, run_reference
 
 import fastpref
-import reference
-from helpers import assert_close, assert_grad_close, make_inputs, run, run_reference
 
 
 def test_identical_policy_and_reference_is_an_exact_tie(device):
@@ -26,17 +27,18 @@ def test_dspo_sdxl_threshold_tie_goes_to_branch_one(bump, branch, device):
     branch 2."""
     g = torch.Generator().manual_seed(5)
     target = torch.randn(6, 3, 8, 8, generator=g)
-    ref = torch.round(64 * (target + 0.5 * torch.randn(6, 3, 8, 8, generator=g))) / 64   # a 1/64 grid
+    ref = torch.round(64 * (target + 0.5 * torch.randn(6, 3, 8, 8, generator=g))) / 64  # a 1/64 grid
     sign = torch.where(torch.rand(6, 3, 8, 8, generator=g) > 0.5, 0.5, -0.5)
-    model = ref + sign                                   # exact in fp32 on that grid
+    model = ref + sign  # exact in fp32 on that grid
     assert ((model - ref).abs() == 0.5).all()
     # The comparison runs in the compute dtype (float32 here): the next float32 above 0.25.
     threshold = 0.25 if bump == 0.0 else float(torch.nextafter(torch.tensor(0.25), torch.tensor(1.0)))
     args = [x.to(device) for x in (model, ref, target)]
     loss, metrics, grad, G = run(fastpref.dspo_loss, *args, beta=5000.0, variant="sdxl", sdxl_threshold=threshold)
     assert int(metrics["sdxl_branch"]) == branch
-    ref_loss, _, ref_grad = run_reference(reference.dspo, *args, G=G, beta=5000.0, variant="sdxl",
-                                          sdxl_threshold=threshold)
+    ref_loss, _, ref_grad = run_reference(
+        reference.dspo, *args, G=G, beta=5000.0, variant="sdxl", sdxl_threshold=threshold
+    )
     assert_close("loss", loss, ref_loss, 1e-5, atol=1e-6)
 
 

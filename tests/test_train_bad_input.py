@@ -1,12 +1,10 @@
 """Bad trainer input: a clear ValueError before training, and nothing written to output_dir."""
-import pytest
 
 import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
-
 import pytest
+from train_helpers import FAST, write_pairs
 
 from fastpref import train
-from train_helpers import FAST, write_pairs
 
 
 def _fails(tmp_path, extra, match):
@@ -43,12 +41,17 @@ def test_unknown_loss_type(tmp_path):
 
 def test_resume_path_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "ckpt").mkdir()
-    _fails(tmp_path, ["--resume_from_checkpoint", str(tmp_path / "ckpt")],
-           "--resume_from_checkpoint: expected 'latest' or a checkpoint directory")
+    _fails(
+        tmp_path,
+        ["--resume_from_checkpoint", str(tmp_path / "ckpt")],
+        "--resume_from_checkpoint: expected 'latest' or a checkpoint directory",
+    )
 
 
 def test_resolution_not_divisible_by_vae_factor(tmp_path):
-    _fails(tmp_path, ["--resolution", "30"], "--resolution: expected a multiple of the VAE downsampling factor 4, got 30")
+    _fails(
+        tmp_path, ["--resolution", "30"], "--resolution: expected a multiple of the VAE downsampling factor 4, got 30"
+    )
 
 
 def test_model_directory_not_a_pipeline(tmp_path):
@@ -67,15 +70,21 @@ def test_beta_dpo_refused_with_both_conventions(tmp_path):
 
 def test_xformers_flag_without_xformers(tmp_path, monkeypatch):
     import importlib.util
+
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "xformers" else real_find_spec(name, *a))
-    _fails(tmp_path, ["--enable_xformers_memory_efficient_attention"],
-           "--enable_xformers_memory_efficient_attention: xformers is not installed")
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real_find_spec(name, *a)
+    )
+    _fails(
+        tmp_path,
+        ["--enable_xformers_memory_efficient_attention"],
+        "--enable_xformers_memory_efficient_attention: xformers is not installed",
+    )
 
 
 def test_cli_prints_one_error_line(tmp_path, capsys):
     import sys
+
     argv = sys.argv
     sys.argv = ["fastpref-train", "--loss_type", "nope", "--output_dir", str(tmp_path / "o")]
     try:
@@ -88,8 +97,11 @@ def test_cli_prints_one_error_line(tmp_path, capsys):
 
 
 def test_batch_too_small_for_loss_type(tmp_path):
-    _fails(tmp_path, ["--loss_type", "rpo_diagonal", "--train_batch_size", "1"],
-           "--train_batch_size: --loss_type rpo_diagonal needs at least 2 pairs per process, got 1")
+    _fails(
+        tmp_path,
+        ["--loss_type", "rpo_diagonal", "--train_batch_size", "1"],
+        "--train_batch_size: --loss_type rpo_diagonal needs at least 2 pairs per process, got 1",
+    )
 
 
 def test_attention_backend_auto_and_required(monkeypatch):
@@ -105,11 +117,15 @@ def test_attention_backend_auto_and_required(monkeypatch):
 
     unet = UNet2DConditionModel.from_pretrained(DEFAULT_MODEL, subfolder="unet")
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "xformers" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "xformers" else real_find_spec(name, *a)
+    )
     calls = []
-    monkeypatch.setattr(UNet2DConditionModel, "enable_xformers_memory_efficient_attention",
-                        lambda self: (calls.append(1), (_ for _ in ()).throw(RuntimeError("no kernels")))[1])
+    monkeypatch.setattr(
+        UNet2DConditionModel,
+        "enable_xformers_memory_efficient_attention",
+        lambda self: (calls.append(1), (_ for _ in ()).throw(RuntimeError("no kernels")))[1],
+    )
     if not torch.cuda.is_available():  # auto on the CPU: SDPA without trying xformers
         assert set_attention(unet, None) == "sdpa" and not calls
     else:  # auto on CUDA with a broken xformers: tried, warned, SDPA

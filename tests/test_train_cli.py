@@ -1,5 +1,6 @@
 """The command line: a fast ``--help`` that shows every default and the exit statuses, and a stop
 by SIGTERM that exits with EXIT_STOPPED (75) after writing its checkpoint, in a real process."""
+
 import os
 import signal
 import subprocess
@@ -17,8 +18,7 @@ HEAVY = ("diffusers", "transformers", "peft", "tensorboard", "matplotlib")
 
 
 def test_importing_the_trainer_imports_no_heavy_module():
-    code = ("import sys, fastpref.train; "
-            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    code = f"import sys, fastpref.train; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     out = run([sys.executable, "-c", code], timeout=120, what="import fastpref.train").stdout.strip()
     assert out.splitlines()[-1:] in ([], [""]), f"heavy modules imported with the trainer: {out}"
 
@@ -41,8 +41,22 @@ def test_every_flag_has_help():
 def test_sigterm_exits_75_after_writing_a_checkpoint(tmp_path):
     out = tmp_path / "out"
     log = open(tmp_path / "log.txt", "w+")
-    proc = start([sys.executable, "-m", "fastpref.train", *FAST, "--output_dir", str(out),
-                  "--max_train_steps", "100000", "--checkpointing_steps", "1"], stdout=log, stderr=subprocess.STDOUT)
+    proc = start(
+        [
+            sys.executable,
+            "-m",
+            "fastpref.train",
+            *FAST,
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "100000",
+            "--checkpointing_steps",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 150
         while not (out / "checkpoint-1").is_dir():  # the loop runs: the stop handler is installed

@@ -2,26 +2,25 @@
 and ``--cuda_graph`` trains every precision and reference mode end to end, each mode's replays
 compared with an eager twin run (tests/graph_twins.py). The CPU checks of the same
 static-buffer step, and of the twin comparison itself, are in test_train_static_step.py."""
-import pytest
-import torch
-
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
 
 import csv
 import math
 import shutil
 
+import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
+import pytest
+import torch
+from graph_twins import TOLERANCES, assert_twins_agree, graph_step, run_trainer
 from safetensors.torch import load_file
+from train_helpers import FAST, tiny_step
 
 from fastpref import train
 from fastpref.training.args import DEFAULT_DATA
 from fastpref.training.batches import paired_batch
 from fastpref.training.data import PreferencePairs, parquet_files
 from fastpref.training.graph import WARMUP_STEPS, StaticStep
-from graph_twins import TOLERANCES, assert_twins_agree, graph_step, run_trainer
-from train_helpers import FAST, tiny_step
 
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
 pytestmark = [pytestmark, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -62,8 +61,23 @@ def test_cuda_graph_run_matches_eager_run(tmp_path, monkeypatch):
     replays = []
     original = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), original(self))[1])
-    common = [*FAST, "--train_batch_size", "2", "--max_train_steps", "6", "--gradient_accumulation_steps", "2",
-              "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--report_to", "csv", "--checkpointing_steps", "6"]
+    common = [
+        *FAST,
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "6",
+        "--gradient_accumulation_steps",
+        "2",
+        "--lr_scheduler",
+        "linear",
+        "--lr_warmup_steps",
+        "2",
+        "--report_to",
+        "csv",
+        "--checkpointing_steps",
+        "6",
+    ]
     train.main([*common, "--output_dir", str(tmp_path / "eager")])
     assert not replays
     train.main([*common, "--output_dir", str(tmp_path / "graph"), "--cuda_graph"])
@@ -78,9 +92,17 @@ def test_cuda_graph_run_matches_eager_run(tmp_path, monkeypatch):
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("precision,reference,loss_type", [
-    ("bf16", "lora", "dpo"), ("bf16", "copy", "sspo"), ("fp16", "lora", "kto"), ("fp16", "copy", "mapo"),
-    ("bf16", "lora", "rpo"), ("no", "lora", "dense_dpo")])
+@pytest.mark.parametrize(
+    "precision,reference,loss_type",
+    [
+        ("bf16", "lora", "dpo"),
+        ("bf16", "copy", "sspo"),
+        ("fp16", "lora", "kto"),
+        ("fp16", "copy", "mapo"),
+        ("bf16", "lora", "rpo"),
+        ("no", "lora", "dense_dpo"),
+    ],
+)
 def test_cuda_graph_trains_every_precision_and_reference(tmp_path, monkeypatch, precision, reference, loss_type):
     """Every precision (fp16: forward and backward captured, the scaler's step eager), both
     reference modes, SSPO's replayed reference weights, KTO's labels and RPO's prompt weights:
@@ -91,10 +113,28 @@ def test_cuda_graph_trains_every_precision_and_reference(tmp_path, monkeypatch, 
     replays = []
     original = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), original(self))[1])
-    argv = [*FAST, "--train_batch_size", "2", "--max_train_steps", str(WARMUP_STEPS + 3), "--cuda_graph",
-            "--mixed_precision", precision, "--reference", reference, "--loss_type", loss_type,
-            "--report_to", "csv", "--checkpointing_steps", "2",
-            "--sspo_sample_steps", "2", "--sspo_snapshot_steps", "2"]
+    argv = [
+        *FAST,
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        str(WARMUP_STEPS + 3),
+        "--cuda_graph",
+        "--mixed_precision",
+        precision,
+        "--reference",
+        reference,
+        "--loss_type",
+        loss_type,
+        "--report_to",
+        "csv",
+        "--checkpointing_steps",
+        "2",
+        "--sspo_sample_steps",
+        "2",
+        "--sspo_snapshot_steps",
+        "2",
+    ]
     graphed = run_trainer(argv, tmp_path / "run")
     rows = graphed.rows
     assert len(rows) == WARMUP_STEPS + 3 and all(math.isfinite(r["loss"]) for r in rows)
@@ -107,14 +147,35 @@ def test_cuda_graph_trains_every_precision_and_reference(tmp_path, monkeypatch, 
 
 
 def test_cuda_graph_resumes_from_a_checkpoint(tmp_path):
-    common = [*FAST, "--train_batch_size", "2", "--cuda_graph", "--report_to", "csv", "--checkpointing_steps", "4",
-              "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"]
+    common = [
+        *FAST,
+        "--train_batch_size",
+        "2",
+        "--cuda_graph",
+        "--report_to",
+        "csv",
+        "--checkpointing_steps",
+        "4",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "1",
+    ]
     train.main([*common, "--max_train_steps", "8", "--output_dir", str(tmp_path / "straight")])
     # the same 8-step run stopped after checkpoint-4 (a resume may not stretch a cosine schedule)
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoint-8")
-    train.main([*common, "--max_train_steps", "8", "--output_dir", str(tmp_path / "resumed"),
-                "--resume_from_checkpoint", "latest"])
+    train.main(
+        [
+            *common,
+            "--max_train_steps",
+            "8",
+            "--output_dir",
+            str(tmp_path / "resumed"),
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
     straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "resumed")
     for r_s, r_r in zip(straight, resumed, strict=True):
         assert r_r["lr"] == pytest.approx(r_s["lr"], rel=1e-6)

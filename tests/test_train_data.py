@@ -1,8 +1,6 @@
 """Preference-pair loading: tie drop, winner-first order, transforms, data-stream positions."""
-import pytest
 
 import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
-
 import pytest
 import torch
 from train_helpers import png_bytes, write_pairs
@@ -46,8 +44,9 @@ def test_pair_pixels_layout_range_and_shared_flip():
     assert img.shape == (3, 32, 32)
     flips = set()
     for seed in range(8):
-        a, b = load_pixels([_ramp_png(), _ramp_png()], 32, random_crop=False, hflip=True,
-                           generator=torch.Generator().manual_seed(seed))
+        a, b = load_pixels(
+            [_ramp_png(), _ramp_png()], 32, random_crop=False, hflip=True, generator=torch.Generator().manual_seed(seed)
+        )
         assert torch.equal(a, b)
         flips.add(bool(a[0, 0, 0] > a[0, 0, -1]))
     assert flips == {True, False}
@@ -58,6 +57,7 @@ def _ramp_png():
 
     import numpy as np
     from PIL import Image
+
     image = np.zeros((32, 32, 3), np.uint8)
     image[..., 0] = np.arange(32, dtype=np.uint8)[None, :] * 8
     buffer = io.BytesIO()
@@ -77,19 +77,26 @@ def _table(path, **columns):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    base = {"jpg_0": [png_bytes(10 * i) for i in range(4)], "jpg_1": [png_bytes(10 * i + 5) for i in range(4)],
-            "label_0": [1.0, 0.0, 1.0, 0.0], "caption": [f"caption {i}" for i in range(4)]}
+    base = {
+        "jpg_0": [png_bytes(10 * i) for i in range(4)],
+        "jpg_1": [png_bytes(10 * i + 5) for i in range(4)],
+        "label_0": [1.0, 0.0, 1.0, 0.0],
+        "caption": [f"caption {i}" for i in range(4)],
+    }
     pq.write_table(pa.table({**base, **columns}), path)
     return path
 
 
-@pytest.mark.parametrize("column,values,expected", [
-    ("caption", [1, 2, 3, 4], "column 'caption' must hold strings, got arrow type int64; first bad row 0"),
-    ("caption", ["a", "b", None, "d"], "column 'caption' must hold strings; first bad row 2"),
-    ("jpg_1", ["x", "y", "z", "w"], "column 'jpg_1' must hold bytes"),
-    ("label_0", ["1", "0", "1", "0"], "column 'label_0' must hold numbers"),
-    ("label_0", [1.0, None, 1.0, 0.0], "column 'label_0' must hold numbers; first bad row 1"),
-])
+@pytest.mark.parametrize(
+    "column,values,expected",
+    [
+        ("caption", [1, 2, 3, 4], "column 'caption' must hold strings, got arrow type int64; first bad row 0"),
+        ("caption", ["a", "b", None, "d"], "column 'caption' must hold strings; first bad row 2"),
+        ("jpg_1", ["x", "y", "z", "w"], "column 'jpg_1' must hold bytes"),
+        ("label_0", ["1", "0", "1", "0"], "column 'label_0' must hold numbers"),
+        ("label_0", [1.0, None, 1.0, 0.0], "column 'label_0' must hold numbers; first bad row 1"),
+    ],
+)
 def test_column_types_checked_up_front_naming_file_column_and_row(tmp_path, column, values, expected):
     path = _table(tmp_path / "bad.parquet", **{column: values})
     with pytest.raises(ValueError, match="bad.parquet") as error:

@@ -1,13 +1,12 @@
 """Process-group set-up and teardown, and the tests' subprocess timeout (no torchrun needed)."""
-import pytest
-
-import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
 
 import os
 import sys
 import time
 
+import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
 import proc_helpers
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -19,8 +18,10 @@ def test_device_per_local_rank_cpu_and_too_few_gpus():
     assert select_device(1, 2, cuda_available=True, device_count=0) == torch.device("cpu")
     assert select_device(1, 2, cuda_available=True, device_count=2) == torch.device("cuda", 1)
     assert select_device(3, 4, cuda_available=True, device_count=8) == torch.device("cuda", 3)
-    with pytest.raises(ValueError, match="at most one process per GPU, got 2 processes on this node and 1 visible "
-                                         "GPU.*CUDA_VISIBLE_DEVICES=''"):
+    with pytest.raises(
+        ValueError,
+        match="at most one process per GPU, got 2 processes on this node and 1 visible GPU.*CUDA_VISIBLE_DEVICES=''",
+    ):
         select_device(1, 2, cuda_available=True, device_count=1)
 
 
@@ -31,8 +32,11 @@ def test_cleanup_drops_the_ddp_reducer_before_destroying_the_group(tmp_path, mon
     model(torch.ones(1, 3)).sum().backward()
     seen = []
     destroy = dist.destroy_process_group
-    monkeypatch.setattr(dist, "destroy_process_group",
-                        lambda: (seen.append("reducer" in model.__dict__ or "logger" in model.__dict__), destroy()))
+    monkeypatch.setattr(
+        dist,
+        "destroy_process_group",
+        lambda: (seen.append("reducer" in model.__dict__ or "logger" in model.__dict__), destroy()),
+    )
     try:
         cleanup(DistState(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")), model)
     finally:
@@ -46,8 +50,10 @@ def test_subprocess_timeout_fails_clearly_and_kills_a_grandchild_in_its_own_sess
     """Like torchrun's workers, the grandchild starts a session of its own; it must die too."""
     pid_file = tmp_path / "pid"
     grandchild = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
-    child = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}], "
-             f"stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True); time.sleep(600)")
+    child = (
+        f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}], "
+        f"stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True); time.sleep(600)"
+    )
     with pytest.raises(pytest.fail.Exception, match="sleeper did not finish within 3 s: killed it and all"):
         proc_helpers.run([sys.executable, "-c", child], timeout=3, what="sleeper")
     pid = int(pid_file.read_text())

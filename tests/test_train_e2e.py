@@ -1,8 +1,5 @@
 """End-to-end trainer runs on the bundled tiny model: both reference modes, exact resume
 after a kill, 2-process torchrun (gloo) against 1 process, and loading the results."""
-import pytest
-
-import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
 
 import csv
 import os
@@ -11,16 +8,17 @@ import subprocess
 import sys
 import time
 
+import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
+import proc_helpers
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from helpers import needs_kernels
 from safetensors.torch import load_file
+from train_helpers import FAST
 
 from fastpref import train
 from fastpref.training.args import DEFAULT_MODEL
-import proc_helpers
-from helpers import needs_kernels
-from train_helpers import FAST
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -41,8 +39,9 @@ def _unet_output(pipe):
 def test_bundled_pipeline_loads_and_samples():
     pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None)
     assert pipe.unet.config.sample_size * 4 == pipe.vae.config.sample_size == 32
-    image = pipe("a red circle", num_inference_steps=2, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images
+    image = pipe(
+        "a red circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
     assert image.shape == (1, 32, 32, 3)
     size_mb = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file()) / 2**20
     assert size_mb < 8
@@ -51,8 +50,19 @@ def test_bundled_pipeline_loads_and_samples():
 @needs_kernels
 def test_lora_run_writes_loadable_lora_and_logs(tmp_path):
     out = tmp_path / "lora"
-    train.main([*FAST, "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
-                "--report_to", "tensorboard"])
+    train.main(
+        [
+            *FAST,
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "2",
+            "--report_to",
+            "tensorboard",
+        ]
+    )
     rows = _rows(out)
     assert [r["step"] for r in rows] == ["1", "2"]
     for key in ("loss", "implicit_acc", "model_mse", "ref_mse", "lr"):
@@ -70,12 +80,24 @@ def test_lora_run_writes_loadable_lora_and_logs(tmp_path):
 @needs_kernels
 def test_copy_run_writes_full_unet(tmp_path):
     out = tmp_path / "copy"
-    train.main([*FAST, "--output_dir", str(out), "--max_train_steps", "2", "--reference", "copy",
-                "--loss_type", "dspo", "--learning_rate", "1e-4"])
+    train.main(
+        [
+            *FAST,
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            "--reference",
+            "copy",
+            "--loss_type",
+            "dspo",
+            "--learning_rate",
+            "1e-4",
+        ]
+    )
     trained = UNet2DConditionModel.from_pretrained(out / "unet")
     base = UNet2DConditionModel.from_pretrained(DEFAULT_MODEL, subfolder="unet")
-    changed = [n for n, p in trained.named_parameters()
-               if not torch.equal(p, dict(base.named_parameters())[n])]
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert changed
     assert len(_rows(out)) == 2
 
@@ -84,9 +106,11 @@ def test_copy_run_writes_full_unet(tmp_path):
 def test_resume_after_kill_is_bitwise_identical(tmp_path):
     killed = tmp_path / "killed"
     args = [*FAST, "--train_batch_size", "2", "--checkpointing_steps", "1", "--random_crop"]
-    proc = proc_helpers.start([sys.executable, "-m", "fastpref.train", *args, "--output_dir", str(killed),
-                               "--max_train_steps", "1000"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = proc_helpers.start(
+        [sys.executable, "-m", "fastpref.train", *args, "--output_dir", str(killed), "--max_train_steps", "1000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not (killed / "checkpoint-1" / "state.json").exists():
@@ -100,33 +124,66 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     resumed_from = max(int(p.name.split("-")[1]) for p in killed.glob("checkpoint-*"))
     total = resumed_from + 2
-    train.main([*args, "--output_dir", str(killed), "--max_train_steps", str(total),
-                "--resume_from_checkpoint", "latest"])
+    train.main(
+        [*args, "--output_dir", str(killed), "--max_train_steps", str(total), "--resume_from_checkpoint", "latest"]
+    )
     straight = tmp_path / "straight"
     train.main([*args, "--output_dir", str(straight), "--max_train_steps", str(total)])
     a = load_file(killed / f"checkpoint-{total}" / "trainable.safetensors")
     b = load_file(straight / f"checkpoint-{total}" / "trainable.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert load_file(killed / "pytorch_lora_weights.safetensors").keys() == \
-        load_file(straight / "pytorch_lora_weights.safetensors").keys()
+    assert (
+        load_file(killed / "pytorch_lora_weights.safetensors").keys()
+        == load_file(straight / "pytorch_lora_weights.safetensors").keys()
+    )
     assert [r["loss"] for r in _rows(killed)] == [r["loss"] for r in _rows(straight)]
 
 
 @needs_kernels
-@pytest.mark.parametrize("loss_type,keys", [("dpo", ("loss", "model_mse", "ref_mse", "implicit_acc")),
-                                           ("kto", ("loss", "kl", "model_mse", "acc"))])
+@pytest.mark.parametrize(
+    "loss_type,keys",
+    [("dpo", ("loss", "model_mse", "ref_mse", "implicit_acc")), ("kto", ("loss", "kl", "model_mse", "acc"))],
+)
 def test_torchrun_two_processes_match_one(tmp_path, loss_type, keys):
     """KTO: two processes build the baseline from fastpref.row_errors and a real (gloo)
     all-reduce, one process from the loss's own batch baseline; the runs must agree."""
-    common = [*FAST, "--max_train_steps", "2", "--checkpointing_steps", "2", "--loss_type", loss_type,
-              "--gradient_accumulation_steps", "2", "--adam_epsilon", "1e-2"]
+    common = [
+        *FAST,
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--loss_type",
+        loss_type,
+        "--gradient_accumulation_steps",
+        "2",
+        "--adam_epsilon",
+        "1e-2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if torch.cuda.device_count() < 2:  # one process per GPU: fewer than 2 GPUs -> both on the CPU (gloo)
         env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")  # the kernels on the CPU: interpreted
     two = tmp_path / "two"
-    proc_helpers.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                      "--standalone", "-m", "fastpref.train", *common, "--train_batch_size", "1",
-                      "--output_dir", str(two)], timeout=300, what="torchrun --nproc_per_node 2", env=env)
+    proc_helpers.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            "-m",
+            "fastpref.train",
+            *common,
+            "--train_batch_size",
+            "1",
+            "--output_dir",
+            str(two),
+        ],
+        timeout=300,
+        what="torchrun --nproc_per_node 2",
+        env=env,
+    )
     one = tmp_path / "one"
     train.main([*common, "--train_batch_size", "2", "--output_dir", str(one)])
     for r1, r2 in zip(_rows(one), _rows(two), strict=True):

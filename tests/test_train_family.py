@@ -2,10 +2,6 @@
 for bit; the config is read-only and checked; the model family comes from the pipeline's
 model_index.json through a registry; the loop and the step name no model component."""
 
-import pytest
-
-import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
-
 import ast
 import csv
 import json
@@ -13,6 +9,8 @@ import math
 import shutil
 from pathlib import Path
 
+import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
+import pytest
 import torch
 from helpers import needs_kernels
 from safetensors.torch import load_file

@@ -1,8 +1,7 @@
 """Every ``--loss_type`` table entry calls its fastpref loss on a batch of its layout."""
-import pytest
 
 import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
-
+import pytest
 import torch
 
 from fastpref.training.batches import Batch
@@ -11,10 +10,14 @@ from fastpref.training.losses import LOSS_TYPES, get_loss_type
 
 def _batch(rows: int, g: torch.Generator, device) -> Batch:
     half = rows // 2
-    batch = Batch(latents=torch.randn(rows, 4, 8, 8, generator=g), embeddings=torch.randn(rows, 3, 8, generator=g),
-                  pooled=torch.randn(half, 8, generator=g).repeat(2, 1), noise=torch.randn(rows, 4, 8, 8, generator=g),
-                  timesteps=torch.tensor([100, 900]).repeat(2),
-                  labels=torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    batch = Batch(
+        latents=torch.randn(rows, 4, 8, 8, generator=g),
+        embeddings=torch.randn(rows, 3, 8, generator=g),
+        pooled=torch.randn(half, 8, generator=g).repeat(2, 1),
+        noise=torch.randn(rows, 4, 8, 8, generator=g),
+        timesteps=torch.tensor([100, 900]).repeat(2),
+        labels=torch.tensor([1.0, 0.0, 0.0, 1.0]),
+    )
     return Batch(*(t.to(device) if torch.is_tensor(t) else t for t in batch))
 
 
@@ -31,8 +34,9 @@ def test_entry_returns_finite_loss_and_gradient(name, device):
     assert loss.ndim == 0 and torch.isfinite(loss) and "loss" in metrics
     assert torch.isfinite(model.grad).all() and model.grad.abs().sum() > 0
     if entry.default_beta is not None:  # --beta reaches the loss
-        other, _ = entry(model.detach(), ref if entry.needs_reference else None, target, batch,
-                         beta=entry.default_beta * 1e6)
+        other, _ = entry(
+            model.detach(), ref if entry.needs_reference else None, target, batch, beta=entry.default_beta * 1e6
+        )
         assert not torch.equal(other, loss.detach())
 
 
@@ -48,8 +52,9 @@ def test_rpo_weights_come_from_pooled_prompts_and_tau(device):
     emb = torch.nn.functional.normalize(batch.pooled[:2].double(), dim=-1)
     expected = torch.softmax(emb @ emb.T / 0.01, dim=-1)
     torch.testing.assert_close(sharp["weights"].double(), expected, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(soft["weights"].double(), torch.full((2, 2), 0.5, dtype=torch.float64, device=device),
-                               atol=1e-2, rtol=0)
+    torch.testing.assert_close(
+        soft["weights"].double(), torch.full((2, 2), 0.5, dtype=torch.float64, device=device), atol=1e-2, rtol=0
+    )
     assert torch.equal(uniform["weights"], torch.ones(2, 2, device=device))
 
 
@@ -82,7 +87,9 @@ def test_kto_baseline_of_several_processes_is_the_clamped_global_mean(monkeypatc
     state = DistState(rank=0, world_size=2, local_rank=0, device=device)
     assert kto_global_baseline(DistState(0, 1, 0, device)) is None
     baseline = kto_global_baseline(state)
-    own = (((ref - target).double() ** 2).mean(dim=(1, 2, 3)) - ((model - target).double() ** 2).mean(dim=(1, 2, 3))).mean()
+    own = (
+        ((ref - target).double() ** 2).mean(dim=(1, 2, 3)) - ((model - target).double() ** 2).mean(dim=(1, 2, 3))
+    ).mean()
     for other in (0.05, -10.0):  # the other rank's mean gap; the clamp at 0 applies to the global mean
         monkeypatch.setattr(dist, "all_reduce", lambda t, other=other: t.add_(other))
         z = baseline(model, ref, target)

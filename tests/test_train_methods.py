@@ -1,15 +1,16 @@
 """Every ``--loss_type`` end to end on the bundled tiny model, with what is particular to
 each: MaPO and SFT make no reference forward, KTO's unpaired rows, SSPO's replay and resume."""
-import pytest
-
-import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
 
 import csv
 import math
 
+import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from helpers import needs_kernels
 from safetensors.torch import load_file
+from train_helpers import FAST
 
 from fastpref import train
 from fastpref.training.args import DEFAULT_DATA, DEFAULT_MODEL
@@ -17,8 +18,6 @@ from fastpref.training.batches import Encoders, image_batch, paired_batch
 from fastpref.training.data import PreferencePairs, parquet_files
 from fastpref.training.family import load_family
 from fastpref.training.losses import LOSS_TYPES
-from helpers import needs_kernels
-from train_helpers import FAST
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 SSPO_FAST = ["--sspo_sample_steps", "2", "--sspo_snapshot_steps", "1", "--sspo_num_snapshots", "2"]
@@ -31,8 +30,23 @@ def _rows(out):
 
 def _run(tmp_path, loss_type, steps=2, extra=()):
     out = tmp_path / loss_type
-    train.main([*FAST, "--train_batch_size", "2", "--output_dir", str(out), "--max_train_steps", str(steps),
-                "--loss_type", loss_type, "--report_to", "csv", *SSPO_FAST, *extra])
+    train.main(
+        [
+            *FAST,
+            "--train_batch_size",
+            "2",
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            str(steps),
+            "--loss_type",
+            loss_type,
+            "--report_to",
+            "csv",
+            *SSPO_FAST,
+            *extra,
+        ]
+    )
     return out
 
 
@@ -92,8 +106,9 @@ def test_kto_rows_are_unpaired_labelled_images():
 def test_sspo_resume_continues_replay_exactly(tmp_path):
     straight = _run(tmp_path / "a", "sspo", steps=4, extra=["--checkpointing_steps", "2"])
     _run(tmp_path / "b", "sspo", steps=2, extra=["--checkpointing_steps", "2"])
-    resumed = _run(tmp_path / "b", "sspo", steps=4, extra=["--checkpointing_steps", "2",
-                                                           "--resume_from_checkpoint", "latest"])
+    resumed = _run(
+        tmp_path / "b", "sspo", steps=4, extra=["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]
+    )
     assert [r["loss"] for r in _rows(resumed)] == [r["loss"] for r in _rows(straight)]
     assert [r["replayed_step"] for r in _rows(resumed)] == [r["replayed_step"] for r in _rows(straight)]
     a = load_file(straight / "checkpoint-4" / "trainable.safetensors")
@@ -109,5 +124,19 @@ def test_sspo_resume_continues_replay_exactly(tmp_path):
 def test_sspo_refuses_to_resume_a_checkpoint_without_a_replay_pool(tmp_path):
     out = _run(tmp_path, "dpo", steps=1, extra=["--checkpointing_steps", "1"])
     with pytest.raises(ValueError, match="holds no SSPO replay pool"):
-        train.main([*FAST, "--train_batch_size", "2", "--output_dir", str(out), "--max_train_steps", "2",
-                    "--loss_type", "sspo", "--resume_from_checkpoint", "latest", *SSPO_FAST])
+        train.main(
+            [
+                *FAST,
+                "--train_batch_size",
+                "2",
+                "--output_dir",
+                str(out),
+                "--max_train_steps",
+                "2",
+                "--loss_type",
+                "sspo",
+                "--resume_from_checkpoint",
+                "latest",
+                *SSPO_FAST,
+            ]
+        )

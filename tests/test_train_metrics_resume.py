@@ -1,6 +1,7 @@
 """Metrics of a resumed run: each step once in metrics.csv and in TensorBoard's events, also
 after a resume from an earlier checkpoint than the newest (the rows and events of the steps
 after it, written by the first run, are dropped)."""
+
 import csv
 
 import pytest

@@ -1,11 +1,10 @@
 """SSPO's Random Checkpoint Replay: which snapshots are kept, uniform reproducible picks,
 exact loading into the replay model and an exact checkpoint round trip."""
-import pytest
-
-import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
 
 import copy
 
+import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
+import pytest
 import torch
 from safetensors.torch import save_file
 

@@ -1,12 +1,11 @@
 """Resume safety (issue 12 items 4, 5): run-defining flags refused on resume, safe ones recorded;
 corrupt checkpoints named; ``latest`` falls back; orphaned temporary directories removed; fsync."""
-import pytest
-
-import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
 
 import json
 import shutil
 
+import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
+import pytest
 from safetensors.torch import load_file
 from train_helpers import FAST
 
@@ -32,8 +31,20 @@ def run_dir(base_run, tmp_path):
 
 
 def _resume(out, *flags, steps="2"):
-    return train.main([*FAST, "--checkpointing_steps", "1", "--max_train_steps", steps, "--output_dir", str(out),
-                       "--resume_from_checkpoint", "latest", *flags])
+    return train.main(
+        [
+            *FAST,
+            "--checkpointing_steps",
+            "1",
+            "--max_train_steps",
+            steps,
+            "--output_dir",
+            str(out),
+            "--resume_from_checkpoint",
+            "latest",
+            *flags,
+        ]
+    )
 
 
 def test_checkpoint_stores_the_config(base_run):
@@ -43,13 +54,18 @@ def test_checkpoint_stores_the_config(base_run):
 
 def test_changed_run_defining_flags_are_refused_listing_each(run_dir):
     before = (run_dir / "args.json").read_text()
-    flags = ["--learning_rate", "2e-3", "--seed", "3", "--loss_type", "dspo", "--train_batch_size", "2",
-             "--rank", "8"]
+    flags = ["--learning_rate", "2e-3", "--seed", "3", "--loss_type", "dspo", "--train_batch_size", "2", "--rank", "8"]
     with pytest.raises(ValueError) as error:
         _resume(run_dir, *flags, steps="3")
     message = str(error.value)
-    for expected in ("--learning_rate: 0.001 -> 0.002", "--seed: 0 -> 3", "--loss_type: 'dpo' -> 'dspo'",
-                     "--train_batch_size: 1 -> 2", "--rank: 4 -> 8", "checkpoint-2"):
+    for expected in (
+        "--learning_rate: 0.001 -> 0.002",
+        "--seed: 0 -> 3",
+        "--loss_type: 'dpo' -> 'dspo'",
+        "--train_batch_size: 1 -> 2",
+        "--rank: 4 -> 8",
+        "checkpoint-2",
+    ):
         assert expected in message, message
     assert "max_train_steps" not in message  # safe with the constant schedule
     assert (run_dir / "args.json").read_text() == before
@@ -75,13 +91,18 @@ def test_safe_flags_accepted_and_recorded_args_json_keeps_the_original(run_dir, 
     assert record["checkpoint"].endswith("checkpoint-2") and (run_dir / "checkpoint-3").is_dir()
 
 
-@pytest.mark.parametrize("damage,named", [
-    (lambda c: (c / "trainable.safetensors").write_bytes((c / "trainable.safetensors").read_bytes()[:-100]),
-     "trainable.safetensors' is not a whole safetensors file"),
-    (lambda c: (c / "state.json").write_text(""), "state.json' is not valid JSON"),
-    (lambda c: (c / "state.json").write_text("[1]"), "state.json' lacks"),
-    (lambda c: (c / "rng.safetensors").unlink(), "rng.safetensors' is missing"),
-])
+@pytest.mark.parametrize(
+    "damage,named",
+    [
+        (
+            lambda c: (c / "trainable.safetensors").write_bytes((c / "trainable.safetensors").read_bytes()[:-100]),
+            "trainable.safetensors' is not a whole safetensors file",
+        ),
+        (lambda c: (c / "state.json").write_text(""), "state.json' is not valid JSON"),
+        (lambda c: (c / "state.json").write_text("[1]"), "state.json' lacks"),
+        (lambda c: (c / "rng.safetensors").unlink(), "rng.safetensors' is missing"),
+    ],
+)
 def test_corrupt_checkpoint_named_and_latest_falls_back(run_dir, capsys, damage, named):
     damage(run_dir / "checkpoint-2")
     with pytest.raises(ValueError, match=named):
@@ -107,13 +128,25 @@ def test_every_file_and_the_directory_fsynced_before_the_rename(run_dir, monkeyp
     monkeypatch.setattr(checkpoint, "_fsync", lambda path: (synced.append(path.name), real(path)))
     tensors = load_file(run_dir / "checkpoint-2" / "trainable.safetensors")
     import torch
+
     param = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.AdamW([param])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    checkpoint.save_checkpoint(run_dir, 9, trainable=tensors, optimizer=optimizer, lr_scheduler=scheduler,
-                               data_position=0, extra_files={"replay.safetensors": {"x": torch.ones(1)}})
-    assert set(synced[:4]) == {"trainable.safetensors", "optimizer.safetensors", "rng.safetensors",
-                               "replay.safetensors"}
+    checkpoint.save_checkpoint(
+        run_dir,
+        9,
+        trainable=tensors,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        data_position=0,
+        extra_files={"replay.safetensors": {"x": torch.ones(1)}},
+    )
+    assert set(synced[:4]) == {
+        "trainable.safetensors",
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "replay.safetensors",
+    }
     assert synced[4:] == [".tmp-checkpoint-9-" + synced[4].rsplit("-", 1)[1], run_dir.name]
 
 

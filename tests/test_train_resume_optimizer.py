@@ -1,5 +1,6 @@
 """Resuming an eager run's checkpoint into a --cuda_graph run keeps the capturable optimizer
 (load_state_dict would reset capturable and leave the step counts where they were)."""
+
 import torch
 
 from fastpref.training.checkpoint import load_checkpoint, save_checkpoint
@@ -12,8 +13,9 @@ def test_resume_eager_checkpoint_into_capturable_optimizer(tmp_path):
     param.grad = torch.ones(3)
     eager.step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(eager, lambda s: 1.0)
-    path = save_checkpoint(tmp_path, 1, trainable={"w": param.detach()}, optimizer=eager, lr_scheduler=scheduler,
-                           data_position=4)
+    path = save_checkpoint(
+        tmp_path, 1, trainable={"w": param.detach()}, optimizer=eager, lr_scheduler=scheduler, data_position=4
+    )
     graph_param = torch.nn.Parameter(torch.ones(3))
     captured = torch.optim.AdamW([graph_param], lr=torch.tensor(1e-3), capturable=True, foreach=False)
     graph_scheduler = torch.optim.lr_scheduler.LambdaLR(captured, lambda s: 1.0)

@@ -3,14 +3,16 @@ run without capture on the kernels' device (the CPU under Triton's interpreter, 
 tensor-LR optimizer against the regular one under every LR schedule; the checks before a
 capture; the twin-run comparison of tests/test_train_cuda_graph.py proven on the CPU; and the
 clear refusals of ``--cuda_graph``."""
+
 from contextlib import contextmanager
 
-import pytest
-
 import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
-
+import pytest
 import torch
 from diffusers.optimization import get_scheduler
+from graph_twins import TOLERANCES, Run, StaleInputs, assert_twins_agree, graph_step, run_trainer
+from helpers import needs_kernels
+from train_helpers import FAST, tiny_step
 
 from fastpref import train
 from fastpref.training.args import DEFAULT_DATA, LR_SCHEDULERS
@@ -18,9 +20,6 @@ from fastpref.training.batches import Batch, paired_batch
 from fastpref.training.data import PreferencePairs, parquet_files
 from fastpref.training.graph import StaticStep, check_capturable_optimizer, graph_refusal, make_optimizer
 from fastpref.training.step import TrainStep
-from graph_twins import TOLERANCES, Run, StaleInputs, assert_twins_agree, graph_step, run_trainer
-from helpers import needs_kernels
-from train_helpers import FAST, tiny_step
 
 # the device of the tests that launch no kernel: CUDA where there is one, as the trainer's
 TORCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,14 +64,14 @@ def test_static_buffer_step_matches_the_regular_step(loss_type, device):
         if step == 0:
             buffers = [t.data_ptr() for b in static.inputs for t in b]
         assert [t.data_ptr() for b in static.inputs for t in b] == buffers  # filled in place, never reallocated
-        assert all(torch.equal(s, b) for s, b in zip(static.inputs[1], batches[1]))
+        assert all(torch.equal(s, b) for s, b in zip(static.inputs[1], batches[1], strict=True))
         assert out_a.keys() == out_b.keys() and {"loss", "grad_norm", "implicit_acc"} <= out_a.keys()
         assert all(torch.equal(out_b[key], out_a[key]) for key in out_a), step
         sched_a.step()
         sched_b.step()
         assert inner.optimizer.param_groups[0]["lr"] is lr_tensor  # the scheduler fills the same tensor
         assert float(lr_tensor) == pytest.approx([1e-3, 2e-3, 1.5e-3, 1e-3][step], rel=1e-6)  # warm-up 2, linear decay
-    assert any(not torch.equal(a, a0) for a, a0 in zip(params_a, _setup(device, False, loss_type)[0]))
+    assert any(not torch.equal(a, a0) for a, a0 in zip(params_a, _setup(device, False, loss_type)[0], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(params_a, params_b, strict=True))
 
 
@@ -94,7 +93,7 @@ def test_static_optimizer_follows_the_float_optimizer():
             optimizer.step()
             schedule.step()
         runs.append(params)
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         assert not torch.equal(a, start[0] if a.ndim == 2 else start[1])
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
@@ -144,8 +143,9 @@ def test_checkpoint_round_trip_keeps_the_tensor_lr(tmp_path):
     params, optimizer, schedule = make()
     for i in range(3):
         step(params, optimizer, schedule, i + 1.0)
-    path = save_checkpoint(tmp_path, 3, trainable={"w": params[0]}, optimizer=optimizer, lr_scheduler=schedule,
-                           data_position=0)
+    path = save_checkpoint(
+        tmp_path, 3, trainable={"w": params[0]}, optimizer=optimizer, lr_scheduler=schedule, data_position=0
+    )
     params2, optimizer2, schedule2 = make()
     lr_tensor = optimizer2.param_groups[0]["lr"]
     tensors, _ = load_checkpoint(path, optimizer2, schedule2)
@@ -209,12 +209,14 @@ def test_every_step_issues_the_ops_of_the_first(loss_type, device):
         step.optimizer.step()
         schedule.step()
     assert len(recorded[0]) > 100, "the recorder saw too few ops to be watching the step"
-    assert len(set(float(n) for n in norms)) == 3, "the steps must see different data"
+    assert len({float(n) for n in norms}) == 3, "the steps must see different data"
     for index in (1, 2):
-        first = next((i for i, (a, b) in enumerate(zip(recorded[0], recorded[index])) if a != b), None)
-        assert len(recorded[index]) == len(recorded[0]) and first is None, \
-            (f"step {index} differs from step 0 at op {first}: "
-             f"{recorded[0][first] if first is not None else '-'} vs {recorded[index][first] if first is not None else '-'}")
+        first = next((i for i, (a, b) in enumerate(zip(recorded[0], recorded[index], strict=False)) if a != b), None)
+        assert len(recorded[index]) == len(recorded[0]) and first is None, (
+            f"step {index} differs from step 0 at op {first}: "
+            f"{recorded[0][first] if first is not None else '-'} vs "
+            f"{recorded[index][first] if first is not None else '-'}"
+        )
 
 
 @pytest.mark.parametrize("name", LR_SCHEDULERS)
@@ -230,8 +232,10 @@ def test_every_lr_scheduler_gives_the_regular_lrs(name):
         params = [torch.nn.Parameter(torch.ones(3, device=TORCH_DEVICE))]
         optimizer = make_optimizer(params, 1e-3, static=static, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
         schedule = get_scheduler(name, optimizer, num_warmup_steps=10, num_training_steps=100)
+
         def lr(group=optimizer.param_groups[0]):  # a tensor LR is refilled in place: keep each value
             return group["lr"].clone() if torch.is_tensor(group["lr"]) else group["lr"]
+
         seen = [lr()]
         for _ in range(100):
             params[0].grad = torch.ones(3, device=TORCH_DEVICE)
@@ -243,7 +247,7 @@ def test_every_lr_scheduler_gives_the_regular_lrs(name):
     assert all(isinstance(lr, float) for lr in regular) and all(torch.is_tensor(lr) for lr in static)
     expected = [torch.tensor(lr, dtype=torch.float32).item() for lr in regular]  # host-ok: test
     got = [lr.item() for lr in static]  # host-ok: test
-    off = [(i, g, e) for i, (g, e) in enumerate(zip(got, expected)) if g != e]
+    off = [(i, g, e) for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
     assert not off, f"{name}: {len(off)} of {len(got)} LRs differ, first (step, static, regular): {off[:3]}"
     if name != "constant":  # the schedule moves (warm-up at least), so equal LRs are not a given
         assert len(set(regular)) > 10
@@ -266,8 +270,11 @@ def test_capture_refuses_an_optimizer_that_the_warm_up_did_not_run():
     x = torch.arange(3.0)
     step = TrainStep(lambda b: ((b[0] @ params[0]).sum() + params[1].sum(), {}), params, optimizer, max_grad_norm=1.0)
     static = StaticStep(step, use_graph=True, warmup_steps=0)
-    with pytest.raises(RuntimeError, match=r"no state for 2 of its 2 parameters .*param_groups\[0\] parameter 0, "
-                                           r"shape \(3, 2\).*warm-up steps did not run the optimizer"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"no state for 2 of its 2 parameters .*param_groups\[0\] parameter 0, "
+        r"shape \(3, 2\).*warm-up steps did not run the optimizer",
+    ):
         static([(x,)])
     assert static.graph is None
     step([(x,)])  # an eager step makes the state ...
@@ -289,7 +296,11 @@ def test_capture_refuses_an_optimizer_that_is_not_capturable():
         check_capturable_optimizer(optimizer)
     params, optimizer = _tiny_optimizer(capturable=True)
     for p in params:  # the state a capturable warm-up leaves, step counts on the parameters' device
-        optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        optimizer.state[p] = {
+            "step": torch.tensor(1.0),
+            "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": torch.zeros_like(p),
+        }
     check_capturable_optimizer(optimizer)
     optimizer.state[params[1]]["step"] = torch.tensor(1.0, device="meta")  # stands in for another device
     with pytest.raises(RuntimeError, match=r"step count of param_groups\[0\] parameter 1 is on meta"):
@@ -304,9 +315,23 @@ _TWINS: dict = {}
 
 
 def _twin_flags(precision, reference, loss_type):
-    return [*FAST, "--train_batch_size", "2", "--max_train_steps", str(TWIN_STEPS), "--report_to", "csv",
-            "--checkpointing_steps", "100", "--mixed_precision", precision, "--reference", reference,
-            "--loss_type", loss_type]
+    return [
+        *FAST,
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        str(TWIN_STEPS),
+        "--report_to",
+        "csv",
+        "--checkpointing_steps",
+        "100",
+        "--mixed_precision",
+        precision,
+        "--reference",
+        reference,
+        "--loss_type",
+        loss_type,
+    ]
 
 
 def _eager_twin(tmp_path_factory, mode):
@@ -317,9 +342,13 @@ def _eager_twin(tmp_path_factory, mode):
 
 
 # the trainer puts its tensors on CUDA where there is a GPU (and the CPU run needs the interpreter)
-on_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason=(
-    "the CPU proof of the twin comparison (the trainer runs on CUDA here): tests/test_train_cuda_graph.py "
-    "applies it to the replays on this machine"))
+on_cpu_only = pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason=(
+        "the CPU proof of the twin comparison (the trainer runs on CUDA here): tests/test_train_cuda_graph.py "
+        "applies it to the replays on this machine"
+    ),
+)
 
 
 @on_cpu_only
@@ -330,8 +359,12 @@ def test_static_step_runs_agree_with_their_eager_twins(tmp_path_factory, mode):
     trainer's graph wiring otherwise: tensor-LR optimizer, autocast without its cache) takes the
     regular eager run's steps, by the comparison the GPU test makes of the replays."""
     twin = _eager_twin(tmp_path_factory, mode)
-    subject = run_trainer([*_twin_flags(*mode), "--cuda_graph"], tmp_path_factory.mktemp("static"),
-                          static_step=graph_step(False), graph_on_cpu=True)
+    subject = run_trainer(
+        [*_twin_flags(*mode), "--cuda_graph"],
+        tmp_path_factory.mktemp("static"),
+        static_step=graph_step(False),
+        graph_on_cpu=True,
+    )
     assert_twins_agree(subject, twin, TOLERANCES[mode[0]], first=1)
 
 
@@ -343,12 +376,15 @@ def test_twin_comparison_catches_a_step_on_stale_inputs(tmp_path_factory):
     agree but whose metrics repeat across steps (data that never change prove nothing)."""
     mode = ("bf16", "lora", "dpo")
     twin = _eager_twin(tmp_path_factory, mode)
-    stale = run_trainer([*_twin_flags(*mode), "--cuda_graph"], tmp_path_factory.mktemp("stale"),
-                        static_step=graph_step(False, StaleInputs), graph_on_cpu=True)
+    stale = run_trainer(
+        [*_twin_flags(*mode), "--cuda_graph"],
+        tmp_path_factory.mktemp("stale"),
+        static_step=graph_step(False, StaleInputs),
+        graph_on_cpu=True,
+    )
     assert all(stale.rows[0][k] == v for k, v in twin.rows[0].items() if k != "lr")  # the first step is fresh
     with pytest.raises(AssertionError, match="against the eager twin's"):
         assert_twins_agree(stale, twin, TOLERANCES[mode[0]], first=1)
     frozen = Run([dict(twin.rows[0], step=r["step"]) for r in twin.rows], twin.initial, twin.final)
     with pytest.raises(AssertionError, match="no prediction error tells the subject's inputs from step 1's"):
         assert_twins_agree(frozen, frozen, TOLERANCES[mode[0]], first=1)
-

@@ -1,10 +1,8 @@
 """The tiny model's builders: tokenizer, procedural images, reward, bundled preference set."""
-import pytest
-
-import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
 
 import io
 
+import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
@@ -20,8 +18,13 @@ def test_tokenizer_round_trip_one_token_per_word(tmp_path):
     build_tokenizer(CAPTION_WORDS, 8).save_pretrained(tmp_path)
     tok = CLIPTokenizer.from_pretrained(tmp_path)
     ids = tok("a purple triangle", padding="max_length", max_length=8).input_ids
-    assert tok.convert_ids_to_tokens(ids[:5]) == ["<|startoftext|>", "a</w>", "purple</w>", "triangle</w>",
-                                                   "<|endoftext|>"]
+    assert tok.convert_ids_to_tokens(ids[:5]) == [
+        "<|startoftext|>",
+        "a</w>",
+        "purple</w>",
+        "triangle</w>",
+        "<|endoftext|>",
+    ]
     assert len(ids) == 8
 
 

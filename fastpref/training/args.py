@@ -32,9 +32,18 @@ FLOAT_RANGES = {
 }
 # integer flags: the smallest accepted value
 INT_MINIMUM = {
-    "train_batch_size": 1, "gradient_accumulation_steps": 1, "max_train_steps": 1, "checkpointing_steps": 1,
-    "rank": 1, "logging_steps": 1, "resolution": 1, "checkpoints_total_limit": 1, "sspo_snapshot_steps": 1,
-    "sspo_sample_steps": 1, "lr_warmup_steps": 0, "sspo_num_snapshots": 0,
+    "train_batch_size": 1,
+    "gradient_accumulation_steps": 1,
+    "max_train_steps": 1,
+    "checkpointing_steps": 1,
+    "rank": 1,
+    "logging_steps": 1,
+    "resolution": 1,
+    "checkpoints_total_limit": 1,
+    "sspo_snapshot_steps": 1,
+    "sspo_sample_steps": 1,
+    "lr_warmup_steps": 0,
+    "sspo_num_snapshots": 0,
 }
 
 
@@ -50,29 +59,45 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the trainer (imports nothing heavy, so ``--help`` is fast)."""
     p = argparse.ArgumentParser(
-        prog="fastpref-train", formatter_class=_DefaultsFormatter,
+        prog="fastpref-train",
+        formatter_class=_DefaultsFormatter,
         description="Preference alignment (Diffusion-DPO, DSPO, RPO, KTO, SSPO, MaPO, ...) of a "
-                    "Stable-Diffusion-layout model with fastpref's fused losses. Defaults train the bundled tiny "
-                    "model on the bundled tiny preference set.",
-        epilog=exit_status_text())
+        "Stable-Diffusion-layout model with fastpref's fused losses. Defaults train the bundled tiny "
+        "model on the bundled tiny preference set.",
+        epilog=exit_status_text(),
+    )
     a = p.add_argument
-    a("--pretrained_model_name_or_path", default=str(DEFAULT_MODEL),
-      help="local diffusers Stable Diffusion directory (default: the bundled tiny pipeline)")
+    a(
+        "--pretrained_model_name_or_path",
+        default=str(DEFAULT_MODEL),
+        help="local diffusers Stable Diffusion directory (default: the bundled tiny pipeline)",
+    )
     a("--dataset_name", default=None, help="local Pick-a-Pic-layout parquet file or directory")
     a("--train_data_dir", default=None, help="same as --dataset_name (default: the bundled tiny set)")
-    a("--skip_bad_rows", action="store_true",
-      help="drop rows whose caption, label or images are missing or undecodable (every image is decoded "
-           "once at start) and log how many; without it such a row is an error naming file, row and column")
+    a(
+        "--skip_bad_rows",
+        action="store_true",
+        help="drop rows whose caption, label or images are missing or undecodable (every image is decoded "
+        "once at start) and log how many; without it such a row is an error naming file, row and column",
+    )
     a("--resolution", type=int, default=None, help="training resolution (default: the VAE's sample_size)")
     a("--random_crop", action="store_true", help="random instead of centre crops")
     a("--no_hflip", action="store_true", help="disable random horizontal flips")
-    a("--train_batch_size", type=int, default=4,
-      help="preference pairs per process per micro-step (kto: 2x this many single images)")
+    a(
+        "--train_batch_size",
+        type=int,
+        default=4,
+        help="preference pairs per process per micro-step (kto: 2x this many single images)",
+    )
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
     a("--max_train_steps", type=int, default=100, help="optimizer steps")
-    a("--learning_rate", type=float, default=None,
-      help=f"AdamW learning rate (default: {DEFAULT_LEARNING_RATE['lora']:g} with --reference lora, "
-           f"{DEFAULT_LEARNING_RATE['copy']:g} with --reference copy; the value used is in args.json)")
+    a(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help=f"AdamW learning rate (default: {DEFAULT_LEARNING_RATE['lora']:g} with --reference lora, "
+        f"{DEFAULT_LEARNING_RATE['copy']:g} with --reference copy; the value used is in args.json)",
+    )
     a("--scale_lr", action="store_true", help="multiply the LR by batch x accumulation x processes")
     a("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="diffusers LR schedule")
     a("--lr_warmup_steps", type=int, default=0, help="LR warm-up steps of the schedule")
@@ -81,54 +106,101 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adam_beta2", type=float, default=0.999, help="AdamW beta2, in [0, 1)")
     a("--adam_weight_decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
     a("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    a("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
-      help="weight dtype and autocast of the frozen parts and the forward passes")
+    a(
+        "--mixed_precision",
+        default="no",
+        choices=("no", "fp16", "bf16"),
+        help="weight dtype and autocast of the frozen parts and the forward passes",
+    )
     a("--gradient_checkpointing", action="store_true", help="activation checkpointing in the UNet")
-    a("--enable_xformers_memory_efficient_attention", action="store_true",
-      help="require xformers attention (default: xformers when installed and working on CUDA, "
-           "PyTorch SDPA otherwise)")
-    a("--reference", default="lora", choices=("lora", "copy"),
-      help="lora: train LoRA adapters, reference = adapters disabled; copy: full fine-tuning "
-           "against a frozen copy of the UNet")
+    a(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="require xformers attention (default: xformers when installed and working on CUDA, "
+        "PyTorch SDPA otherwise)",
+    )
+    a(
+        "--reference",
+        default="lora",
+        choices=("lora", "copy"),
+        help="lora: train LoRA adapters, reference = adapters disabled; copy: full fine-tuning "
+        "against a frozen copy of the UNet",
+    )
     a("--rank", type=int, default=4, help="LoRA rank (--reference lora)")
     a("--loss_type", default="dpo", help=f"one of {', '.join(LOSS_TYPES)}")
-    a("--beta", type=float, default=None,
-      help="β in the official convention (docs/methods.md §2.1); default: the loss type's own default "
-           "(5000 for dpo*, 0.001 for dspo*)")
+    a(
+        "--beta",
+        type=float,
+        default=None,
+        help="β in the official convention (docs/methods.md §2.1); default: the loss type's own default "
+        "(5000 for dpo*, 0.001 for dspo*)",
+    )
     a("--beta_dpo", type=float, default=None, help=argparse.SUPPRESS)
-    a("--rpo_tau", type=float, default=0.5,
-      help="--loss_type rpo: softmax temperature of the prompt-similarity weights (docs/methods.md §2.4)")
-    a("--sspo_snapshot_steps", type=int, default=25,
-      help="--loss_type sspo: snapshot the trained weights every this many steps for replay")
-    a("--sspo_num_snapshots", type=int, default=4,
-      help="--loss_type sspo: snapshots kept besides the initial weights (oldest dropped first)")
+    a(
+        "--rpo_tau",
+        type=float,
+        default=0.5,
+        help="--loss_type rpo: softmax temperature of the prompt-similarity weights (docs/methods.md §2.4)",
+    )
+    a(
+        "--sspo_snapshot_steps",
+        type=int,
+        default=25,
+        help="--loss_type sspo: snapshot the trained weights every this many steps for replay",
+    )
+    a(
+        "--sspo_num_snapshots",
+        type=int,
+        default=4,
+        help="--loss_type sspo: snapshots kept besides the initial weights (oldest dropped first)",
+    )
     a("--sspo_sample_steps", type=int, default=10, help="--loss_type sspo: DDIM steps of the self-sampler")
-    a("--sspo_guidance_scale", type=float, default=3.0,
-      help="--loss_type sspo: classifier-free guidance scale of the self-sampler")
-    a("--cuda_graph", action="store_true",
-      help="capture the whole training step in one CUDA graph after 3 eager warm-up steps and "
-           "replay it (one process, CUDA only; fp16 captures forward and backward only)")
+    a(
+        "--sspo_guidance_scale",
+        type=float,
+        default=3.0,
+        help="--loss_type sspo: classifier-free guidance scale of the self-sampler",
+    )
+    a(
+        "--cuda_graph",
+        action="store_true",
+        help="capture the whole training step in one CUDA graph after 3 eager warm-up steps and "
+        "replay it (one process, CUDA only; fp16 captures forward and backward only)",
+    )
     a("--checkpointing_steps", type=int, default=500, help="write a checkpoint every this many steps")
     a("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints (default: all)")
-    a("--resume_from_checkpoint", default=None,
-      help="a checkpoint directory, or 'latest' (the newest complete checkpoint of --output_dir; none yet: "
-           "start afresh)")
+    a(
+        "--resume_from_checkpoint",
+        default=None,
+        help="a checkpoint directory, or 'latest' (the newest complete checkpoint of --output_dir; none yet: "
+        "start afresh)",
+    )
     a("--output_dir", default="fastpref-output", help="directory for args.json, metrics, checkpoints and weights")
     a("--seed", type=int, default=0, help="seed of the initialisation and of every data-stream draw")
-    a("--report_to", default="tensorboard", choices=("tensorboard", "csv", "all", "none"),
-      help="CSV metrics and curves.png are always written; tensorboard adds event files")
-    a("--logging_steps", type=int, default=1,
-      help="read and log the metrics every this many steps (also where non-finite loss or weights are caught)")
+    a(
+        "--report_to",
+        default="tensorboard",
+        choices=("tensorboard", "csv", "all", "none"),
+        help="CSV metrics and curves.png are always written; tensorboard adds event files",
+    )
+    a(
+        "--logging_steps",
+        type=int,
+        default=1,
+        help="read and log the metrics every this many steps (also where non-finite loss or weights are caught)",
+    )
     return p
 
 
 def beta_dpo_message(beta_dpo: float) -> str:
     """Why ``--beta_dpo`` is refused and which ``--beta`` reproduces each upstream convention."""
-    return (f"--beta_dpo is not accepted: fastpref's --beta follows the official Diffusion-DPO "
-            f"convention, loss = -log sigmoid(-0.5 * beta * (...)). For --beta_dpo {beta_dpo:g} copied "
-            f"from diffusers' train_diffusion_dpo.py (SD1.5, no 0.5 factor) pass --beta {2 * beta_dpo:g}; "
-            f"from diffusers' train_diffusion_dpo_sdxl.py, SalesforceAIResearch/DiffusionDPO or "
-            f"huaishengzhu/DSPO pass --beta {beta_dpo:g}.")
+    return (
+        f"--beta_dpo is not accepted: fastpref's --beta follows the official Diffusion-DPO "
+        f"convention, loss = -log sigmoid(-0.5 * beta * (...)). For --beta_dpo {beta_dpo:g} copied "
+        f"from diffusers' train_diffusion_dpo.py (SD1.5, no 0.5 factor) pass --beta {2 * beta_dpo:g}; "
+        f"from diffusers' train_diffusion_dpo_sdxl.py, SalesforceAIResearch/DiffusionDPO or "
+        f"huaishengzhu/DSPO pass --beta {beta_dpo:g}."
+    )
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -138,8 +210,12 @@ def check_numbers(args: argparse.Namespace) -> None:
         if value is None:
             continue
         upper = "" if high is None else f" and < {high:g}"
-        if not math.isfinite(value) or value < low or (value == low and not low_ok) or \
-                (high is not None and value >= high):
+        if (
+            not math.isfinite(value)
+            or value < low
+            or (value == low and not low_ok)
+            or (high is not None and value >= high)
+        ):
             relation = ">=" if low_ok else ">"
             raise ValueError(f"--{name}: expected a finite number {relation} {low:g}{upper}, got {value}")
     for name, minimum in INT_MINIMUM.items():
@@ -160,8 +236,9 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> a
     if args.loss_type not in LOSS_TYPES:
         raise ValueError(f"--loss_type: expected one of {sorted(LOSS_TYPES)}, got {args.loss_type!r}")
     if args.dataset_name and args.train_data_dir and args.dataset_name != args.train_data_dir:
-        raise ValueError(f"--dataset_name and --train_data_dir: give one, got {args.dataset_name!r} "
-                         f"and {args.train_data_dir!r}")
+        raise ValueError(
+            f"--dataset_name and --train_data_dir: give one, got {args.dataset_name!r} and {args.train_data_dir!r}"
+        )
     args.data_argument = "--dataset_name" if args.dataset_name else "--train_data_dir"
     args.data_path = args.dataset_name or args.train_data_dir or str(DEFAULT_DATA)
     if args.learning_rate is None:
@@ -170,6 +247,8 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> a
     output = Path(args.output_dir)
     blocking = next((p for p in (output, *output.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
-        raise ValueError(f"--output_dir: expected a directory (existing or new), got {args.output_dir!r}, "
-                         f"{'which is' if blocking == output else f'whose parent {str(blocking)!r} is'} a file")
+        raise ValueError(
+            f"--output_dir: expected a directory (existing or new), got {args.output_dir!r}, "
+            f"{'which is' if blocking == output else f'whose parent {str(blocking)!r} is'} a file"
+        )
     return args

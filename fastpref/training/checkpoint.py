@@ -34,11 +34,23 @@ STATE_FILE = "state.json"
 CONSTRUCTION_FLAGS = ("capturable", "foreach", "fused", "differentiable", "maximize")
 TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
 STATE_KEYS = ("step", "data_position", "optimizer_param_groups", "optimizer_scalars", "lr_scheduler")
-SAFE_FLAGS = frozenset({
-    "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "logging_steps", "report_to", "output_dir",
-    "resume_from_checkpoint", "cuda_graph", "enable_xformers_memory_efficient_attention", "gradient_checkpointing",
-    "dataset_name", "train_data_dir", "data_argument",  # the data itself is ``data_path``, compared
-})
+SAFE_FLAGS = frozenset(
+    {
+        "max_train_steps",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "logging_steps",
+        "report_to",
+        "output_dir",
+        "resume_from_checkpoint",
+        "cuda_graph",
+        "enable_xformers_memory_efficient_attention",
+        "gradient_checkpointing",
+        "dataset_name",
+        "train_data_dir",
+        "data_argument",  # the data itself is ``data_path``, compared
+    }
+)
 """Flags a resume may change: they do not change the math of the steps already taken or to come
 (``max_train_steps`` only with a constant LR schedule: the others are stretched by it)."""
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
@@ -70,10 +82,19 @@ def _json_value(value):
     raise TypeError(f"state.json: cannot store {type(value).__name__}")
 
 
-def save_checkpoint(output_dir: str | Path, step: int, *, trainable: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, lr_scheduler, data_position: int,
-                    grad_scaler=None, extra: dict | None = None,
-                    extra_files: dict[str, dict[str, torch.Tensor]] | None = None, config: dict | None = None) -> Path:
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    data_position: int,
+    grad_scaler=None,
+    extra: dict | None = None,
+    extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
+    config: dict | None = None,
+) -> Path:
     """Write ``checkpoint-<step>`` atomically and return its path (call on rank 0 only).
     ``extra`` goes into state.json; ``extra_files`` maps file names to tensors to store;
     ``config`` (the run's flags) goes into state.json for ``check_resume_config``."""
@@ -82,8 +103,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, trainable: dict[str, t
     tmp = output_dir / f"{TMP_PREFIX}{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
-              tmp / "trainable.safetensors")
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
     opt_state = optimizer.state_dict()
     opt_tensors, opt_scalars = _flatten_optimizer_state(opt_state)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
@@ -134,8 +154,11 @@ def remove_orphans(output_dir: str | Path) -> list[Path]:
     for tmp in found:
         shutil.rmtree(tmp, ignore_errors=True)
     if found:
-        print(f"fastpref-train: removed {len(found)} unfinished checkpoint directories of an interrupted run: "
-              f"{', '.join(p.name for p in found)}", file=sys.stderr)
+        print(
+            f"fastpref-train: removed {len(found)} unfinished checkpoint directories of an interrupted run: "
+            f"{', '.join(p.name for p in found)}",
+            file=sys.stderr,
+        )
     return found
 
 
@@ -161,16 +184,19 @@ def verify_checkpoint(path: str | Path) -> dict:
             with safe_open(file, "pt") as f:
                 f.keys()
         except (SafetensorError, OSError) as error:
-            raise ValueError(f"{str(file)!r} is not a whole safetensors file (truncated or corrupt: {error})") \
-                from error
+            raise ValueError(
+                f"{str(file)!r} is not a whole safetensors file (truncated or corrupt: {error})"
+            ) from error
     return state
 
 
 def is_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a complete checkpoint directory written by ``save_checkpoint``."""
     path = Path(path)
-    return all((path / name).is_file() for name in
-               (STATE_FILE, "trainable.safetensors", "optimizer.safetensors", "rng.safetensors"))
+    return all(
+        (path / name).is_file()
+        for name in (STATE_FILE, "trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+    )
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -178,8 +204,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
-             if (m := CHECKPOINT_PATTERN.match(p.name)) and is_checkpoint(p)]
+    found = [
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if (m := CHECKPOINT_PATTERN.match(p.name)) and is_checkpoint(p)
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -194,8 +223,14 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | Path) -
         return None
     if resume_from_checkpoint == "latest":
         output_dir = Path(output_dir)
-        steps = sorted(((int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))),
-                       reverse=True) if output_dir.is_dir() else []
+        steps = (
+            sorted(
+                ((int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))),
+                reverse=True,
+            )
+            if output_dir.is_dir()
+            else []
+        )
         skipped = []
         for _, path in steps:
             try:
@@ -204,19 +239,27 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | Path) -
                 skipped.append(f"{path.name} ({error})")
                 continue
             if skipped:
-                print(f"fastpref-train: --resume_from_checkpoint latest: resuming from {path.name}; skipped "
-                      f"{len(skipped)} newer checkpoints that do not load: {'; '.join(skipped)}", file=sys.stderr)
+                print(
+                    f"fastpref-train: --resume_from_checkpoint latest: resuming from {path.name}; skipped "
+                    f"{len(skipped)} newer checkpoints that do not load: {'; '.join(skipped)}",
+                    file=sys.stderr,
+                )
             return path
         if skipped:
-            print(f"fastpref-train: --resume_from_checkpoint latest: no checkpoint loads, starting afresh; skipped "
-                  f"{'; '.join(skipped)}", file=sys.stderr)
+            print(
+                f"fastpref-train: --resume_from_checkpoint latest: no checkpoint loads, starting afresh; skipped "
+                f"{'; '.join(skipped)}",
+                file=sys.stderr,
+            )
         return None
     path = Path(resume_from_checkpoint)
     try:
         verify_checkpoint(path)
     except ValueError as error:
-        raise ValueError(f"--resume_from_checkpoint: expected 'latest' or a checkpoint directory holding {STATE_FILE}, "
-                         f"trainable/optimizer/rng .safetensors, got {resume_from_checkpoint!r}: {error}") from error
+        raise ValueError(
+            f"--resume_from_checkpoint: expected 'latest' or a checkpoint directory holding {STATE_FILE}, "
+            f"trainable/optimizer/rng .safetensors, got {resume_from_checkpoint!r}: {error}"
+        ) from error
     return path
 
 
@@ -245,17 +288,23 @@ def check_resume_config(path: str | Path, config: dict) -> dict:
         return {}
     new = {k: _normal(v) for k, v in config.items()}
     differ = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
-    refused = {k: v for k, v in differ.items() if k not in SAFE_FLAGS or
-               (k == "max_train_steps" and new.get("lr_scheduler") not in CONSTANT_SCHEDULES)}
+    refused = {
+        k: v
+        for k, v in differ.items()
+        if k not in SAFE_FLAGS or (k == "max_train_steps" and new.get("lr_scheduler") not in CONSTANT_SCHEDULES)
+    }
     if refused:
         listing = "; ".join(f"--{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-        note = " (max_train_steps may change only with a constant --lr_scheduler)" \
-            if "max_train_steps" in refused else ""
+        note = (
+            " (max_train_steps may change only with a constant --lr_scheduler)" if "max_train_steps" in refused else ""
+        )
         if new.get("loss_type") == "sspo" and "sspo_pool_steps" not in (state.get("extra") or {}):
             note += " (the checkpoint holds no SSPO replay pool: start --loss_type sspo afresh)"
-        raise ValueError(f"--resume_from_checkpoint: {str(path)!r} was written by a run with other flags: "
-                         f"{listing}{note}. Resume with the checkpoint's values, or start a new run in another "
-                         f"--output_dir")
+        raise ValueError(
+            f"--resume_from_checkpoint: {str(path)!r} was written by a run with other flags: "
+            f"{listing}{note}. Resume with the checkpoint's values, or start a new run in another "
+            f"--output_dir"
+        )
     return {k: {"old": a, "new": b} for k, (a, b) in differ.items() if k not in ("resume_from_checkpoint",)}
 
 
@@ -268,12 +317,14 @@ def record_resume(output_dir: str | Path, config: dict, path: str | Path, change
     if not args.is_file():
         stored = json.loads((path / STATE_FILE).read_text()).get("config")
         args.write_text(json.dumps(stored if isinstance(stored, dict) else config, indent=1))
-    (output_dir / f"resume-{step}.json").write_text(json.dumps(
-        {"checkpoint": str(path), "step": step, "changed": changed, "flags": config}, indent=1, default=str))
+    (output_dir / f"resume-{step}.json").write_text(
+        json.dumps({"checkpoint": str(path), "step": step, "changed": changed, "flags": config}, indent=1, default=str)
+    )
 
 
-def load_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer, lr_scheduler,
-                    grad_scaler=None) -> tuple[dict[str, torch.Tensor], dict]:
+def load_checkpoint(
+    path: str | Path, optimizer: torch.optim.Optimizer, lr_scheduler, grad_scaler=None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Restore optimizer, LR scheduler, grad scaler and RNG state from ``path``.
 
     Returns ``(trainable_tensors, state)``; the caller loads the tensors into its model (before
@@ -287,13 +338,16 @@ def load_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer, lr_sched
     tensor_hyper = [{k: v for k, v in group.items() if torch.is_tensor(v)} for group in optimizer.param_groups]
     built = [{k: group[k] for k in CONSTRUCTION_FLAGS if k in group} for group in optimizer.param_groups]
     try:
-        optimizer.load_state_dict(_unflatten_optimizer_state(
-            opt_tensors, state["optimizer_scalars"], state["optimizer_param_groups"]))
+        optimizer.load_state_dict(
+            _unflatten_optimizer_state(opt_tensors, state["optimizer_scalars"], state["optimizer_param_groups"])
+        )
     except (ValueError, KeyError, TypeError, RuntimeError) as error:  # another parameter set (rank, model)
-        raise ValueError(f"--resume_from_checkpoint: {str(path / 'optimizer.safetensors')!r} does not fit this "
-                         f"optimizer's parameters (another --rank or model?): {error}") from error
+        raise ValueError(
+            f"--resume_from_checkpoint: {str(path / 'optimizer.safetensors')!r} does not fit this "
+            f"optimizer's parameters (another --rank or model?): {error}"
+        ) from error
     restore_construction(optimizer, built)
-    for group, tensors in zip(optimizer.param_groups, tensor_hyper):
+    for group, tensors in zip(optimizer.param_groups, tensor_hyper, strict=True):
         for key, tensor in tensors.items():  # keep the tensor a captured step reads, refilled
             group[key] = tensor.fill_(group[key])
     lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -28,14 +28,26 @@ REQUIRED_COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 # column -> (arrow type test, what it must be, python value test)
 COLUMN_TYPES = {
-    "caption": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "strings",
-                lambda v: isinstance(v, str)),
-    "jpg_0": (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "bytes (binary)",
-              lambda v: isinstance(v, bytes)),
-    "jpg_1": (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "bytes (binary)",
-              lambda v: isinstance(v, bytes)),
-    "label_0": (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t), "numbers",
-                lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)),
+    "caption": (
+        lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+        "strings",
+        lambda v: isinstance(v, str),
+    ),
+    "jpg_0": (
+        lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+        "bytes (binary)",
+        lambda v: isinstance(v, bytes),
+    ),
+    "jpg_1": (
+        lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+        "bytes (binary)",
+        lambda v: isinstance(v, bytes),
+    ),
+    "label_0": (
+        lambda t: pa.types.is_integer(t) or pa.types.is_floating(t),
+        "numbers",
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+    ),
 }
 
 
@@ -73,13 +85,17 @@ def parquet_files(path: str | Path, argument: str = "--train_data_dir") -> list[
     if path.is_dir():
         files = sorted(path.glob("*.parquet"))
         if not files:
-            raise ValueError(f"{argument}: expected a parquet file or a directory of *.parquet files, "
-                             f"got directory {str(path)!r} with no *.parquet file")
+            raise ValueError(
+                f"{argument}: expected a parquet file or a directory of *.parquet files, "
+                f"got directory {str(path)!r} with no *.parquet file"
+            )
         return files
     if not path.is_file():
-        raise ValueError(f"{argument}: expected a local parquet file or a directory of them "
-                         f"(hub names are not fetched; download the dataset first), "
-                         f"got {str(path)!r}, which does not exist")
+        raise ValueError(
+            f"{argument}: expected a local parquet file or a directory of them "
+            f"(hub names are not fetched; download the dataset first), "
+            f"got {str(path)!r}, which does not exist"
+        )
     return [path]
 
 
@@ -98,16 +114,20 @@ class PreferencePairs:
             try:
                 table = pq.read_table(file)
             except Exception as error:  # pyarrow raises several types for a malformed file
-                raise ValueError(f"{argument}: could not read {str(file)!r} as parquet "
-                                 f"({type(error).__name__}: {error})") from error
+                raise ValueError(
+                    f"{argument}: could not read {str(file)!r} as parquet ({type(error).__name__}: {error})"
+                ) from error
             missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
             if missing:
-                raise ValueError(f"{argument}: {str(file)!r} lacks columns {missing}; expected the "
-                                 f"Pick-a-Pic columns {list(REQUIRED_COLUMNS)}, got {table.column_names}")
+                raise ValueError(
+                    f"{argument}: {str(file)!r} lacks columns {missing}; expected the "
+                    f"Pick-a-Pic columns {list(REQUIRED_COLUMNS)}, got {table.column_names}"
+                )
             columns = {c: table.column(c).to_pylist() for c in REQUIRED_COLUMNS}
             bad_rows = self._check_types(file, table, columns, argument, skip_bad_rows)
-            for row, (caption, label, image_0, image_1) in enumerate(zip(
-                    columns["caption"], columns["label_0"], columns["jpg_0"], columns["jpg_1"], strict=True)):
+            for row, (caption, label, image_0, image_1) in enumerate(
+                zip(columns["caption"], columns["label_0"], columns["jpg_0"], columns["jpg_1"], strict=True)
+            ):
                 if row in bad_rows:
                     continue
                 label = float(label)
@@ -115,16 +135,19 @@ class PreferencePairs:
                     self.num_ties += 1
                     continue
                 if label not in (0.0, 1.0):
-                    raise ValueError(f"{argument}: label_0 must be 0, 0.5 or 1, got {label} in {str(file)!r} "
-                                     f"row {row}")
-                image_0, image_1 = (ImageBytes.at(image_0, file, row, "jpg_0", argument),
-                                    ImageBytes.at(image_1, file, row, "jpg_1", argument))
+                    raise ValueError(f"{argument}: label_0 must be 0, 0.5 or 1, got {label} in {str(file)!r} row {row}")
+                image_0, image_1 = (
+                    ImageBytes.at(image_0, file, row, "jpg_0", argument),
+                    ImageBytes.at(image_1, file, row, "jpg_1", argument),
+                )
                 captions.append(caption)
                 winners.append(image_0 if label == 1.0 else image_1)
                 losers.append(image_1 if label == 1.0 else image_0)
         if not captions:
-            raise ValueError(f"{argument}: no non-tied preference pair in {[str(f) for f in files]}"
-                             + (f" ({len(self.skipped)} bad rows skipped)" if self.skipped else ""))
+            raise ValueError(
+                f"{argument}: no non-tied preference pair in {[str(f) for f in files]}"
+                + (f" ({len(self.skipped)} bad rows skipped)" if self.skipped else "")
+            )
         self.captions, self.winners, self.losers = captions, winners, losers
 
     def _check_types(self, file: Path, table, columns: dict, argument: str, skip_bad_rows: bool) -> set[int]:
@@ -137,21 +160,26 @@ class PreferencePairs:
             if not (arrow_ok(kind) or pa.types.is_null(kind)) or (pa.types.is_null(kind) and not skip_bad_rows):
                 row = _bad_row(columns[name], value_ok) or 0
                 first = f"; first bad row {row}: {columns[name][row]!r:.80}" if columns[name] else ""
-                raise ValueError(f"{argument}: {str(file)!r} column {name!r} must hold {expected}, got arrow type "
-                                 f"{kind}{first}")
+                raise ValueError(
+                    f"{argument}: {str(file)!r} column {name!r} must hold {expected}, got arrow type {kind}{first}"
+                )
             for row, value in enumerate(columns[name]):
                 if row not in bad and not value_ok(value):
                     if not skip_bad_rows:
-                        raise ValueError(f"{argument}: {str(file)!r} column {name!r} must hold {expected}; first "
-                                         f"bad row {row}: {value!r:.80} (--skip_bad_rows drops such rows)")
+                        raise ValueError(
+                            f"{argument}: {str(file)!r} column {name!r} must hold {expected}; first "
+                            f"bad row {row}: {value!r:.80} (--skip_bad_rows drops such rows)"
+                        )
                     bad[row] = (name, f"{value!r:.80} is not {expected}")
         if skip_bad_rows:
             for row in range(table.num_rows):
                 for name in IMAGE_COLUMNS:
                     if row not in bad and (reason := _decodes(columns[name][row])) is not None:
                         bad[row] = (name, reason)
-            self.skipped.extend({"file": str(file), "row": row, "column": name, "reason": reason}
-                                for row, (name, reason) in sorted(bad.items()))
+            self.skipped.extend(
+                {"file": str(file), "row": row, "column": name, "reason": reason}
+                for row, (name, reason) in sorted(bad.items())
+            )
         return set(bad)
 
     def __len__(self) -> int:
@@ -174,14 +202,16 @@ def decode_image(data: bytes) -> torch.Tensor:
         array = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
     except Exception as error:  # PIL raises many types (UnidentifiedImageError, OSError, ...)
         where = getattr(data, "origin", "") or "image bytes"
-        raise ValueError(f"{where} does not decode as an image ({type(error).__name__}: "
-                         f"{error}); fix or drop the row, or pass --skip_bad_rows to drop such rows at start") \
-            from error
+        raise ValueError(
+            f"{where} does not decode as an image ({type(error).__name__}: "
+            f"{error}); fix or drop the row, or pass --skip_bad_rows to drop such rows at start"
+        ) from error
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def load_pixels(images: list[bytes], resolution: int, *, random_crop: bool, hflip: bool,
-                generator: torch.Generator) -> list[torch.Tensor]:
+def load_pixels(
+    images: list[bytes], resolution: int, *, random_crop: bool, hflip: bool, generator: torch.Generator
+) -> list[torch.Tensor]:
     """Images resized (shorter side) to the first one's size, cropped and flipped identically.
 
     Returns ``[3, resolution, resolution]`` float32 tensors in [-1, 1], one per image. The crop
@@ -197,8 +227,10 @@ def load_pixels(images: list[bytes], resolution: int, *, random_crop: bool, hfli
             image = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
         decoded.append(image[0])
     h, w = decoded[0].shape[-2:]
-    decoded = [d if d.shape[-2:] == (h, w) else
-               F.interpolate(d[None], size=(h, w), mode="bilinear", antialias=True)[0] for d in decoded]
+    decoded = [
+        d if d.shape[-2:] == (h, w) else F.interpolate(d[None], size=(h, w), mode="bilinear", antialias=True)[0]
+        for d in decoded
+    ]
     offsets = torch.randint(0, 2**31 - 1, (2,), generator=generator)
     if random_crop:
         top, left = int(offsets[0]) % (h - resolution + 1), int(offsets[1]) % (w - resolution + 1)
@@ -207,7 +239,7 @@ def load_pixels(images: list[bytes], resolution: int, *, random_crop: bool, hfli
     flip = bool(torch.rand((), generator=generator) < 0.5) and hflip
     out = []
     for image in decoded:
-        image = image[:, top:top + resolution, left:left + resolution]
+        image = image[:, top : top + resolution, left : left + resolution]
         out.append(image.flip(-1) if flip else image)
     return out
 
@@ -223,7 +255,7 @@ def pair_indices(position: int, count: int, num_pairs: int, seed: int) -> list[i
         epoch, offset = divmod(position, num_pairs)
         perm = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         take = min(count - len(out), num_pairs - offset)
-        out.extend(perm[offset:offset + take].tolist())
+        out.extend(perm[offset : offset + take].tolist())
         position += take
     return out
 
@@ -238,5 +270,8 @@ def log_skipped_rows(skipped: tuple[dict, ...] | list[dict], output_dir: str | P
     (Path(output_dir) / SKIPPED_FILE).write_text(json.dumps({"count": len(rows), "rows": rows}, indent=1))
     shown = ", ".join(f"{Path(r['file']).name} row {r['row']} ({r['column']})" for r in rows[:10])
     more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
-    print(f"fastpref-train: --skip_bad_rows: skipped {len(rows)} bad rows{': ' + shown + more if rows else ''} "
-          f"(listed in {Path(output_dir) / SKIPPED_FILE})", file=sys.stderr)
+    print(
+        f"fastpref-train: --skip_bad_rows: skipped {len(rows)} bad rows{': ' + shown + more if rows else ''} "
+        f"(listed in {Path(output_dir) / SKIPPED_FILE})",
+        file=sys.stderr,
+    )

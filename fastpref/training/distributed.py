@@ -37,9 +37,11 @@ def select_device(local_rank: int, local_world_size: int, cuda_available: bool, 
     if not cuda_available or device_count == 0:
         return torch.device("cpu")
     if local_world_size > device_count:
-        raise ValueError(f"torchrun --nproc_per_node: expected at most one process per GPU, got {local_world_size} "
-                         f"processes on this node and {device_count} visible GPU(s); start at most {device_count} "
-                         f"processes per node, or run every process on the CPU (gloo) with CUDA_VISIBLE_DEVICES=''")
+        raise ValueError(
+            f"torchrun --nproc_per_node: expected at most one process per GPU, got {local_world_size} "
+            f"processes on this node and {device_count} visible GPU(s); start at most {device_count} "
+            f"processes per node, or run every process on the CPU (gloo) with CUDA_VISIBLE_DEVICES=''"
+        )
     return torch.device("cuda", local_rank % device_count)
 
 
@@ -74,7 +76,7 @@ def read_metrics(values: dict[str, torch.Tensor], state: DistState) -> dict[str,
     if state.enabled:
         dist.all_reduce(stacked)
         stacked /= state.world_size
-    return dict(zip(keys, stacked.tolist()))  # host-ok: logging step
+    return dict(zip(keys, stacked.tolist(), strict=True))  # host-ok: logging step
 
 
 def kto_global_baseline(state: DistState):

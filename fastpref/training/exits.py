@@ -16,7 +16,7 @@ EXIT_STATUSES = {
     EXIT_BAD_INPUT: "bad input (one error line, nothing written)",
     EXIT_NON_FINITE: "the loss or the weights became non-finite (the last good checkpoint is kept)",
     EXIT_STOPPED: "stopped by SIGTERM/SIGINT after writing a checkpoint (EX_TEMPFAIL: requeue with "
-                  "--resume_from_checkpoint latest)",
+    "--resume_from_checkpoint latest)",
 }
 
 

@@ -31,10 +31,14 @@ def check_finite(step: int, values: dict[str, float] | None, params: list[torch.
     bad = [k for k in ("loss",) if k in (values or {}) and not math.isfinite(values[k])]
     if bad:
         shown = ", ".join(f"{k}={values[k]}" for k in bad)
-        raise NonFiniteError(f"non-finite loss at step {step} ({shown}); stopped before {where}. The newest "
-                             f"checkpoint-* of --output_dir holds the last good weights; lower --learning_rate "
-                             f"or --beta, or raise --adam_epsilon, and resume or restart")
+        raise NonFiniteError(
+            f"non-finite loss at step {step} ({shown}); stopped before {where}. The newest "
+            f"checkpoint-* of --output_dir holds the last good weights; lower --learning_rate "
+            f"or --beta, or raise --adam_epsilon, and resume or restart"
+        )
     if not weights_finite(params):
-        raise NonFiniteError(f"non-finite trained weights at step {step}; stopped before {where}, nothing of "
-                             f"them written. The newest checkpoint-* of --output_dir holds the last good "
-                             f"weights; lower --learning_rate and resume or restart")
+        raise NonFiniteError(
+            f"non-finite trained weights at step {step}; stopped before {where}, nothing of "
+            f"them written. The newest checkpoint-* of --output_dir holds the last good "
+            f"weights; lower --learning_rate and resume or restart"
+        )

@@ -28,12 +28,16 @@ def graph_refusal(*, cuda_available: bool, gradient_checkpointing: bool, world_s
     if not cuda_available:
         return "--cuda_graph: needs a CUDA device, and this machine has none (torch.cuda.is_available() is False)"
     if gradient_checkpointing:
-        return ("--cuda_graph with --gradient_checkpointing: refused, because activation checkpointing "
-                "saves and restores the CUDA RNG state during backward, which a CUDA graph cannot "
-                "capture; drop one of the two flags")
+        return (
+            "--cuda_graph with --gradient_checkpointing: refused, because activation checkpointing "
+            "saves and restores the CUDA RNG state during backward, which a CUDA graph cannot "
+            "capture; drop one of the two flags"
+        )
     if world_size > 1:
-        return (f"--cuda_graph: runs on one process only (got WORLD_SIZE={world_size}); DDP's gradient "
-                f"all-reduce is not captured by this step")
+        return (
+            f"--cuda_graph: runs on one process only (got WORLD_SIZE={world_size}); DDP's gradient "
+            f"all-reduce is not captured by this step"
+        )
     return None
 
 
@@ -70,27 +74,33 @@ def check_capturable_optimizer(optimizer: torch.optim.Optimizer) -> None:
     parameter; reads no tensor value."""
     params = [(g, i, p) for g, group in enumerate(optimizer.param_groups) for i, p in enumerate(group["params"])]
     has_state = [bool(optimizer.state.get(p)) for _, _, p in params]
-    missing = [(g, i, p) for (g, i, p), state in zip(params, has_state)
-               if not state and (p.grad is not None or not any(has_state))]
+    missing = [
+        (g, i, p)
+        for (g, i, p), state in zip(params, has_state, strict=True)
+        if not state and (p.grad is not None or not any(has_state))
+    ]
     if missing:
         g, i, p = missing[0]
         raise RuntimeError(
             f"--cuda_graph: the optimizer has no state for {len(missing)} of its {len(params)} parameters "
             f"(first: param_groups[{g}] parameter {i}, shape {tuple(p.shape)}) before capture: the eager "
             f"warm-up steps did not run the optimizer on them (warmup_steps must be >= 1); moments created "
-            f"inside the graph would be zeroed again by every replay")
+            f"inside the graph would be zeroed again by every replay"
+        )
     for g, group in enumerate(optimizer.param_groups):
         if not group.get("capturable", False):
             raise RuntimeError(
                 f"--cuda_graph: param_groups[{g}] has capturable={group.get('capturable')!r}; a captured "
                 f"AdamW must be built capturable (make_optimizer(..., static=True) on CUDA) and stay so "
-                f"after load_state_dict")
+                f"after load_state_dict"
+            )
     for g, i, p in params:
         step = optimizer.state[p].get("step") if optimizer.state.get(p) else None
         if torch.is_tensor(step) and step.device != p.device:
             raise RuntimeError(
                 f"--cuda_graph: the step count of param_groups[{g}] parameter {i} is on {step.device}, its "
-                f"parameter on {p.device}; a captured AdamW keeps its step counts on the parameters' device")
+                f"parameter on {p.device}; a captured AdamW keeps its step counts on the parameters' device"
+            )
 
 
 def _clone(batch):
@@ -105,8 +115,9 @@ class StaticStep:
     directly on the buffers (``use_graph=False``, any device). A micro-batch is a ``Batch`` or
     any tuple of tensors; every step must bring the same number, shapes and dtypes."""
 
-    def __init__(self, step: TrainStep, *, use_graph: bool, capture_optimizer: bool = True,
-                 warmup_steps: int = WARMUP_STEPS):
+    def __init__(
+        self, step: TrainStep, *, use_graph: bool, capture_optimizer: bool = True, warmup_steps: int = WARMUP_STEPS
+    ):
         self.step, self.use_graph, self.capture_optimizer = step, use_graph, capture_optimizer
         self.warmup_left = warmup_steps if use_graph else 0
         self.inputs: list[tuple] | None = None
@@ -133,14 +144,17 @@ class StaticStep:
 
     def _load(self, batches: list[tuple]) -> None:
         if len(batches) != len(self.inputs):
-            raise ValueError(f"batches: expected {len(self.inputs)} micro-batches (the captured step's), "
-                             f"got {len(batches)}")
-        for static, batch in zip(self.inputs, batches):
+            raise ValueError(
+                f"batches: expected {len(self.inputs)} micro-batches (the captured step's), got {len(batches)}"
+            )
+        for static, batch in zip(self.inputs, batches, strict=True):
             names = getattr(batch, "_fields", range(len(batch)))
             for name, buffer, value in zip(names, static, batch, strict=True):
                 if buffer.shape != value.shape or buffer.dtype != value.dtype:
-                    raise ValueError(f"batch.{name}: expected {tuple(buffer.shape)} {buffer.dtype} "
-                                     f"(the captured step's), got {tuple(value.shape)} {value.dtype}")
+                    raise ValueError(
+                        f"batch.{name}: expected {tuple(buffer.shape)} {buffer.dtype} "
+                        f"(the captured step's), got {tuple(value.shape)} {value.dtype}"
+                    )
                 buffer.copy_(value, non_blocking=True)
 
     def _side_stream(self, batches: list[tuple]) -> dict[str, torch.Tensor]:

@@ -30,12 +30,15 @@ class MetricsLogger:
         if report_to in ("tensorboard", "all"):
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 # events of steps > resume_step, written by the run after its checkpoint, are purged
-                self.tensorboard = SummaryWriter(str(self.dir / "logs"),
-                                                 purge_step=resume_step + 1 if resume_step else None)
+                self.tensorboard = SummaryWriter(
+                    str(self.dir / "logs"), purge_step=resume_step + 1 if resume_step else None
+                )
             except ImportError:
-                warnings.warn("--report_to tensorboard: tensorboard is not installed; "
-                              "logging to metrics.csv only", stacklevel=2)
+                warnings.warn(
+                    "--report_to tensorboard: tensorboard is not installed; logging to metrics.csv only", stacklevel=2
+                )
 
     def log(self, step: int, values: dict[str, float]) -> None:
         """Record ``values`` at optimizer step ``step``."""
@@ -70,6 +73,7 @@ class MetricsLogger:
     def plot(self, keys: list[str]) -> None:
         """One panel per metric against step, saved as curves.png."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -82,7 +86,7 @@ class MetricsLogger:
             ax.plot(steps, [r.get(name, float("nan")) for r in self.rows])
             ax.set_title(name)
             ax.set_xlabel("step")
-        for ax in list(axes.flat)[len(names):]:
+        for ax in list(axes.flat)[len(names) :]:
             ax.axis("off")
         fig.tight_layout()
         fig.savefig(self.dir / "curves.png", dpi=80)

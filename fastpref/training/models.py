@@ -37,10 +37,14 @@ def set_attention(model: torch.nn.Module, use_xformers: bool | None, sdpa_proces
             return "xformers"
         except Exception as error:  # diffusers raises several types when the kernels cannot run
             if use_xformers:
-                raise ValueError(f"--enable_xformers_memory_efficient_attention: xformers cannot run "
-                                 f"here ({type(error).__name__}: {error})") from error
-            warnings.warn(f"xformers is installed but cannot run here ({type(error).__name__}); "
-                          f"using PyTorch SDPA attention", stacklevel=2)
+                raise ValueError(
+                    f"--enable_xformers_memory_efficient_attention: xformers cannot run "
+                    f"here ({type(error).__name__}: {error})"
+                ) from error
+            warnings.warn(
+                f"xformers is installed but cannot run here ({type(error).__name__}); using PyTorch SDPA attention",
+                stacklevel=2,
+            )
     if sdpa_processor is None:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
