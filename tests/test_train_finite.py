@@ -75,7 +75,7 @@ def test_learning_rate_default_per_reference_mode():
     from fastpref.training.args import parse_args
 
     assert parse_args([]).learning_rate == 5e-4
-    assert parse_args(["--reference", "copy"]).learning_rate == 3e-6
+    assert parse_args(["--reference", "copy"]).learning_rate == 1e-6
     assert parse_args(["--reference", "copy", "--learning_rate", "1e-4"]).learning_rate == 1e-4
 
 

@@ -14,7 +14,7 @@ DEFAULT_DATA = ASSETS / "tiny-prefs.parquet"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
-DEFAULT_LEARNING_RATE = {"lora": 5e-4, "copy": 3e-6}
+DEFAULT_LEARNING_RATE = {"lora": 5e-4, "copy": 1e-6}
 """Default ``--learning_rate`` per ``--reference`` mode, chosen from 100-step runs on the bundled
 tiny model (docs/training.md, "Learning rate"): full fine-tuning diverges at LoRA's rate."""
 
