@@ -1,7 +1,7 @@
 """docs/methods.md's special cases and exact constructions for the extended losses (§2.4-2.10):
 reductions to Diffusion-DPO, the dense k(t) table, SSPO anchors and ties, MaPO near m = 0,
 KTO one-class batches, SDPO's gradient edit, DMPO as SDPO. Kernel against kernel where the
-spec states an identity, kernel against the float64 reference otherwise."""
+document states an identity, kernel against the float64 reference otherwise."""
 
 import math
 

@@ -80,7 +80,7 @@ def read_metrics(values: dict[str, torch.Tensor], state: DistState) -> dict[str,
 
 
 def kto_global_baseline(state: DistState):
-    """KTO's baseline over the global batch of a multi-process run (spec §2.7): z = max(0,
+    """KTO's baseline over the global batch of a multi-process run (docs/methods.md §2.7): z = max(0,
     mean over every process's rows of r_k - m_k), detached and all-reduced on the device.
     None alone, where the loss's own per-batch baseline is the same thing."""
     if not state.enabled:
