@@ -33,7 +33,6 @@ def test_csv_resumed_from_an_earlier_checkpoint_has_each_step_once(tmp_path):
 
 
 def test_tensorboard_resumed_from_an_earlier_checkpoint_has_each_step_once(tmp_path):
-    pytest.importorskip("tensorboard", reason="--report_to tensorboard needs the tensorboard package")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     first = MetricsLogger(tmp_path, "tensorboard")
