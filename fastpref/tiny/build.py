@@ -52,9 +52,8 @@ def train_vae(steps: int, batch_size: int, seed: int, log_every: int = 100):
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
-            print(
-                f"vae step {step}: loss {loss.item():.4f}", flush=True
-            )  # host-ok: offline build script, progress print
+            value = loss.item()  # host-ok: offline build script, progress print
+            print(f"vae step {step}: loss {value:.4f}", flush=True)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         x = to_pixels(random_dataset(512, seed=seed + 7)[0])
@@ -94,9 +93,8 @@ def train_unet(vae, tokenizer, text_encoder, steps: int, batch_size: int, seed: 
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
-            print(
-                f"unet step {step}: loss {loss.item():.4f}", flush=True
-            )  # host-ok: offline build script, progress print
+            value = loss.item()  # host-ok: offline build script, progress print
+            print(f"unet step {step}: loss {value:.4f}", flush=True)
     return unet.eval().requires_grad_(False)
 
 
