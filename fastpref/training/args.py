@@ -11,6 +11,9 @@ from .losses import LOSS_TYPES
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_MODEL = ASSETS / "tiny-sd"
 DEFAULT_DATA = ASSETS / "tiny-prefs.parquet"
+BUNDLED_DATA = {DEFAULT_MODEL: DEFAULT_DATA}
+"""Each bundled tiny pipeline -> its bundled preference set: the data a run on that pipeline
+trains on when neither ``--dataset_name`` nor ``--train_data_dir`` is given."""
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -224,6 +227,12 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name}: expected an integer >= {minimum}, got {value}")
 
 
+def default_data(pretrained: str | Path) -> Path:
+    """The bundled preference set of the bundled pipeline ``pretrained``; the SD1.5 set for any
+    other pipeline (whose own data the user names with ``--dataset_name``)."""
+    return BUNDLED_DATA.get(Path(pretrained).resolve(), DEFAULT_DATA)
+
+
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> argparse.Namespace:
     """Parse and check the flags (no model or data access); ValueError names the flag.
     ``args.learning_rate`` is filled with the ``--reference`` mode's default when not given.
@@ -240,7 +249,7 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None) -> a
             f"--dataset_name and --train_data_dir: give one, got {args.dataset_name!r} and {args.train_data_dir!r}"
         )
     args.data_argument = "--dataset_name" if args.dataset_name else "--train_data_dir"
-    args.data_path = args.dataset_name or args.train_data_dir or str(DEFAULT_DATA)
+    args.data_path = args.dataset_name or args.train_data_dir or str(default_data(args.pretrained_model_name_or_path))
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_LEARNING_RATE[args.reference]
     check_numbers(args)
