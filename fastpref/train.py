@@ -106,6 +106,7 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
         )
     family = family_class(config.pretrained_model_name_or_path)
     factor = family.check(config.pretrained_model_name_or_path)
+    family.check_flags(config)
     resolution = config.resolution or family.default_resolution(config.pretrained_model_name_or_path)
     config = config.replace(resolution=resolution)
     if config.resolution % factor:
@@ -189,6 +190,7 @@ def build(config: Config) -> Run:
     torch.manual_seed(config.seed)
 
     family = load_family(config.pretrained_model_name_or_path, dist.device, weight_dtype)
+    family.configure(config)  # its family-specific flags (flow matching: the timestep density)
     family.set_attention(True if config.enable_xformers_memory_efficient_attention else None)
     denoiser = family.denoiser
     if config.gradient_checkpointing:

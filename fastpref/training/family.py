@@ -11,7 +11,8 @@ lists the methods with their shapes and dtypes.
 
 Tensor conventions: ``R`` rows per micro-batch; latents ``[R, *latent_shape]`` float32 (images
 ``(C, h, w)``, video ``(C, F, h, w)``); timesteps ``[R]`` int64 indices into the family's
-training schedule ``0..num_train_timesteps - 1``; prompt embeddings ``[R, L, D]`` and pooled
+training schedule ``0..num_train_timesteps - 1`` (flow-matching families, ``fastpref.training.flow``:
+float32 scheduler timesteps ``σ · num_train_timesteps``); prompt embeddings ``[R, L, D]`` and pooled
 embeddings ``[R, P]`` in the weight dtype.
 """
 
@@ -49,6 +50,7 @@ class ModelFamily(ABC):
     """
 
     class_names: tuple[str, ...] = ()  # model_index.json ``_class_name`` values this family trains
+    flag_kinds: tuple[str, ...] = ()  # kinds of family-specific flags (args.FAMILY_FLAGS) it takes
     denoiser: torch.nn.Module
     device: torch.device
     weight_dtype: torch.dtype
@@ -66,6 +68,26 @@ class ModelFamily(ABC):
     @abstractmethod
     def default_resolution(cls, path: Path) -> int:
         """The training resolution when ``--resolution`` is not given (pixels, square)."""
+
+    @classmethod
+    def check_flags(cls, config) -> None:
+        """Refuse every family-specific flag (``args.FAMILY_FLAGS``, e.g. the flow-matching
+        ``--weighting_scheme``) given in ``config`` (not None) whose kind is not in
+        ``cls.flag_kinds``: ValueError naming the flag and this family. Reads no file."""
+        from .args import FAMILY_FLAGS
+
+        for name, kind in FAMILY_FLAGS.items():
+            value = getattr(config, name, None)
+            if value is not None and kind not in cls.flag_kinds:
+                raise ValueError(
+                    f"--{name}: a {kind} flag, but --pretrained_model_name_or_path is a "
+                    f"{'/'.join(cls.class_names)} ({cls.__name__}), which takes no {kind} flags; got {value!r}"
+                )
+
+    def configure(self, config) -> None:
+        """Take the family-specific flags of ``config`` after ``load`` (``fastpref.train.build``
+        calls it; ``check_flags`` has passed). The default takes none."""
+        return None
 
     @classmethod
     @abstractmethod
@@ -126,6 +148,11 @@ class ModelFamily(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(noisy, target)``, both ``[R, *latent_shape]``: the latents noised to ``timesteps``
         and what the denoiser regresses there (epsilon, v, or flow matching's ``noise - x0``)."""
+
+    def error_weight(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """``[R]`` float32 weights of each row's squared error at ``timesteps`` ``[R]`` (the losses
+        then see ``sqrt(w)`` times prediction and target), or None: unweighted (the default)."""
+        return None
 
     @abstractmethod
     def denoise(
