@@ -113,6 +113,7 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
         raise ValueError(
             f"--resolution: expected a multiple of the VAE downsampling factor {factor}, got {config.resolution}"
         )
+    family.check_resolution(config.pretrained_model_name_or_path, config.resolution)
     pairs = PreferencePairs(
         parquet_files(config.data_path, config.data_argument), config.data_argument, skip_bad_rows=config.skip_bad_rows
     )

@@ -70,6 +70,13 @@ class ModelFamily(ABC):
         """The training resolution when ``--resolution`` is not given (pixels, square)."""
 
     @classmethod
+    def check_resolution(cls, path: Path, resolution: int) -> None:
+        """Refuse a training ``resolution`` (pixels, already a multiple of ``check``'s factor) that
+        the denoiser cannot take (patching, packing, position tables): ValueError naming
+        ``--resolution``, expected and actual. Reads configuration files only; default: any."""
+        return None
+
+    @classmethod
     def check_flags(cls, config) -> None:
         """Refuse every family-specific flag (``args.FAMILY_FLAGS``, e.g. the flow-matching
         ``--weighting_scheme``) given in ``config`` (not None) whose kind is not in

@@ -84,14 +84,32 @@ class FlowMatchingFamily(ModelFamily):
             return sigma**-2.0
         return 2.0 / (math.pi * (1.0 - 2.0 * sigma + 2.0 * sigma**2))
 
+    def image_seq_len(self, latent_shape: tuple[int, ...]) -> int:
+        """Image tokens of one latent ``(C, h, w)``: ``(h / 2) (w / 2)`` for 2x2 patches (SD3's
+        default patch size and Flux's packing); the input of resolution-dependent shifting."""
+        return (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+
     def sampling_sigmas(self, num_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """``[num_steps + 1]`` float32 σ of the pipeline's ``num_steps``-step Euler schedule, from
-        ``σ_0 ≈ 1`` down to the terminal 0 (a copy of the scheduler's ``set_timesteps``). Families
-        with resolution-dependent shifting (Flux) override this with their ``mu``."""
+        ``σ_0 = 1`` down to the terminal 0: the scheduler's own ``set_timesteps`` on a copy, with
+        ``mu = calculate_shift(image_seq_len)`` as the SD3 / Flux pipelines compute it when the
+        scheduler uses resolution-dependent (dynamic) shifting."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(num_steps)
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            c = scheduler.config
+            kwargs["mu"] = calculate_shift(
+                self.image_seq_len(latent_shape),
+                c.get("base_image_seq_len", 256),
+                c.get("max_image_seq_len", 4096),
+                c.get("base_shift", 0.5),
+                c.get("max_shift", 1.16),
+            )
+        scheduler.set_timesteps(num_steps, **kwargs)
         return scheduler.sigmas.to(torch.float32)
 
     @torch.no_grad()
