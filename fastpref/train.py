@@ -249,16 +249,16 @@ def build(config: Config) -> Run:
         cache_enabled=not config.cuda_graph,
     )
 
-    def policy(noisy, t, emb, pooled):
+    def policy(noisy, t, emb, pooled, extra=None):
         with autocast:
-            return family.denoise(model, noisy, t, emb, pooled)
+            return family.denoise(model, noisy, t, emb, pooled, extra)
 
-    def reference(noisy, t, emb, pooled):
+    def reference(noisy, t, emb, pooled, extra=None):
         with autocast:
             if reference_model is not None:
-                return family.denoise(reference_model, noisy, t, emb, pooled)
+                return family.denoise(reference_model, noisy, t, emb, pooled, extra)
             with adapters_disabled(denoiser):
-                return family.denoise(denoiser, noisy, t, emb, pooled)
+                return family.denoise(denoiser, noisy, t, emb, pooled, extra)
 
     kl_baseline = kto_global_baseline(dist)
 
