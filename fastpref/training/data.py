@@ -125,9 +125,7 @@ class PreferencePairs:
     asks for them (``load_pixels``).
     """
 
-    def __init__(
-        self, files: list[Path | NamedTable], argument: str = "--train_data_dir", skip_bad_rows: bool = False
-    ):
+    def __init__(self, files: list[Path | NamedTable], argument: str = "--train_data_dir", skip_bad_rows: bool = False):
         captions, winners, losers = [], [], []
         self.num_ties = 0
         self.skipped: list[dict] = []  # skip_bad_rows: {"file", "row", "column", "reason"} of each dropped row
