@@ -129,23 +129,13 @@ def device_of(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def quiet_loading() -> None:
-    """No weight-loading progress bars or info lines from diffusers and transformers (ours stays)."""
-    import diffusers
-    import transformers
-
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run ``fastpref-pairs`` with ``argv`` (None: ``sys.argv[1:]``); returns the summary
     (``pairs``, ``prompts_now``, ``prompts_before``, ``reward_mean``, ``seconds``, ``output``)."""
     import torch
 
     from .generate import PairsJob, SamplingSettings, run_job
-    from .sampling import load_pipeline
+    from .sampling import load_pipeline, quiet_loading
     from .writer import PartStore
 
     args = build_parser().parse_args(argv)

@@ -41,8 +41,12 @@ class MetricsLogger:
                 )
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        """Record ``values`` at optimizer step ``step``."""
-        self.rows.append({"step": step, **values})
+        """Record ``values`` at optimizer step ``step`` (merged into the last row when it is the
+        same step's: the on-line refresh logs after the step's own metrics)."""
+        if self.rows and self.rows[-1]["step"] == step:
+            self.rows[-1].update(values)
+        else:
+            self.rows.append({"step": step, **values})
         if self.tensorboard is not None:
             for key, value in values.items():
                 self.tensorboard.add_scalar(f"train/{key}", value, step)
@@ -81,9 +85,10 @@ class MetricsLogger:
         columns = min(4, len(names))
         rows = -(-len(names) // columns)
         fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
-        steps = [r["step"] for r in self.rows]
         for ax, name in zip(axes.flat, names, strict=False):
-            ax.plot(steps, [r.get(name, float("nan")) for r in self.rows])
+            logged = [r for r in self.rows if name in r]  # a metric of some steps only (online_reward)
+            sparse = len(logged) < len(self.rows)
+            ax.plot([r["step"] for r in logged], [r[name] for r in logged], marker="o" if sparse else None)
             ax.set_title(name)
             ax.set_xlabel("step")
         for ax in list(axes.flat)[len(names) :]:
