@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastpref import train
+from fastpref.pairs import cli as pairs_cli
 from fastpref.pairs.generate import sample_seed
 from fastpref.training.args import DEFAULT_MODEL
 from fastpref.training.config import parse_config
@@ -53,6 +54,17 @@ def test_refresh_raises_the_reward_over_a_short_run(tmp_path):
         assert table["seed_0"][i] in seeds and table["seed_1"][i] in seeds
         assert table["label_0"][i] == (1.0 if table["score_0"][i] > table["score_1"][i] else 0.0)
     assert (out / "curves.png").is_file()
+    # fastpref-pairs samples the same images (same prompts, seeds and settings): the step-0 reward is the
+    # base model's, and the trained LoRA loaded with --lora_weights scores higher
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(train.validate(config(out))[2].captions[:8]))
+    argv = ["--prompts", str(prompts), "--num_samples", "4", "--num_inference_steps", "6", "--batch_size", "8"]
+    base = pairs_cli.main([*argv, "--no_progress", "--output", str(tmp_path / "base.parquet")])
+    assert base["reward_mean"] == pytest.approx(rewards[0], rel=1e-9)
+    aligned = pairs_cli.main(
+        [*argv, "--no_progress", "--lora_weights", str(out), "--output", str(tmp_path / "a.parquet")]
+    )
+    assert aligned["reward_mean"] > rewards[0] + 0.003
 
 
 def test_resume_with_online_pairs_is_exact(tmp_path):
