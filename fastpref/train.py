@@ -45,7 +45,7 @@ from fastpref.training.checkpoint import (
     save_checkpoint,
 )
 from fastpref.training.config import Config, parse_config
-from fastpref.training.data import PreferencePairs, log_skipped_rows, parquet_files
+from fastpref.training.data import PreferencePairs, log_skipped_rows
 from fastpref.training.distributed import (
     DistState,
     barrier,
@@ -62,6 +62,7 @@ from fastpref.training.logging import MetricsLogger
 from fastpref.training.losses import LossType, get_loss_type
 from fastpref.training.models import frozen_copy, load_trainable_state, trainable_state
 from fastpref.training.replay import REPLAY_FILE, CheckpointReplay, self_sampler
+from fastpref.training.sources import preference_sources
 from fastpref.training.step import TrainStep, preference_loss
 from fastpref.training.stopping import StopRequest
 
@@ -114,9 +115,10 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
             f"--resolution: expected a multiple of the VAE downsampling factor {factor}, got {config.resolution}"
         )
     family.check_resolution(config.pretrained_model_name_or_path, config.resolution)
-    pairs = PreferencePairs(
-        parquet_files(config.data_path, config.data_argument), config.data_argument, skip_bad_rows=config.skip_bad_rows
+    sources = preference_sources(
+        config.data_path, config.data_argument, split=config.dataset_split, streaming=config.dataset_streaming
     )
+    pairs = PreferencePairs(sources, config.data_argument, skip_bad_rows=config.skip_bad_rows)
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     if config.cuda_graph:
         refusal = graph_refusal(

@@ -88,8 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(DEFAULT_MODEL),
         help="local diffusers Stable Diffusion directory (default: the bundled tiny pipeline)",
     )
-    a("--dataset_name", default=None, help="local Pick-a-Pic-layout parquet file or directory")
+    a(
+        "--dataset_name",
+        default=None,
+        help="local Pick-a-Pic-layout pairs: a parquet file, a directory of them, a parquet glob ('data/*.parquet') "
+        "or a datasets save_to_disk directory (fastpref-pairs writes such a parquet)",
+    )
     a("--train_data_dir", default=None, help="same as --dataset_name (default: the bundled tiny set)")
+    a("--dataset_split", default="train", help="the split of a save_to_disk DatasetDict")
+    a(
+        "--dataset_streaming",
+        action="store_true",
+        help="read the data through a datasets IterableDataset in one pass at start (no cache files written); "
+        "same rows and batches",
+    )
     a(
         "--skip_bad_rows",
         action="store_true",
