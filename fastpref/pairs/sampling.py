@@ -9,6 +9,7 @@ device's arithmetic), and two pipelines sampled with the same seeds start from i
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,23 @@ def use_scheduler(pipe, scheduler: str = "auto") -> None:
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
 
 
+def guidance_kwargs(pipe, guidance_scale: float, n: int) -> dict:
+    """The call arguments that give ``pipe`` classifier-free guidance of scale ``guidance_scale``
+    against the empty prompt, for ``n`` prompts.
+
+    Most pipelines (SD1.5, SDXL, SD3) take ``guidance_scale``. A pipeline whose ``__call__`` has
+    ``true_cfg_scale`` (Flux) reads ``guidance_scale`` as the distilled-guidance embedding when its
+    denoiser has ``guidance_embeds``, and does classifier-free guidance through ``true_cfg_scale``
+    with a negative prompt otherwise.
+    """
+    if "true_cfg_scale" not in inspect.signature(pipe.__call__).parameters:
+        return {"guidance_scale": guidance_scale}
+    denoiser = getattr(pipe, "transformer", None)
+    if getattr(getattr(denoiser, "config", None), "guidance_embeds", False):
+        return {"guidance_scale": guidance_scale}
+    return {"true_cfg_scale": guidance_scale, "negative_prompt": [""] * n}
+
+
 def sample_images(
     pipe,
     prompts: list[str],
@@ -97,7 +115,7 @@ def sample_images(
                 generator=generators,
                 output_type="np",
                 num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
+                **guidance_kwargs(pipe, guidance_scale, len(generators)),
                 **size,
             ).images
         out.append(np.round(np.clip(images, 0, 1) * 255).astype(np.uint8))

@@ -11,7 +11,10 @@ from .losses import LOSS_TYPES
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_MODEL = ASSETS / "tiny-sd"
 DEFAULT_DATA = ASSETS / "tiny-prefs.parquet"
-BUNDLED_DATA = {DEFAULT_MODEL: DEFAULT_DATA}
+BUNDLED_DATA = {
+    DEFAULT_MODEL: DEFAULT_DATA,
+    ASSETS / "tiny-sdxl": ASSETS / "tiny-sdxl-prefs.parquet",
+}
 """Each bundled tiny pipeline -> its bundled preference set: the data a run on that pipeline
 trains on when neither ``--dataset_name`` nor ``--train_data_dir`` is given."""
 FLOW_MATCHING_DEFAULTS = {"weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}

@@ -62,14 +62,17 @@ class NamedTable(NamedTuple):
 
 class ImageBytes(bytes):
     """Encoded image bytes that know where they came from (``origin``: file, row and column),
-    so a decoding error can name them."""
+    so a decoding error can name them; ``column`` is the column alone (``"jpg_0"`` or
+    ``"jpg_1"``: SDXL's time ids take the original size of a pair's ``jpg_0``)."""
 
     origin: str = ""
+    column: str = ""
 
     @classmethod
     def at(cls, data: bytes, file: Path, row: int, column: str, argument: str) -> "ImageBytes":
         out = cls(data)
         out.origin = f"{argument}: {str(file)!r} row {row} column {column!r}"
+        out.column = column
         return out
 
 
