@@ -45,7 +45,7 @@ from fastpref.training.checkpoint import (
     save_checkpoint,
 )
 from fastpref.training.config import Config, parse_config
-from fastpref.training.data import PreferencePairs, log_skipped_rows, parquet_files
+from fastpref.training.data import PreferencePairs, log_skipped_rows
 from fastpref.training.distributed import (
     DistState,
     barrier,
@@ -62,6 +62,7 @@ from fastpref.training.logging import MetricsLogger
 from fastpref.training.losses import LossType, get_loss_type
 from fastpref.training.models import frozen_copy, load_trainable_state, trainable_state
 from fastpref.training.replay import REPLAY_FILE, CheckpointReplay, self_sampler
+from fastpref.training.sources import preference_sources
 from fastpref.training.step import TrainStep, preference_loss
 from fastpref.training.stopping import StopRequest
 
@@ -106,15 +107,18 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
         )
     family = family_class(config.pretrained_model_name_or_path)
     factor = family.check(config.pretrained_model_name_or_path)
+    family.check_flags(config)
     resolution = config.resolution or family.default_resolution(config.pretrained_model_name_or_path)
     config = config.replace(resolution=resolution)
     if config.resolution % factor:
         raise ValueError(
             f"--resolution: expected a multiple of the VAE downsampling factor {factor}, got {config.resolution}"
         )
-    pairs = PreferencePairs(
-        parquet_files(config.data_path, config.data_argument), config.data_argument, skip_bad_rows=config.skip_bad_rows
+    family.check_resolution(config.pretrained_model_name_or_path, config.resolution)
+    sources = preference_sources(
+        config.data_path, config.data_argument, split=config.dataset_split, streaming=config.dataset_streaming
     )
+    pairs = PreferencePairs(sources, config.data_argument, skip_bad_rows=config.skip_bad_rows)
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     if config.cuda_graph:
         refusal = graph_refusal(
@@ -189,6 +193,7 @@ def build(config: Config) -> Run:
     torch.manual_seed(config.seed)
 
     family = load_family(config.pretrained_model_name_or_path, dist.device, weight_dtype)
+    family.configure(config)  # its family-specific flags (flow matching: the timestep density)
     family.set_attention(True if config.enable_xformers_memory_efficient_attention else None)
     denoiser = family.denoiser
     if config.gradient_checkpointing:
@@ -246,16 +251,16 @@ def build(config: Config) -> Run:
         cache_enabled=not config.cuda_graph,
     )
 
-    def policy(noisy, t, emb, pooled):
+    def policy(noisy, t, emb, pooled, extra=None):
         with autocast:
-            return family.denoise(model, noisy, t, emb, pooled)
+            return family.denoise(model, noisy, t, emb, pooled, extra)
 
-    def reference(noisy, t, emb, pooled):
+    def reference(noisy, t, emb, pooled, extra=None):
         with autocast:
             if reference_model is not None:
-                return family.denoise(reference_model, noisy, t, emb, pooled)
+                return family.denoise(reference_model, noisy, t, emb, pooled, extra)
             with adapters_disabled(denoiser):
-                return family.denoise(denoiser, noisy, t, emb, pooled)
+                return family.denoise(denoiser, noisy, t, emb, pooled, extra)
 
     kl_baseline = kto_global_baseline(dist)
 

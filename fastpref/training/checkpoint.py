@@ -48,6 +48,7 @@ SAFE_FLAGS = frozenset(
         "gradient_checkpointing",
         "dataset_name",
         "train_data_dir",
+        "dataset_streaming",
         "data_argument",  # the data itself is ``data_path``, compared
     }
 )
