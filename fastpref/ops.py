@@ -26,7 +26,6 @@ directly rather than through the dispatcher: an operator call with registered au
 ~80 us of host time per forward+backward, three times the fused loss's own).
 """
 
-
 import torch
 from torch import Tensor
 
