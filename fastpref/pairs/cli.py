@@ -17,6 +17,7 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 from fastpref.training.args import ASSETS, DEFAULT_MODEL
 from fastpref.training.exits import EXIT_BAD_INPUT
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained_model_name_or_path",
         default=str(DEFAULT_MODEL),
         help="local diffusers pipeline directory of a family fastpref-train trains",
+    )
+    a(
+        "--lora_weights",
+        default=None,
+        help="a LoRA directory or file (fastpref-train's output) loaded into the "
+        "pipeline: sample the aligned model, for the next round or to measure it",
     )
     a("--prompts", default=str(DEFAULT_PROMPTS), help="prompts: a text file (one a line) or a parquet/CSV column")
     a("--prompt_column", default=None, help="column of a parquet/CSV --prompts (default: prompt, caption or text)")
@@ -108,6 +115,10 @@ def check_args(args: argparse.Namespace) -> list[str]:
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"--{name}: expected a finite number >= 0, got {value}")
     check_pipeline(args.pretrained_model_name_or_path, args.resolution)
+    if args.lora_weights is not None and not Path(args.lora_weights).exists():
+        raise ValueError(
+            f"--lora_weights: expected a LoRA directory or file, got {args.lora_weights!r}, which does not exist"
+        )
     prompts = read_prompts(args.prompts, args.prompt_column)[: args.num_prompts]
     check_reward(args.reward, reward_options(args))
     return prompts
@@ -129,29 +140,20 @@ def device_of(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def quiet_loading() -> None:
-    """No weight-loading progress bars or info lines from diffusers and transformers (ours stays)."""
-    import diffusers
-    import transformers
-
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run ``fastpref-pairs`` with ``argv`` (None: ``sys.argv[1:]``); returns the summary
     (``pairs``, ``prompts_now``, ``prompts_before``, ``reward_mean``, ``seconds``, ``output``)."""
     import torch
 
     from .generate import PairsJob, SamplingSettings, run_job
-    from .sampling import load_pipeline
+    from .sampling import load_pipeline, quiet_loading
     from .writer import PartStore
 
     args = build_parser().parse_args(argv)
     prompts = check_args(args)
     job = PairsJob(
         model=args.pretrained_model_name_or_path,
+        lora_weights=args.lora_weights,
         prompts=tuple(prompts),
         num_samples=args.num_samples,
         seed=args.seed,
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     pipe = load_pipeline(args.pretrained_model_name_or_path, device_of(args), dtype)
+    if args.lora_weights is not None:
+        pipe.load_lora_weights(args.lora_weights)
     reward = load_reward(args.reward, reward_options(args))
     table, summary = run_job(job, pipe, reward, args.output, overwrite=args.overwrite, progress=not args.no_progress)
     summary.update(seconds=time.time() - start, output=str(args.output))

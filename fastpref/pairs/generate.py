@@ -102,6 +102,7 @@ class PairsJob:
 
     model: str
     prompts: tuple[str, ...]
+    lora_weights: str | None = None
     num_samples: int = 4
     seed: int = 0
     reward: str = "colourfulness"
@@ -119,6 +120,7 @@ class PairsJob:
         return {
             "format": "fastpref-pairs/1",
             "model": str(Path(self.model).resolve()),
+            "lora_weights": self.lora_weights and str(Path(self.lora_weights).resolve()),
             "num_prompts": len(self.prompts),
             "prompts_sha256": prompts_digest(list(self.prompts)),
             "num_samples": self.num_samples,

@@ -49,6 +49,16 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     return pipe.to(device) if dtype is None else pipe.to(device, dtype)
 
 
+def quiet_loading() -> None:
+    """No weight-loading progress bars or info lines from diffusers and transformers."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
 def use_scheduler(pipe, scheduler: str = "auto") -> None:
     """Set ``pipe``'s sampling scheduler per ``--scheduler`` (``SCHEDULERS``)."""
     from diffusers import DDIMScheduler, DDPMScheduler
