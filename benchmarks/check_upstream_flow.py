@@ -114,10 +114,9 @@ def check_flow_grpo(root, seeds, dtypes):
                     for name, res in (("upstream", up), ("fastpref", ours)):
                         worst[name, "loss"] = max(worst[name, "loss"], rel(res[0], ref[0]))
                         worst[name, "grad"] = max(worst[name, "grad"], rel(res[2], ref[2]))
-                        if name == "fastpref":
-                            assert set(res[1]) == set(ref[1]), sorted(res[1])
-                            for k in ref[1]:
-                                worst["key", k] = max(worst["key", k], rel(res[1][k], ref[1][k]))
+                        assert set(res[1]) == set(ref[1]), sorted(res[1])
+                        for k in ref[1]:
+                            worst["key", name, k] = max(worst["key", name, k], rel(res[1][k], ref[1][k]))
                     worst["vs", "loss"] = max(worst["vs", "loss"], rel(ours[0], up[0]))
             rows.append((f"flow_grpo β {beta:g}", _dt(dtype), worst))
     return rows
@@ -218,10 +217,10 @@ def _original_loss(pred, target, dtype):
 
 SIMPLETUNER_CASES = [
     ("sum, β 1", dict(auto_beta=False, beta=1.0), False, (0.002, 0.005, 0.01)),
-    ("sum, auto β (defaults)", dict(), False, (0.002, 0.005, 0.01)),
+    ("sum, auto β (defaults)", dict(), False, (0.02, 0.05, 0.1)),
     ("mean, β 2000", dict(norm_type="mean", auto_beta=False, beta=2000.0), False, (0.005, 0.02, 0.05)),
     ("masked_mean + mask, β 2000", dict(norm_type="masked_mean", auto_beta=False, beta=2000.0), True, (0.005, 0.02)),
-    ("sum + mask, auto β, anchor 0.5, SFT 0.1", dict(anchor_alpha=0.5, sft_loss_weight=0.1), True, (0.002, 0.005)),
+    ("sum + mask, auto β, anchor 0.5, SFT 0.1", dict(anchor_alpha=0.5, sft_loss_weight=0.1), True, (0.02, 0.05)),
 ]
 
 
@@ -262,12 +261,16 @@ def check_simpletuner(root, seeds, dtypes):
                         worst[name, "loss"] = max(worst[name, "loss"], rel(res[0], ref[0]))
                         g_res, g_ref = torch.cat([res[2], res[3]]), torch.cat([ref[2], ref[3]])
                         worst[name, "grad"] = max(worst[name, "grad"], rel(g_res, g_ref))
-                    for k in ref[1]:
-                        if k != "flow_dpo_negative_margin_pct":
-                            worst["key", k] = max(worst["key", k], rel(logs[k], ref[1][k]))
+                    for name, res_logs in (("upstream", up[1]), ("fastpref", logs)):
+                        for k in ref[1]:
+                            if k != "flow_dpo_negative_margin_pct":
+                                worst["key", name, k] = max(worst["key", name, k], rel(res_logs[k], ref[1][k]))
                     worst["vs", "loss"] = max(worst["vs", "loss"], rel(ours[0], up[0]))
-                    worst["beta"] = max(worst["beta"], float(ref[1]["flow_dpo_beta"]))
-            rows.append((f"SimpleTuner {label}", _dt(dtype), worst))
+                    b = float(ref[1]["flow_dpo_beta"])
+                    worst["beta_max"] = max(worst["beta_max"], b)
+                    worst["beta_min"] = min(worst.get("beta_min", b), b)
+            label_beta = f"{label} (β {worst['beta_min']:.3g}-{worst['beta_max']:.3g})" if "auto" in label else label
+            rows.append((f"SimpleTuner {label_beta}", _dt(dtype), worst))
     return rows
 
 
@@ -286,19 +289,20 @@ def main(argv=None):
     rows = check_flow_grpo(args.flow_grpo, args.seeds, dtypes) + check_simpletuner(args.simpletuner, args.seeds, dtypes)
     print(
         "| block | inputs | vs float64, loss: upstream / fastpref | vs float64, gradient: upstream / fastpref "
-        "| upstream vs fastpref, loss | fastpref log keys vs float64 |"
+        "| upstream vs fastpref, loss | log keys vs float64: upstream | fastpref |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for label, dt, w in rows:
         print(
             f"| {label} | {dt} | {w['upstream', 'loss']:.1e} / {w['fastpref', 'loss']:.1e} | "
-            f"{w['upstream', 'grad']:.1e} / {w['fastpref', 'grad']:.1e} | {w['vs', 'loss']:.1e} | {_keys(w)} |"
+            f"{w['upstream', 'grad']:.1e} / {w['fastpref', 'grad']:.1e} | {w['vs', 'loss']:.1e} | "
+            f"{_keys(w, 'upstream')} | {_keys(w, 'fastpref')} |"
         )
 
 
-def _keys(worst):
+def _keys(worst, name):
     """The worst log key, and the worst of the others."""
-    keys = sorted(((v, k[1]) for k, v in worst.items() if k[0] == "key"), reverse=True)
+    keys = sorted(((v, k[2]) for k, v in worst.items() if k[0] == "key" and k[1] == name), reverse=True)
     return f"{keys[0][1]} {keys[0][0]:.1e}; others ≤ {keys[1][0]:.1e}"
 
 

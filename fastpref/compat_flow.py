@@ -17,7 +17,6 @@ import torch
 
 from fastpref import _validate as v
 from fastpref.losses import diffusion_dpo_loss, sft_loss
-from fastpref.metrics import row_errors
 
 SIMPLETUNER_NORM_TYPES = ("sum", "mean", "masked_mean")
 
@@ -85,7 +84,7 @@ class SimpleTunerFlowDPO:
     over processes, e.g. ``lambda t: accelerator.gather(t.reshape(1)).mean()`` as the
     distiller does on several processes; None: this process alone). The running mean stays on
     the device (`margin_ema`, a 0-dim float64 tensor, None before the first call); the margin
-    costs one extra pass over the inputs (`fastpref.row_errors`), and the preference term then
+    costs one extra forward-only pass over the inputs (the fused DPO forward), and the preference term then
     runs on inputs scaled by sqrt(β), which is β in the loss with no host read.
 
     Loss, as upstream: `loss_weight · dpo_loss + anchor_alpha · mean((policy - ref)²)` over
@@ -215,7 +214,7 @@ class SimpleTunerFlowDPO:
             root = weight.sqrt()
             kernel_inputs = tuple(x.to(dtype) * root for x in kernel_inputs)
         if self.auto_beta:
-            beta = self._auto_beta(*kernel_inputs, B, unit)
+            beta = self._auto_beta(*kernel_inputs, unit)
             root = beta.to(dtype).sqrt()
             kernel_inputs = tuple(x.to(dtype) * root for x in kernel_inputs)
             dpo_loss, m = diffusion_dpo_loss(*kernel_inputs, beta=unit)
@@ -251,11 +250,13 @@ class SimpleTunerFlowDPO:
             logs["flow_dpo_anchor_loss"] = anchor.detach()
         return loss, logs
 
-    def _auto_beta(self, pred, ref, target, B, unit):
+    def _auto_beta(self, pred, ref, target, unit):
         """β from the running mean of mean_i |margin_i| (SimpleTuner's `_beta_for_margin`), on
-        the device: a float32 0-dim tensor (detached). Updates `margin_ema`."""
-        model_err, ref_err = row_errors(pred.detach(), target, ref_pred=ref)
-        margin = ((ref_err[:B] - model_err[:B]) + (model_err[B:] - ref_err[B:])) * unit
+        the device: a float32 0-dim tensor (detached). Updates `margin_ema`. The margins come
+        from a forward-only fused pass (its cancellation-free inside_term at β = 2 is the
+        margin in mean units), not from differences of separately rounded errors."""
+        with torch.no_grad():
+            margin = diffusion_dpo_loss(pred.detach(), ref, target, beta=2.0)[1]["inside_term"] * unit
         value = margin.abs().mean()
         if self.margin_reduce is not None:
             value = self.margin_reduce(value)

@@ -4,11 +4,11 @@ inputs, 4-D and 5-D latents, and bad input.
 
 Upstream revisions read (the eager functions below are this project's own code following each
 block's operation sequence, not copies):
-- yifan123/flow_grpo `scripts/train_sd3_dpo.py` at ac4c86e8cae0 (lines 924-947: `target =
+- yifan123/flow_grpo `scripts/train_sd3_dpo.py` at ac4c86e8cae0 (lines 924-950: `target =
   noise - model_input` to the `implicit_acc` append).
 - bghira/SimpleTuner `simpletuner/helpers/distillation/flow_dpo/distiller.py` at bc8e6ab7738c
   (last changed in 289c17a4b26e): `compute_distill_loss` (lines 61-138), `_per_sample_error`
-  (228-251) and `_beta_for_margin` (253-282).
+  (237-262) and `_beta_for_margin` (264-293).
 
 The eager blocks evaluate in float32 as upstream's `.float()` does, or in float64 for float64
 inputs (the float64 reference). Agreement: float32 rounding amplified by β (docs/methods.md §4),
@@ -489,3 +489,27 @@ def test_flow_grpo_refuses_bad_tensors(no_launch):
     p, r, t = make_inputs((4, 16, 8, 8), F32, "cpu", 54)
     with pytest.raises(ValueError, match="model_pred_ref"):
         compat.flow_grpo_dpo_loss(p, r.requires_grad_(True), t, beta=100.0)
+
+
+def test_benchmark_registry_times_both_upstream_blocks():
+    """The GPU benchmark's dpo_sigmoid method is compared with both flow blocks as eager
+    providers (tests/test_benchmarks_quick.py checks each against fastpref's loss)."""
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        import providers
+        import registry
+    finally:
+        sys.path.remove(bench)
+    method = registry.METHODS["dpo_sigmoid"]
+    assert {"eager-flow-grpo", "eager-simpletuner"} <= set(method.eager)
+    ok, _ = providers.providers_for(method, providers.DEFAULT_PROVIDERS)
+    assert {"eager-flow-grpo", "eager-simpletuner"} <= set(ok)
+    p, r, t = make_inputs((4, 16, 8, 8), F32, "cpu", 55, 0.02)
+    loss, logs = providers.build(method, "eager-simpletuner")(p, r, t)
+    eager = EagerSimpleTuner(auto_beta=False, beta=5000.0 / p[0].numel())(*p.chunk(2), *r.chunk(2), *t.chunk(2))
+    assert_close("loss", loss, eager[0], 1e-6)
+    assert set(logs) | {"flow_dpo_loss", "total"} == ST_KEYS
