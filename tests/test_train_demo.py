@@ -79,6 +79,23 @@ def test_demo_reports_figures_writes_grid_and_heldout_curve(tmp_path, capsys, re
     assert "held-out reward by step (3 pairs)" in printed
 
 
+@needs_kernels
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("family", [f for f in bundled.available_families() if f != "sd15"])
+def test_demo_runs_each_other_bundled_family(tmp_path, family):
+    """Each family another branch bundles runs through the unchanged demo: its pipeline class
+    samples, its saved LoRA loads, the curve is written (1 step, tiny sampling)."""
+    out = tmp_path / family
+    argv = ["--family", family, "--output_dir", str(out), "--max_train_steps", "1", "--num_samples", "2"]
+    argv += ["--curve_samples", "2", "--num_inference_steps", "2", "--train_batch_size", "2"]
+    figures = demo.main(argv)
+    assert figures["family"] == family and 0.0 < figures["reward_trained"] < 1.0
+    flags = json.loads((out / "args.json").read_text())
+    assert flags["pretrained_model_name_or_path"] == str(bundled.BUNDLED_PIPELINES[family])
+    with open(out / "heldout_curve.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 1]
+
+
 def test_demo_beta_only_for_its_loss_type_and_flags_override():
     def config(*argv):
         args, train_args = demo.build_parser().parse_known_args(["--output_dir", "unused", *argv])
