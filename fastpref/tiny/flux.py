@@ -165,7 +165,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_pairs", type=int, default=128)
+    parser.add_argument("--num_pairs", type=int, default=32)
     parser.add_argument(
         "--prefs_only", action="store_true", help="keep <output_dir>/tiny-flux, (re)make only its preference set"
     )
