@@ -14,12 +14,14 @@ import torch
 from pairs_helpers import BLOCK_AFTER, FAST_PAIRS
 from PIL import Image
 
+from fastpref import train
 from fastpref.pairs import cli
 from fastpref.pairs.generate import sample_seed
 from fastpref.pairs.sampling import load_pipeline, sample_images
 from fastpref.pairs.select import label_0, select_pairs
 from fastpref.pairs.writer import read_spec
-from fastpref.training.args import DEFAULT_MODEL
+from fastpref.training.args import BUNDLED_DATA, DEFAULT_MODEL
+from fastpref.training.config import parse_config
 from fastpref.training.data import PreferencePairs, parquet_files
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a purple square", "a red square"]
@@ -69,8 +71,9 @@ def test_pairs_from_the_tiny_pipeline_are_audited_and_regenerable(tmp_path):
     # the trainer reads it; and a rerun of the same command is a no-op that keeps the file
     assert len(PreferencePairs(parquet_files(out))) == len(PROMPTS)
     before = out.stat().st_mtime_ns
+    (tmp_path / "pairs.parquet.parts").mkdir()  # as a kill after the final rename leaves it
     assert cli.main([*argv, *FAST_PAIRS, "--output", str(out), "--seed", "5"])["prompts_now"] == 0
-    assert out.stat().st_mtime_ns == before
+    assert out.stat().st_mtime_ns == before and not (tmp_path / "pairs.parquet.parts").exists()
 
 
 def test_resume_after_a_kill_writes_no_duplicate_or_torn_row(tmp_path):
@@ -169,3 +172,21 @@ def test_select_pairs_best_worst_all_and_margin():
     with pytest.raises(ValueError, match="--pairing"):
         select_pairs(np.zeros(3), "pairs")
     assert torch.Generator  # the tests run with torch imported (the sampler's generators)
+
+
+@pytest.mark.parametrize("pipeline", sorted(BUNDLED_DATA), ids=lambda p: p.name)
+def test_pairs_from_every_bundled_pipeline_train(pipeline, tmp_path):
+    """Every bundled tiny pipeline (each family the trainer has one for) gives a set that
+    fastpref-train reads for that pipeline, its scores those of the stored images."""
+    out = tmp_path / "pairs.parquet"
+    prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS[:3])
+    argv = ["--pretrained_model_name_or_path", str(pipeline), "--prompts", str(prompts), "--num_samples", "2"]
+    cli.main([*argv, *FAST_PAIRS, "--num_inference_steps", "2", "--min_margin", "0", "--output", str(out)])
+    table = pq.read_table(out).to_pydict()
+    assert 1 <= len(table["caption"]) <= 3 and read_spec(out)["model"] == str(pipeline.resolve())
+    for blob, score in zip(table["jpg_0"] + table["jpg_1"], table["score_0"] + table["score_1"], strict=True):
+        assert score == pytest.approx(chroma64(decode(blob)[None])[0], rel=1e-12)
+    _, _, pairs, _ = train.validate(
+        parse_config(pretrained_model_name_or_path=str(pipeline), dataset_name=str(out), report_to="none")
+    )
+    assert len(pairs) == len(table["caption"])

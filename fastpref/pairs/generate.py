@@ -150,8 +150,12 @@ def run_job(job: PairsJob, pipe, reward: Reward, output: str | Path, *, overwrit
     store = PartStore(output, job.spec())
     state = store.check(overwrite)
     fmt = ImagePairsFormat(job.image_format)
-    if state == "done":
+    if state == "done":  # a kill between the final rename and the parts' removal leaves them: removed
+        import shutil
+
         import pyarrow.parquet as pq
+
+        shutil.rmtree(store.parts, ignore_errors=True)
 
         table = pq.read_table(store.output)
         return table, {
