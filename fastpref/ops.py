@@ -163,7 +163,8 @@ def _head_op_fake(partials, inputs, method, options, floats, rows, count, n):
 
 
 def _setup_context(ctx, inputs, output):
-    model_pred, ref_pred, target, _, method, options, _, _ = inputs
+    model_pred, ref_pred, target, extra, method, options, floats, _ = inputs
+    ctx.nones = _none_like(extra), _none_like(floats)
     hp = _head.find_plan(method, options)
     buf = output[1]
     rows = model_pred.shape[0]
@@ -173,12 +174,19 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _none_like(values):
+    """The "no gradient" of a list input, in the structure torch.library compares the backward's
+    return with: a list of tensors (an empty list too) is a list node, one None per element;
+    any other list (floats, or tensors with a None among them) is one leaf."""
+    return [None] * len(values) if all(isinstance(x, torch.Tensor) for x in values) else None
+
+
 def _backward_formula(ctx, grad_loss, grad_buf):
     grad = None
     if grad_loss is not None and ctx.needs_input_grad[0]:
         model_pred, ref_pred, target, buf = ctx.saved_tensors
         grad = torch.ops.fastpref.fused_loss_backward(model_pred, ref_pred, target, buf, grad_loss, ctx.coef_start)
-    return grad, None, None, None, None, None, None, None
+    return grad, None, None, ctx.nones[0], None, None, ctx.nones[1], None
 
 
 _define = torch.library.custom_op if INTERPRET else torch.library.triton_op
