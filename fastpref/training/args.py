@@ -14,6 +14,7 @@ DEFAULT_DATA = ASSETS / "tiny-prefs.parquet"
 BUNDLED_DATA = {DEFAULT_MODEL: DEFAULT_DATA}
 """Each bundled tiny pipeline -> its bundled preference set: the data a run on that pipeline
 trains on when neither ``--dataset_name`` nor ``--train_data_dir`` is given."""
+BUNDLED_DATA[ASSETS / "tiny-sd3"] = ASSETS / "tiny-sd3-prefs.parquet"  # SD3 (fastpref/tiny/sd3.py)
 FLOW_MATCHING_DEFAULTS = {"weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
 """The flow-matching timestep flags (diffusers' names, meanings and defaults, docs/methods.md §7).
 The parser's default is None, so that a DDPM family can refuse them; a flow family fills these."""
