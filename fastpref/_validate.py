@@ -35,8 +35,9 @@ def check_like(name, x, ref_name, ref):
 
 
 def check_device(name, x):
-    """CUDA tensors run compiled kernels; CPU tensors need Triton's interpreter."""
-    if x.device.type == "cuda":
+    """CUDA tensors run compiled kernels; CPU tensors need Triton's interpreter; meta tensors
+    (shape inference) run no kernel."""
+    if x.device.type in ("cuda", "meta"):
         return
     if x.device.type == "cpu":
         if not INTERPRET:
@@ -45,7 +46,7 @@ def check_device(name, x):
                 "TRITON_INTERPRET=1 before importing fastpref to run the kernels on the CPU"
             )
         return
-    raise ValueError(f"{name} must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {x.device}")
+    raise ValueError(f"{name} must be on a CUDA device (or the CPU under TRITON_INTERPRET=1, or meta), got {x.device}")
 
 
 def check_constant(name, x):

@@ -1,8 +1,17 @@
-"""The autograd Function of the fused losses, one for every method.
+"""The autograd Function of the fused losses, one for every method, and `run`, the call every
+public loss makes.
 
-Forward: row sums (1 launch) + the method's head (1 launch), which also leaves the per-row
-gradient coefficients. Backward: one elementwise launch. Saved state is O(B) plus references
-to the inputs; no full-size temporary besides the gradient itself.
+Forward: row sums (1 launch) + the method's head (1 launch; or both in one launch, opt-in:
+`fastpref.kernels._runtime.set_one_launch`), which also leaves the per-row gradient
+coefficients. Backward: one elementwise launch. Saved state is O(B) plus references to the
+inputs; no full-size temporary besides the gradient itself. The loss, metrics, coefficients and
+partial sums of a call live in two allocations: the 0-dim loss and one buffer that every other
+output is a view of.
+
+`run` calls the kernels through `FusedLossFunction` in eager mode, and through the custom
+operator ``torch.ops.fastpref.fused_loss`` (fastpref/ops.py) when the call is traced
+(torch.compile, torch.export, FakeTensor or meta inputs); both run the same kernel calls
+(`fastpref.ops.forward` / `backward`) and give the same numbers.
 
 `FusedLossFunction.apply(model_pred, ref_pred, target, launch)` runs any method: `launch` (a
 `Launch`) names its descriptor and carries its hyperparameters, options and extra inputs by
@@ -18,18 +27,10 @@ import dataclasses
 import torch
 from torch.autograd.function import once_differentiable
 
+from fastpref import ops
 from fastpref._validate import compute_dtype
-from fastpref.kernels import REGISTRY, Method, elementwise_grad, row_sums, run_head
-
-
-def _as_rows(x):
-    """[R, ...] -> [R, n] view with unit stride along n (a copy only for layouts that need one)."""
-    if x is None:
-        return None
-    rows = x.reshape(x.shape[0], -1)
-    if rows.shape[1] > 1 and rows.stride(1) != 1:
-        rows = rows.contiguous()
-    return rows
+from fastpref.kernels import REGISTRY, Method
+from fastpref.kernels.head import encode_options, plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,22 +46,30 @@ class Launch:
     count: int | None = None
 
 
+def _arguments(launch, rows):
+    """(encoded options, floats in head order, inputs in descriptor order, count) of a launch."""
+    method = launch.method
+    try:
+        floats = [float(launch.floats[name]) for name in method.float_params]
+    except KeyError:
+        missing = [name for name in method.float_params if name not in launch.floats]
+        raise TypeError(f"head of {method.name!r}: no value for its parameter(s) {missing}") from None
+    inputs = [launch.inputs.get(name) for name in method.inputs]
+    count = launch.count
+    if count is None:
+        count = rows // 2 if method.paired else rows
+    return encode_options(method, launch.options), floats, inputs, count
+
+
 class FusedLossFunction(torch.autograd.Function):
     """apply(model_pred, ref_pred or None, target, launch) -> (loss, stats, ints)."""
 
     @staticmethod
     def forward(ctx, model_pred, ref_pred, target, launch):
-        method = launch.method
-        p, r, t = _as_rows(model_pred), _as_rows(ref_pred), _as_rows(target)
-        count = launch.count
-        if count is None:
-            count = p.shape[0] // 2 if method.paired else p.shape[0]
-        partials, splits = row_sums(p, r, t, compute_dtype(model_pred, ref_pred, target), cross=method.cross)
-        loss, stats, ints, coef = run_head(
-            method, partials, splits, p.shape[0], count, p.shape[1], launch.floats, launch.options, launch.inputs
-        )
-        ctx.save_for_backward(p, r if method.has_b else None, t, coef)
-        ctx.has_b = method.has_b
+        encoded, floats, inputs, count = _arguments(launch, model_pred.shape[0])
+        hp = plan(launch.method, encoded)
+        loss, _, stats, ints, coef, p, r, t = ops.forward(model_pred, ref_pred, target, hp, floats, inputs, count)
+        ctx.save_for_backward(p, r if hp.method.has_b else None, t, coef)
         ctx.shape = model_pred.shape
         ctx.mark_non_differentiable(stats, ints)
         ctx.set_materialize_grads(False)  # no zero-filled grads for the metric outputs
@@ -69,18 +78,29 @@ class FusedLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_stats, grad_ints):
-        p, r, t, coef = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0] and grad_loss is not None:
-            grad = elementwise_grad(p, r, t, coef, grad_loss, ctx.has_b).view(ctx.shape)
+            p, r, t, coef = ctx.saved_tensors
+            grad = ops.backward(p, r, t, coef, grad_loss).view(ctx.shape)
         return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 def run(model_pred, ref_pred, target, launch, drop=()):
-    """Run `launch` and name its outputs: (loss, metrics dict of views into the stats buffers)."""
-    loss, stats, ints = FusedLossFunction.apply(model_pred, ref_pred, target, launch)
-    pairs = model_pred.shape[0] // 2 if launch.method.paired else 0
-    return loss, launch.method.layout.unpack(stats, ints, pairs, drop)
+    """Run `launch` and name its outputs: (loss, metrics dict of views into the output buffer)."""
+    method = launch.method
+    rows = model_pred.shape[0]
+    pairs = rows // 2 if method.paired else 0
+    if ops.traced(model_pred):
+        encoded, floats, inputs, count = _arguments(launch, rows)
+        loss, buf = torch.ops.fastpref.fused_loss(
+            model_pred, ref_pred, target, inputs, method.name, encoded, floats, count
+        )
+        acc = compute_dtype(model_pred, ref_pred, target)
+        ints_end, stats_end, _ = method.layout.offsets(pairs, rows, acc.itemsize)
+        stats, ints = buf[ints_end:stats_end], buf[:ints_end].view(torch.int64)
+    else:
+        loss, stats, ints = FusedLossFunction.apply(model_pred, ref_pred, target, launch)
+    return loss, method.layout.unpack(stats, ints, pairs, drop)
 
 
 class DiffusionDPOFunction(FusedLossFunction):

@@ -29,6 +29,7 @@ import torch
 
 from fastpref import _validate as v
 from fastpref import functions as fn
+from fastpref import ops
 from fastpref.functions import Launch
 from fastpref.kernels import REGISTRY
 from fastpref.kernels.method import POSITIONAL_INPUTS
@@ -79,7 +80,7 @@ def rpo_loss(model_pred, ref_pred, target, *, emb_w=None, emb_l=None, beta=5000.
     W = softmax_j(cos(emb_w[i], emb_l[j]) / tau) (emb_w, emb_l: [B, D] prompt embeddings,
     constant; emb_l defaults to emb_w), or W = 1 without embeddings. Metrics: loss,
     implicit_acc, pair_acc_all, weights ([B, B]), diag_weight_mean, model_mse, ref_mse."""
-    floats = v.check_hyperparameters(RPO, locals())
+    floats = v.check_hyperparameters(RPO, {"beta": beta, "tau": tau})
     B = _paired(model_pred, ref_pred, target)
     if emb_w is None and emb_l is not None:
         raise ValueError("emb_l was given without emb_w: pass emb_w (and optionally emb_l), or neither")
@@ -135,9 +136,18 @@ def dense_dpo_loss(
     """Diffusion-DPO with the dense-reward temporal discount (docs/methods.md §2.6): pair i's β is scaled by
     w(t_i) = γ^k(t_i) (normalised to mean 1 over the K sampler steps when normalize=True).
     timesteps: 1-D, length B or 2B (then the halves must match; checked eagerly, skipped during
-    CUDA-graph capture), integer or floating. Metrics: loss, implicit_acc, step_weight_mean,
+    CUDA-graph capture and when traced), integer or floating. Metrics: loss, implicit_acc, step_weight_mean,
     model_mse, ref_mse."""
-    floats = v.check_hyperparameters(DENSE_DPO, locals())
+    floats = v.check_hyperparameters(
+        DENSE_DPO,
+        {
+            "beta": beta,
+            "gamma": gamma,
+            "num_inference_steps": num_inference_steps,
+            "num_train_timesteps": num_train_timesteps,
+            "normalize": normalize,
+        },
+    )
     B = _paired(model_pred, ref_pred, target)
     v.check_aux_tensor(
         "timesteps",
@@ -148,7 +158,7 @@ def dense_dpo_loss(
     )
     if timesteps.dtype == torch.bool:
         raise TypeError("timesteps must be integer or floating, got torch.bool")
-    if timesteps.shape[0] == 2 * B and not _capturing(timesteps):
+    if timesteps.shape[0] == 2 * B and not _capturing(timesteps) and not ops.traced(timesteps):
         if not torch.equal(timesteps[:B], timesteps[B:]):  # host-ok: documented eager-only check (docs/methods.md §2.6)
             raise ValueError(
                 "timesteps of length 2B must repeat the winners' timesteps for the losers "
@@ -164,7 +174,9 @@ def kto_loss(model_pred, ref_pred, target, labels, *, beta=1000.0, lambda_d=1.0,
     """Diffusion-KTO (docs/methods.md §2.7) on unpaired rows [N, ...]; labels: 1-D of length N, any real
     dtype, nonzero = desirable. kl_baseline: None (z = max(0, mean_k (r_k - m_k)), detached), a
     float, or a 0-dim tensor used as given. Metrics: loss, kl, acc, model_mse."""
-    floats = v.check_hyperparameters(KTO, locals())
+    floats = v.check_hyperparameters(
+        KTO, {"beta": beta, "lambda_d": lambda_d, "lambda_u": lambda_u, "kl_baseline": kl_baseline}
+    )
     if kl_baseline is not None and not isinstance(kl_baseline, torch.Tensor):
         v.check_finite("kl_baseline", kl_baseline)
     v.check_predictions(False, model_pred, target, ref_pred)

@@ -42,6 +42,20 @@ class Hyper:
             raise ValueError(f"Hyper {self.name!r}: check must be one of {CHECKS}, got {self.check!r}")
 
 
+RUNTIME = (
+    "part_ptr",
+    "rows",
+    "B",
+    "count",
+    "splits",
+    "inv_n",
+    "loss_ptr",
+    "stats_ptr",
+    "ints_ptr",
+    "coef_ptr",
+)
+"""The head parameters the launch fills itself (in this order in `head.runtime_values`)."""
+
 POSITIONAL_INPUTS = ("timesteps", "labels")
 """Extra inputs passed positionally after target (in this order); the others are keyword arguments."""
 
@@ -92,6 +106,15 @@ class Layout:
 
     def int_slot(self, name):
         return self.ints.index(name)
+
+    def offsets(self, pairs, rows, acc_bytes):
+        """(ints_end, stats_end, total) of a call's 1-D output buffer (elements of the accumulation
+        dtype, `acc_bytes` wide): the int64 metrics (bitcast, first, so 8-byte aligned) in
+        [0, ints_end), the stats in [ints_end, stats_end), the [2, rows] gradient coefficients in
+        [stats_end, total)."""
+        ints_end = max(len(self.ints), 1) * (8 // acc_bytes)
+        stats_end = ints_end + self.size(pairs)
+        return ints_end, stats_end, stats_end + 2 * rows
 
     def unpack(self, stats, ints, pairs, drop=()):
         """Metric dict of views into the stats/ints buffers (no copies, no launches)."""
@@ -177,9 +200,12 @@ class Method:
         return tuple(int(x) for x in self.section.split(".")) if self.section else (99,), self.name
 
     def __post_init__(self):
-        params = inspect.signature(getattr(self.head, "fn", self.head)).parameters
+        params = tuple(inspect.signature(getattr(self.head, "fn", self.head)).parameters)
         if list(params)[-4:] != ["C", "ACC", "NP", "SP"]:
             raise ValueError(f"{self.name}: a head's last parameters must be C, ACC, NP, SP; got {list(params)}")
+        inputs = {f"{name}{suffix}" for name in self.inputs for suffix in ("", "_strides", "_len")}
+        object.__setattr__(self, "_params", params[:-4])  # read once: calls then do no inspection
+        object.__setattr__(self, "_floats", tuple(p for p in params[:-4] if p not in RUNTIME and p not in inputs))
 
     @property
     def hyper_names(self):
@@ -191,7 +217,13 @@ class Method:
 
     def head_params(self):
         """The head's runtime parameter names, in order (its constexprs C, ACC, NP, SP excluded)."""
-        return tuple(inspect.signature(getattr(self.head, "fn", self.head)).parameters)[:-4]
+        return self._params
+
+    @property
+    def float_params(self):
+        """The head's float parameters (hyperparameters and derived values, each passed as an fp32
+        pair), in head order: its parameters that are neither RUNTIME nor an extra input's."""
+        return self._floats
 
     def config(self, options):
         """The HeadConfig of a launch with these option values (name -> value; a missing option
