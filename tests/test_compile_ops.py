@@ -205,6 +205,7 @@ TRACE_CUDA_OPERATORS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the compiled tests above run the triton_ops themselves")
 def test_cuda_operators_decompose_into_visible_launches():
     """With compiled kernels (CUDA), the operators are triton_ops: traced, the forward is the
     row-sum launch (a HOP Inductor schedules, cloning only its partials) and the opaque head
