@@ -298,6 +298,20 @@ def main(argv=None):
             f"{w['upstream', 'grad']:.1e} / {w['fastpref', 'grad']:.1e} | {w['vs', 'loss']:.1e} | "
             f"{_keys(w, 'upstream')} | {_keys(w, 'fastpref')} |"
         )
+    key_table(rows)
+
+
+def key_table(rows):
+    """Each log key's worst relative error against float64 over every row, upstream / fastpref."""
+    keys = {}
+    for _, _, w in rows:
+        for k, v in w.items():
+            if k[0] == "key":
+                keys.setdefault(k[2], {}).setdefault(k[1], 0.0)
+                keys[k[2]][k[1]] = max(keys[k[2]][k[1]], v)
+    print("\n| log key | vs float64, worst over the rows: upstream / fastpref |\n|---|---|")
+    for k, v in keys.items():
+        print(f"| `{k}` | {v['upstream']:.1e} / {v['fastpref']:.1e} |")
 
 
 def _keys(worst, name):

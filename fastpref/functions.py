@@ -46,61 +46,122 @@ class Launch:
     count: int | None = None
 
 
-def _arguments(launch, rows):
-    """(encoded options, floats in head order, inputs in descriptor order, count) of a launch."""
-    method = launch.method
+_EMPTY = {}
+_PLANS = {}
+
+
+def _plan(method, options):
+    """The `kernels.head.HeadPlan` of a call's options dict, cached by its items."""
+    key = (method.name, *options.items())
+    found = _PLANS.get(key)
+    if found is None or found.method is not method:
+        found = _PLANS[key] = plan(method, encode_options(method, options))
+    return found
+
+
+def _floats(method, floats):
+    """The head's float parameters in head order, from the dict of a call."""
     try:
-        floats = [float(launch.floats[name]) for name in method.float_params]
+        return tuple(map(floats.__getitem__, method.float_params))
     except KeyError:
-        missing = [name for name in method.float_params if name not in launch.floats]
+        missing = [name for name in method.float_params if name not in floats]
         raise TypeError(f"head of {method.name!r}: no value for its parameter(s) {missing}") from None
-    inputs = [launch.inputs.get(name) for name in method.inputs]
-    count = launch.count
-    if count is None:
-        count = rows // 2 if method.paired else rows
-    return encode_options(method, launch.options), floats, inputs, count
+
+
+class _Fused(torch.autograd.Function):
+    """The eager path: apply(model_pred, ref_pred, target, (plan, floats, inputs, count, out)) ->
+    loss. The output buffer's pieces are handed back through the list `out` rather than as
+    outputs (made under no grad inside forward, they need none of autograd's output handling)."""
+
+    @staticmethod
+    def forward(ctx, model_pred, ref_pred, target, args):
+        hp, floats, inputs, count, out = args
+        loss, _, pieces, ints, saved = ops.forward(model_pred, ref_pred, target, hp, floats, inputs, count)
+        ctx.saved = saved  # the inputs (or their row copies) and the coefficients: no version checks
+        ctx.shape = model_pred.shape
+        out += pieces, ints
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        if torch.is_grad_enabled():  # create_graph=True: this gradient is not differentiable
+            return _once(ctx, grad_loss)
+        grad = ops.backward(ctx.saved, grad_loss, ctx.shape) if ctx.needs_input_grad[0] else None
+        return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+@once_differentiable
+def _once(ctx, grad_loss):
+    grad = ops.backward(ctx.saved, grad_loss, ctx.shape) if ctx.needs_input_grad[0] else None
+    return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+# `_Fused.apply` without `Function.apply`'s Python preamble (argument binding for setup_context,
+# which _Fused does not define, and functorch's unwrapping: `ops.traced` sends a call made under
+# a functorch transform to the operator instead).
+_apply = super(torch.autograd.Function, _Fused).apply
 
 
 class FusedLossFunction(torch.autograd.Function):
-    """apply(model_pred, ref_pred or None, target, launch) -> (loss, stats, ints)."""
+    """apply(model_pred, ref_pred or None, target, launch) -> (loss, stats, ints): the stats and
+    int64 metrics buffers (`Layout.unpack` names them). The same kernel calls as `run`."""
 
     @staticmethod
     def forward(ctx, model_pred, ref_pred, target, launch):
-        encoded, floats, inputs, count = _arguments(launch, model_pred.shape[0])
-        hp = plan(launch.method, encoded)
-        loss, _, stats, ints, coef, p, r, t = ops.forward(model_pred, ref_pred, target, hp, floats, inputs, count)
-        ctx.save_for_backward(p, r if hp.method.has_b else None, t, coef)
+        method = launch.method
+        hp = _plan(method, launch.options)
+        inputs = [launch.inputs.get(name) for name in method.inputs]
+        count = _count(method, model_pred.shape[0], launch.count)
+        floats = _floats(method, launch.floats)
+        loss, buf, _, ints, saved = ops.forward(model_pred, ref_pred, target, hp, floats, inputs, count)
+        start = len(method.layout.ints) * (8 // buf.element_size())
+        stats = buf[start : start + method.layout.size(model_pred.shape[0] // 2 if method.paired else 0)]
+        ints = buf.new_empty(0, dtype=torch.int64) if ints is None else ints
+        ctx.saved = saved
         ctx.shape = model_pred.shape
         ctx.mark_non_differentiable(stats, ints)
         ctx.set_materialize_grads(False)  # no zero-filled grads for the metric outputs
         return loss, stats, ints
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, grad_stats, grad_ints):
-        grad = None
-        if ctx.needs_input_grad[0] and grad_loss is not None:
-            p, r, t, coef = ctx.saved_tensors
-            grad = ops.backward(p, r, t, coef, grad_loss).view(ctx.shape)
-        return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
+    backward = _Fused.backward
+
+
+def _count(method, rows, count):
+    if count is None:
+        return rows // 2 if method.paired else rows
+    return count
+
+
+def call(model_pred, ref_pred, target, method, floats=_EMPTY, options=_EMPTY, inputs=_EMPTY, count=None, drop=()):
+    """Run `method` (its float hyperparameters, options and extra inputs by name; count as in
+    `Launch`) and name its outputs: (loss, metrics dict of views into the output buffer)."""
+    rows = model_pred.shape[0]
+    pairs = rows // 2 if method.paired else 0
+    count = _count(method, rows, count)
+    inputs = [inputs.get(name) for name in method.inputs] if method.inputs else []
+    if ops.traced(model_pred):
+        values = [float(x) for x in _floats(method, floats)]
+        encoded = encode_options(method, options)
+        loss, buf = torch.ops.fastpref.fused_loss(
+            model_pred, ref_pred, target, inputs, method.name, encoded, values, count
+        )
+        acc = compute_dtype(model_pred, ref_pred, target)
+        pieces = buf.split_with_sizes(method.layout.pieces(pairs, rows, acc.itemsize))
+        ints = pieces[0].view(torch.int64) if method.layout.ints else None
+    else:
+        out = []
+        loss = _apply(
+            model_pred, ref_pred, target, (_plan(method, options), _floats(method, floats), inputs, count, out)
+        )
+        pieces, ints = out
+    return loss, method.layout.named(pieces, ints, pairs, drop)
 
 
 def run(model_pred, ref_pred, target, launch, drop=()):
-    """Run `launch` and name its outputs: (loss, metrics dict of views into the output buffer)."""
-    method = launch.method
-    rows = model_pred.shape[0]
-    pairs = rows // 2 if method.paired else 0
-    if ops.traced(model_pred):
-        encoded, floats, inputs, count = _arguments(launch, rows)
-        loss, buf = torch.ops.fastpref.fused_loss(
-            model_pred, ref_pred, target, inputs, method.name, encoded, floats, count
-        )
-        acc = compute_dtype(model_pred, ref_pred, target)
-        ints_end, stats_end, _ = method.layout.offsets(pairs, rows, acc.itemsize)
-        stats, ints = buf[ints_end:stats_end], buf[:ints_end].view(torch.int64)
-    else:
-        loss, stats, ints = FusedLossFunction.apply(model_pred, ref_pred, target, launch)
-    return loss, method.layout.unpack(stats, ints, pairs, drop)
+    """`call` with a `Launch`."""
+    return call(
+        model_pred, ref_pred, target, launch.method, launch.floats, launch.options, launch.inputs, launch.count, drop
+    )
 
 
 class DiffusionDPOFunction(FusedLossFunction):

@@ -47,11 +47,22 @@ def as_rows(x):
     return rows
 
 
+def _rows(x):
+    """What the kernels read for x: x itself when contiguous (each row contiguous, rows
+    `stride(0)` apart: no view to make), else its [R, n] rows (`as_rows`)."""
+    return x if x is None or x.is_contiguous() else as_rows(x)
+
+
 def traced(x):
     """Whether a call on `x` is being traced (torch.compile, torch.export, FakeTensor or meta
-    shape inference, functionalization, a tensor subclass): then it must go through the
+    shape inference, functionalization, a tensor subclass, a functorch transform): then it must go through the
     operators; a plain tensor in eager mode takes the direct path."""
-    return type(x) is not torch.Tensor or x.device.type == "meta" or torch.compiler.is_compiling()
+    return (
+        type(x) is not torch.Tensor
+        or x.is_meta
+        or torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+    )
 
 
 def forward(model_pred, ref_pred, target, hp, floats, inputs, count):
@@ -59,42 +70,52 @@ def forward(model_pred, ref_pred, target, hp, floats, inputs, count):
     one-launch kernel when it is on (`kernels._runtime.set_one_launch`).
 
     floats: the head's float parameters in `hp.float_names` order; inputs: its extra tensors in
-    descriptor order (None where absent); count: pairs B or kept rows. Returns (loss, buf, stats,
-    ints, coef, p, r, t): the 0-dim loss, the output buffer and its views (stats, int64 ints,
-    [2, R] coefficients), and the [R, n] row views of the predictions (r None when absent)."""
+    descriptor order (None where absent); count: pairs B or kept rows. Returns (loss, buf,
+    pieces, ints, saved): the 0-dim loss; the output buffer (accumulation dtype) and its
+    `Layout.pieces` views (the partials last: empty when traced, where `buf` holds no partials),
+    `ints` the int64 view of its ints piece; saved: what `backward` needs, (p, r, t, coef) with
+    r None unless the method reads it there (has_b)."""
     method = hp.method
-    p, r, t = as_rows(model_pred), as_rows(ref_pred), as_rows(target)
-    rows, n = p.shape
+    rows = model_pred.shape[0]
+    n = model_pred.numel() // rows
+    p, r, t = _rows(model_pred), _rows(ref_pred), _rows(target)
     acc = compute_dtype(model_pred, ref_pred, target)
-    device = p.device
+    device = model_pred.device
     geo = _reduce.geometry(rows, n, r is not None, method.cross, device)
     _, planes, splits, _ = geo
     pairs = rows // 2 if method.paired else 0
-    ints_end, stats_end, total = hp.buffer(pairs, rows, acc)
-    pairs_f = _runtime.float_pairs(tuple(floats))
     if type(p) is not torch.Tensor:
         # A traced triton_op (CUDA): Inductor sees the row-sum launch; the head is an operator.
         partials = _runtime.empty((planes, rows, splits), acc, device)
-        _reduce.row_sums(p, r, t, partials, geo, method.cross)
+        _reduce.row_sums(p, r, t, partials, geo, rows, n, method.cross)
         loss, buf = torch.ops.fastpref.head(partials, inputs, method.name, hp.encoded, floats, rows, count, n)
+        pieces = buf.split_with_sizes(hp.pieces(pairs, rows, acc))
     else:
         loss = _runtime.empty((), acc, device)
-        whole = _runtime.empty((total + planes * rows * splits,), acc, device)  # outputs, then partials
-        buf, partials = whole[:total], whole[total:].view(planes, rows, splits)
-    stats, ints, coef = buf[ints_end:stats_end], buf[:ints_end].view(torch.int64), buf[stats_end:].view(2, rows)
+        sizes = hp.pieces(pairs, rows, acc, planes * rows * splits)
+        buf = _runtime.empty((sum(sizes),), acc, device)
+        pieces = buf.split_with_sizes(sizes)
+    coef, partials = pieces[-2], pieces[-1]
+    ints, stats = (pieces[0].view(torch.int64), pieces[1]) if method.layout.ints else (None, pieces[0])
     if type(p) is torch.Tensor:
+        pairs_f = _runtime.float_pairs(tuple(floats))
+        ints_ptr = buf if ints is None else ints  # (a head without int metrics does not read it)
         if _runtime.ONE_LAUNCH:
-            _fused.row_sums_head(hp, p, r, t, partials, geo, count, pairs_f, inputs, loss, stats, ints, coef)
+            _fused.row_sums_head(
+                hp, p, r, t, partials, geo, rows, n, count, pairs_f, inputs, loss, stats, ints_ptr, coef
+            )
         else:
-            _reduce.row_sums(p, r, t, partials, geo, method.cross)
-            _head.run_head(hp, partials, splits, rows, count, n, pairs_f, inputs, loss, stats, ints, coef)
-    return loss, buf, stats, ints, coef, p, r, t
+            _reduce.row_sums(p, r, t, partials, geo, rows, n, method.cross)
+            _head.run_head(hp, partials, splits, rows, count, n, pairs_f, inputs, loss, stats, ints_ptr, coef)
+    return loss, buf, pieces, ints, (p, r if method.has_b else None, t, coef)
 
 
-def backward(p, r, t, coef, grad_loss):
-    """The gradient w.r.t. the [R, n] rows p (a new contiguous [R, n] tensor of p's dtype):
-    coef the [2, R] coefficients of the forward, r None unless the method reads it (has_b)."""
-    return _grad.elementwise_grad(p, r, t, coef, grad_loss, r is not None)
+def backward(saved, grad_loss, shape):
+    """The gradient w.r.t. model_pred (a new contiguous tensor of `shape`, model_pred's shape, in
+    its dtype) from `forward`'s `saved` and the incoming gradient (0-dim)."""
+    p, r, t, coef = saved
+    rows = shape[0]
+    return _grad.elementwise_grad(p, r, t, coef, grad_loss, r is not None, rows, p.numel() // rows, shape)
 
 
 # ---- the operators ---------------------------------------------------------------------------
@@ -111,25 +132,28 @@ def _fused_loss(
     count: int,
 ) -> tuple[Tensor, Tensor]:
     hp = _head.find_plan(method, options)
-    loss, buf, *_ = forward(model_pred, ref_pred, target, hp, floats, inputs, count)
-    return loss, buf
+    loss, buf, pieces, _, _ = forward(model_pred, ref_pred, target, hp, floats, inputs, count)
+    return loss, buf[: buf.numel() - pieces[-1].numel()]  # the same buffer as traced: no partials
 
 
 def _fused_loss_fake(model_pred, ref_pred, target, inputs, method, options, floats, count):
     hp = _head.find_plan(method, options)
     acc = compute_dtype(model_pred, ref_pred, target)
     rows = model_pred.shape[0]
-    total = hp.buffer(rows // 2 if hp.method.paired else 0, rows, acc)[2]
+    total = sum(hp.pieces(rows // 2 if hp.method.paired else 0, rows, acc))
     return model_pred.new_empty((), dtype=acc), model_pred.new_empty((total,), dtype=acc)
+
+
+def _coef_start(hp, rows, acc):
+    """Where the coefficients start in the operator's buffer."""
+    return sum(hp.pieces(rows // 2 if hp.method.paired else 0, rows, acc)[:-2])
 
 
 def _fused_loss_backward(
     model_pred: Tensor, ref_pred: Tensor | None, target: Tensor, buf: Tensor, grad_loss: Tensor, coef_start: int
 ) -> Tensor:
-    p, r, t = as_rows(model_pred), as_rows(ref_pred), as_rows(target)
-    rows = p.shape[0]
-    coef = buf[coef_start : coef_start + 2 * rows].view(2, rows)
-    return backward(p, r, t, coef, grad_loss).view(model_pred.shape)
+    coef = buf[coef_start : coef_start + 2 * model_pred.shape[0]]
+    return backward((_rows(model_pred), _rows(ref_pred), _rows(target), coef), grad_loss, model_pred.shape)
 
 
 def _fused_loss_backward_fake(model_pred, ref_pred, target, buf, grad_loss, coef_start):
@@ -148,29 +172,37 @@ def _head_op(
 ) -> tuple[Tensor, Tensor]:
     hp = _head.find_plan(method, options)
     acc, device = partials.dtype, partials.device
-    ints_end, stats_end, total = hp.buffer(rows // 2 if hp.method.paired else 0, rows, acc)
-    loss, buf = _runtime.empty((), acc, device), _runtime.empty((total,), acc, device)
-    stats, ints, coef = buf[ints_end:stats_end], buf[:ints_end].view(torch.int64), buf[stats_end:].view(2, rows)
+    sizes = hp.pieces(rows // 2 if hp.method.paired else 0, rows, acc)
+    loss, buf = _runtime.empty((), acc, device), _runtime.empty((sum(sizes),), acc, device)
+    pieces = buf.split_with_sizes(sizes)
+    ints, stats = (pieces[0].view(torch.int64), pieces[1]) if hp.method.layout.ints else (buf, pieces[0])
     floats = _runtime.float_pairs(tuple(floats))
-    _head.run_head(hp, partials, partials.shape[2], rows, count, n, floats, inputs, loss, stats, ints, coef)
+    _head.run_head(hp, partials, partials.shape[2], rows, count, n, floats, inputs, loss, stats, ints, pieces[-2])
     return loss, buf
 
 
 def _head_op_fake(partials, inputs, method, options, floats, rows, count, n):
     hp = _head.find_plan(method, options)
-    total = hp.buffer(rows // 2 if hp.method.paired else 0, rows, partials.dtype)[2]
+    total = sum(hp.pieces(rows // 2 if hp.method.paired else 0, rows, partials.dtype))
     return partials.new_empty(()), partials.new_empty((total,))
 
 
 def _setup_context(ctx, inputs, output):
-    model_pred, ref_pred, target, _, method, options, _, _ = inputs
+    model_pred, ref_pred, target, extra, method, options, floats, _ = inputs
+    ctx.nones = _none_like(extra), _none_like(floats)
     hp = _head.find_plan(method, options)
     buf = output[1]
-    rows = model_pred.shape[0]
-    ctx.coef_start = hp.buffer(rows // 2 if hp.method.paired else 0, rows, buf.dtype)[1]
+    ctx.coef_start = _coef_start(hp, model_pred.shape[0], buf.dtype)
     ctx.save_for_backward(model_pred, ref_pred if hp.method.has_b else None, target, buf)
     ctx.mark_non_differentiable(buf)
     ctx.set_materialize_grads(False)
+
+
+def _none_like(values):
+    """The "no gradient" of a list input, in the structure torch.library compares the backward's
+    return with: a list of tensors (an empty list too) is a list node, one None per element;
+    any other list (floats, or tensors with a None among them) is one leaf."""
+    return [None] * len(values) if all(isinstance(x, torch.Tensor) for x in values) else None
 
 
 def _backward_formula(ctx, grad_loss, grad_buf):
@@ -178,7 +210,7 @@ def _backward_formula(ctx, grad_loss, grad_buf):
     if grad_loss is not None and ctx.needs_input_grad[0]:
         model_pred, ref_pred, target, buf = ctx.saved_tensors
         grad = torch.ops.fastpref.fused_loss_backward(model_pred, ref_pred, target, buf, grad_loss, ctx.coef_start)
-    return grad, None, None, None, None, None, None, None
+    return grad, None, None, ctx.nones[0], None, None, ctx.nones[1], None
 
 
 _define = torch.library.custom_op if INTERPRET else torch.library.triton_op

@@ -59,9 +59,8 @@ def _row_sums_head_kernel(
         HEAD(*args, C, ACC, NP, SP)
 
 
-def row_sums_head(hp: HeadPlan, p, r, t, partials, geo, count, float_pairs, inputs, loss, stats, ints, coef):
+def row_sums_head(hp: HeadPlan, p, r, t, partials, geo, rows, n, count, float_pairs, inputs, loss, stats, ints, coef):
     """`reduce.row_sums` then `head.run_head` in one launch: same arguments, same outputs."""
-    rows, n = p.shape
     grid, _, splits, chunk = geo
     r_arg = r if r is not None else p
     values = runtime_values(partials, rows, count, splits, n, loss, stats, ints, coef, float_pairs)

@@ -65,15 +65,17 @@ def _grad_kernel(
         tl.store(grad_ptr + row * n + idx, val.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def elementwise_grad(p, r, t, coef, grad_output, has_b):
-    """Gradient of the loss w.r.t. the [R, n] view p: a new contiguous [R, n] tensor of p's dtype.
+def elementwise_grad(p, r, t, coef, grad_output, has_b, rows, n, shape):
+    """Gradient of the loss w.r.t. p (`rows` rows of `n` elements, rows `stride(0)` apart, as
+    `reduce.row_sums` takes them): a new contiguous tensor of `shape` and p's dtype.
 
-    coef: [2, R] (a, b) in the accumulation dtype; grad_output: 0-dim tensor; r may be None
-    when has_b is False."""
-    rows, n = p.shape
-    grad = _runtime.empty((rows, n), p.dtype, p.device)
+    coef: the 2R coefficients (a, then b) in the accumulation dtype, 1-D or [2, R];
+    grad_output: 0-dim tensor; r may be None when has_b is False."""
+    grad = _runtime.empty(shape, p.dtype, p.device)
     r_arg = r if r is not None else p
-    _runtime.launcher(_grad_kernel, p)[(rows, triton.cdiv(n, BLOCK))](
+    _runtime.launcher(_grad_kernel, p)[
+        (rows, -(-n // BLOCK))
+    ](  # (triton.cdiv is a slow constexpr_function on the host)
         p,
         r_arg,
         t,

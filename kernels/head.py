@@ -62,12 +62,12 @@ class HeadPlan:
         self.pick = operator.itemgetter(*index) if len(index) > 1 else (lambda values: (values[index[0]],))
         self._buffers = {}
 
-    def buffer(self, pairs, rows, acc):
-        """`Layout.offsets` of a call's output buffer in the accumulation dtype `acc`, cached."""
-        key = (pairs, rows, acc)
+    def pieces(self, pairs, rows, acc, partials=0):
+        """`Layout.pieces` of a call's output buffer in the accumulation dtype `acc`, cached."""
+        key = (pairs, rows, acc, partials)
         found = self._buffers.get(key)
         if found is None:
-            found = self._buffers[key] = self.method.layout.offsets(pairs, rows, acc.itemsize)
+            found = self._buffers[key] = self.method.layout.pieces(pairs, rows, acc.itemsize, partials)
         return found
 
     def args(self, values, inputs):
@@ -108,7 +108,8 @@ def run_head(hp: HeadPlan, partials, splits, rows, count, n, float_pairs, inputs
     count: the number of pairs B for paired methods, the rows N (or kept rows) for row methods;
     float_pairs: the hyperparameters as fp32 (hi, lo) pairs in `hp.float_names` order; inputs:
     the extra tensors in descriptor order. Writes the 0-dim `loss`, the `stats` and int64 `ints`
-    metrics and the [2, rows] coefficients `coef` (views of one buffer: `HeadPlan.buffer`)."""
+    metrics and the [2, rows] coefficients `coef` (pieces of one buffer: `HeadPlan.pieces`; the
+    stats are the buffer itself, they start it)."""
     _head_kernel[(1,)](
         hp.args(runtime_values(partials, rows, count, splits, n, loss, stats, ints, coef, float_pairs), inputs),
         HEAD=hp.method.head,

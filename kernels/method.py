@@ -107,17 +107,40 @@ class Layout:
     def int_slot(self, name):
         return self.ints.index(name)
 
-    def offsets(self, pairs, rows, acc_bytes):
-        """(ints_end, stats_end, total) of a call's 1-D output buffer (elements of the accumulation
-        dtype, `acc_bytes` wide): the int64 metrics (bitcast, first, so 8-byte aligned) in
-        [0, ints_end), the stats in [ints_end, stats_end), the [2, rows] gradient coefficients in
-        [stats_end, total)."""
-        ints_end = max(len(self.ints), 1) * (8 // acc_bytes)
-        stats_end = ints_end + self.size(pairs)
-        return ints_end, stats_end, stats_end + 2 * rows
+    def pieces(self, pairs, rows, acc_bytes, partials=0):
+        """Sizes of the pieces of a call's 1-D output buffer (elements of the accumulation dtype,
+        `acc_bytes` wide), cut in one `split_with_sizes`: the int64 metrics (bitcast; first, so
+        8-byte aligned; only if the method has any), the scalars block, one [B] piece per
+        vector, one [B*B] piece per matrix (scalars to matrices: the stats, contiguous, as the
+        head indexes them), the [2, rows] gradient coefficients (a then b) and the `partials`
+        row sums."""
+        ints = (len(self.ints) * (8 // acc_bytes),) if self.ints else ()
+        return (
+            ints
+            + (len(self.scalars),)
+            + (pairs,) * len(self.vectors)
+            + (pairs * pairs,) * len(self.matrices)
+            + (2 * rows, partials)
+        )
+
+    def named(self, pieces, ints, pairs, drop=()):
+        """Metric dict of the buffer's pieces (`pieces` sizes; ints: the int64 view of the ints
+        piece, if any): views, no copies, no launches."""
+        first = 1 if self.ints else 0
+        out = dict(zip(self.scalars, pieces[first].unbind(0), strict=True))
+        vectors = first + 1 + len(self.vectors)
+        out.update(zip(self.vectors, pieces[first + 1 : vectors], strict=True))
+        for name, piece in zip(self.matrices, pieces[vectors : vectors + len(self.matrices)], strict=True):
+            out[name] = piece.view(pairs, pairs)
+        if self.ints:
+            out.update(zip(self.ints, ints.unbind(0), strict=True))
+        for key in drop:
+            del out[key]
+        return out
 
     def unpack(self, stats, ints, pairs, drop=()):
-        """Metric dict of views into the stats/ints buffers (no copies, no launches)."""
+        """Metric dict of views into the stats/ints buffers (no copies, no launches); the
+        stats/ints form of `FusedLossFunction`'s outputs."""
         base = len(self.scalars)
         out = dict(zip(self.scalars, stats[:base].unbind(0), strict=True))
         if self.vectors:

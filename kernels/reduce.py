@@ -161,13 +161,14 @@ def geometry(rows, n, has_ref, cross, device):
     return (programs_per_split, splits), planes, splits, chunk
 
 
-def row_sums(p, r, t, partials, geo, cross=False):
-    """Partial per-row sums of 2-D views p, r, t ([R, n], unit stride along n; r may be None),
-    written into `partials` ([planes, R, splits] in the accumulation dtype, from `geometry`).
+def row_sums(p, r, t, partials, geo, rows, n, cross=False):
+    """Partial per-row sums of p, r, t (`rows` rows of `n` elements, each row contiguous, rows
+    `stride(0)` apart: a contiguous [R, ...] tensor or an [R, n] view; r may be None), written
+    into `partials` ([planes, R, splits] in the accumulation dtype, from `geometry`; any tensor
+    whose storage starts there: the kernel takes its pointer).
 
     cross=True (paired [2B, n] input, r given) adds the per-pair S_wl plane (rows 0..B-1).
     The planes are S_pt, S_rt, S_pr, S_ptr, S_mr, S_wl in that order (`heads.common.S_PT` ...)."""
-    rows, n = p.shape
     grid, _, splits, chunk = geo
     r_arg = r if r is not None else p
     _runtime.launcher(_row_sums_kernel, p)[grid](
@@ -194,5 +195,5 @@ def partial_sums(p, r, t, acc_dtype, cross=False):
     rows, n = p.shape
     geo = geometry(rows, n, r is not None, cross, p.device)
     partials = _runtime.empty((geo[1], rows, geo[2]), acc_dtype, p.device)
-    row_sums(p, r, t, partials, geo, cross)
+    row_sums(p, r, t, partials, geo, rows, n, cross)
     return partials, geo[2]
