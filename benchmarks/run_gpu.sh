@@ -32,7 +32,7 @@ set -euo pipefail
 jobs=("${@:-quick}")
 for job in "${jobs[@]}"; do
     case "$job" in
-        quick|dpo|dspo|full|more|train-quick|train|train-tests|tests|pytest|one-launch|compile-tests) ;;
+        quick|dpo|dspo|full|more|train-quick|train|train-tests|tests|pytest|one-launch|compile-tests|families) ;;
         *) echo "unknown job '$job'" >&2; exit 2 ;;
     esac
 done

@@ -5,6 +5,7 @@ the refusals of bad input before anything is written."""
 
 import csv
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -69,8 +70,10 @@ def test_bundled_pipeline_registry_data_and_size(pipe):
 
 
 def test_prompt_encoding_equals_the_pipelines_with_t5(pipe, family):
+    """Bitwise, under no_grad as the pipeline's __call__ runs it (T5's SDPA differs by ~1e-6 with grad)."""
     emb, pooled = family.encode_prompts(CAPTIONS)
-    ref_emb, _, ref_pooled, _ = pipe.encode_prompt(CAPTIONS, None, None, do_classifier_free_guidance=False)
+    with torch.no_grad():
+        ref_emb, _, ref_pooled, _ = pipe.encode_prompt(CAPTIONS, None, None, do_classifier_free_guidance=False)
     clip_length = pipe.tokenizer.model_max_length
     assert emb.shape == (3, clip_length + MAX_SEQUENCE_LENGTH, pipe.transformer.config.joint_attention_dim)
     assert pooled.shape == (3, pipe.transformer.config.pooled_projection_dim)
@@ -84,7 +87,8 @@ def test_prompt_encoding_equals_the_pipelines_without_t5(pipe):
     """text_encoder_3 None, as StableDiffusion3Pipeline allows: zeros in the T5 part."""
     no_t5 = StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
     emb, pooled = _family_of(no_t5).encode_prompts(CAPTIONS)
-    ref_emb, _, ref_pooled, _ = no_t5.encode_prompt(CAPTIONS, None, None, do_classifier_free_guidance=False)
+    with torch.no_grad():
+        ref_emb, _, ref_pooled, _ = no_t5.encode_prompt(CAPTIONS, None, None, do_classifier_free_guidance=False)
     clip_length = pipe.tokenizer.model_max_length
     assert emb.shape == (3, clip_length + MAX_SEQUENCE_LENGTH, pipe.transformer.config.joint_attention_dim)
     assert torch.equal(emb, ref_emb) and torch.equal(pooled, ref_pooled)
@@ -193,22 +197,28 @@ def test_copy_run_without_t5_writes_a_loadable_transformer(tmp_path):
 
 
 @needs_kernels
-@pytest.mark.parametrize(
-    "flags",
-    [
-        ["--loss_type", "sspo", "--sspo_sample_steps", "2", "--weighting_scheme", "mode", "--mode_scale", "1.0"],
-        ["--loss_type", "dense_dpo", "--weighting_scheme", "cosmap"],
-        ["--loss_type", "mapo", "--logit_mean", "0.5", "--logit_std", "0.5"],
-    ],
-    ids=["sspo-mode", "dense_dpo-cosmap", "mapo-logit_normal"],
-)
-def test_schedule_dependent_losses_and_flow_flags_train(tmp_path, flags):
+def test_flow_flags_reach_the_run(tmp_path):
+    """--weighting_scheme etc. through the command line into the family and args.json."""
     out = tmp_path / "out"
-    train.main([*FAST, "--output_dir", str(out), "--max_train_steps", "1", "--report_to", "csv", *flags])
+    flags = [
+        "--report_to",
+        "csv",
+        "--loss_type",
+        "dense_dpo",
+        "--weighting_scheme",
+        "mode",
+        "--mode_scale",
+        "1.1",
+        "--logit_std",
+        "0.7",
+    ]
+    run = train.build(train.parse_config([*FAST, "--output_dir", str(out), "--max_train_steps", "1", *flags]))
+    assert (run.family.weighting_scheme, run.family.mode_scale, run.family.logit_std) == ("mode", 1.1, 0.7)
+    assert run.family.logit_mean == 0.0  # not given: diffusers' default
+    train.train(run)
     args = json.loads((out / "args.json").read_text())
-    assert all(str(args[flags[i][2:]]) == flags[i + 1] for i in range(0, len(flags), 2) if flags[i][2:] in args)
-    loss = float(_rows(out)[0]["loss"])
-    assert loss == loss and abs(loss) < 1e6  # finite
+    assert (args["weighting_scheme"], args["mode_scale"], args["logit_mean"]) == ("mode", 1.1, None)
+    assert math.isfinite(float(_rows(out)[0]["loss"]))
 
 
 @needs_kernels
@@ -232,6 +242,7 @@ def test_resume_after_kill_equals_the_uninterrupted_run(tmp_path):
         proc_helpers.kill_tree(proc.pid)
     assert proc.returncode == -signal.SIGKILL
     resumed_from = max(int(p.name.split("-")[1]) for p in killed.glob("checkpoint-*"))
+    print("RESUMED_FROM", resumed_from, time.time())
     total = resumed_from + 2
     train.main(
         [*args, "--output_dir", str(killed), "--max_train_steps", str(total), "--resume_from_checkpoint", "latest"]
@@ -262,16 +273,24 @@ def test_unsupported_pipeline_class_names_the_supported_ones(tmp_path):
     )
 
 
-@pytest.mark.parametrize(
-    ("resolution", "match"),
-    [
-        ("36", "--resolution: SD3's transformer takes 2x2 patches of the latent, expected a multiple of 8 .*got 36"),
-        ("30", "--resolution: expected a multiple of the VAE downsampling factor 4, got 30"),
-        ("136", "--resolution: SD3's transformer has 16 positions per side .*at most 128 px, got 136"),
-    ],
-)
-def test_resolution_the_transformer_cannot_take_is_refused(tmp_path, resolution, match):
-    _refused(tmp_path, ["--resolution", resolution], match)
+def test_resolution_the_transformer_cannot_take_is_refused(tmp_path):
+    _refused(
+        tmp_path, ["--resolution", "30"], "--resolution: expected a multiple of the VAE downsampling factor 4, got 30"
+    )
+    _refused(
+        tmp_path,
+        ["--resolution", "68"],
+        "--resolution: SD3's transformer has 16 positions per side .*pos_embed_max_size.*at most 64 px, got 68",
+    )
+    patched = tmp_path / "patch2"  # the tiny transformer patches 1x1; SD3's own is 2x2
+    shutil.copytree(TINY_SD3, patched)
+    config = json.loads((patched / "transformer" / "config.json").read_text())
+    (patched / "transformer" / "config.json").write_text(json.dumps({**config, "patch_size": 2}))
+    _refused(
+        tmp_path,
+        ["--pretrained_model_name_or_path", str(patched), "--resolution", "36"],
+        "--resolution: SD3's transformer takes 2x2 patches of the latent, expected a multiple of 8 .*got 36",
+    )
 
 
 def test_sd3_directory_without_a_subfolder_is_refused(tmp_path):
