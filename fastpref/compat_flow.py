@@ -141,7 +141,7 @@ class SimpleTunerFlowDPO:
                 raise ValueError(f"auto_beta_min ({auto_beta_min}) must be <= auto_beta_max ({auto_beta_max})")
             eps = float(auto_beta_eps)
             target = min(max(target_gf, eps), 1.0 - eps)
-            # as upstream: -2 * torch.logit(torch.tensor(target)).item(), the logit in float32
+            # as upstream computes it: -2 times the float32 logit of the target, read once to a Python float
             self._numerator = -2.0 * float(torch.logit(torch.tensor(target)))  # host-ok: a CPU scalar, at construction
             self._decay, self._eps = float(auto_beta_decay), eps
             self._beta_min = None if auto_beta_min is None else float(auto_beta_min)

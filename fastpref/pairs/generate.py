@@ -71,7 +71,7 @@ def score_and_pair(
     images = sample_images(
         pipe,
         flat_prompts,
-        seeds.reshape(-1).tolist(),
+        seeds.reshape(-1).tolist(),  # host-ok: offline sampling tool, host seeds for the generators
         num_inference_steps=sampling.num_inference_steps,
         guidance_scale=sampling.guidance_scale,
         resolution=sampling.resolution,

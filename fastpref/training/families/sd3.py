@@ -18,7 +18,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..family import register, to_device
 from ..flow import FlowMatchingFamily
-from ..models import add_lora, cast, set_attention
+from ..models import add_lora, cast, set_attention, vae_decode, vae_encode
 
 # diffusers' train_dreambooth_lora_sd3.py default --lora_layers: the joint attention's image and text projections
 LORA_TARGET_MODULES = [
@@ -205,17 +205,10 @@ class StableDiffusion3Family(FlowMatchingFamily):
 
     def encode_images(self, pixels: torch.Tensor, latent_eps: torch.Tensor) -> torch.Tensor:
         """``(z - shift_factor) · scaling_factor`` of the VAE posterior sample ``z`` (the SD3 scripts')."""
-        with torch.no_grad():
-            dist = self.vae.encode(to_device(pixels, self.device).to(self.weight_dtype)).latent_dist
-        latents = dist.mean.float() + dist.std.float() * to_device(latent_eps, self.device)
-        config = self.vae.config
-        return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
+        return vae_encode(self.vae, pixels, latent_eps, self.device, self.weight_dtype)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        config = self.vae.config
-        with torch.no_grad():
-            z = latents / config.scaling_factor + (config.shift_factor or 0.0)
-            return self.vae.decode(z.to(self.weight_dtype)).sample
+        return vae_decode(self.vae, latents, self.weight_dtype)
 
     # --- the step ---
 
