@@ -31,8 +31,8 @@ endif
 	@$(PY) -c "import torch" 2>/dev/null || { echo "make: installing torch==2.13.0 (CPU)"; $(PY) -m pip install torch==2.13.0; }
 	@$(PY) -c "import triton" 2>/dev/null || { echo "make: installing triton 3.6"; $(PY) -m pip install "triton==3.6.*"; }
 	@$(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || $(PY) -m pip install "numpy<2.4"
-	$(PY) -m pip install --no-build-isolation -e ".[test,train,dev]"
-	@$(PY) -c "import fastpref, diffusers, peft, transformers, pytest, ruff" || { echo "make: the installed environment is incomplete" >&2; exit 1; }
+	$(PY) -m pip install --no-build-isolation -e ".[test,train,dev,video]"
+	@$(PY) -c "import fastpref, diffusers, peft, transformers, pytest, ruff, av" || { echo "make: the installed environment is incomplete" >&2; exit 1; }
 	touch $@
 
 demo: $(STAMP)

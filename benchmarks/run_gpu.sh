@@ -13,6 +13,8 @@
 #   bash benchmarks/run_gpu.sh tests        # the whole test suite, kernels compiled   (~3-5 min)
 #   bash benchmarks/run_gpu.sh one-launch   # stress test of the opt-in one-launch forward (bitwise)  (~2-4 min)
 #   bash benchmarks/run_gpu.sh compile-tests # the losses under torch.compile/export on CUDA (triton_op path) (~2-4 min)
+#   bash benchmarks/run_gpu.sh families     # one real-size LoRA DPO step per family at random init: SDXL 1024 px,
+#                                           # SD3-medium and FLUX.1-dev 512 px, bf16, rank 8, SDPA (~4-6 min)
 #
 # The train* and tests jobs need diffusers, which the GPU image lacks: keep its wheel (and
 # importlib_metadata's) in .whl/ (git-ignored) and carry that folder; they are installed
@@ -30,7 +32,7 @@ set -euo pipefail
 jobs=("${@:-quick}")
 for job in "${jobs[@]}"; do
     case "$job" in
-        quick|dpo|dspo|full|more|train-quick|train|train-tests|tests|pytest|one-launch|compile-tests) ;;
+        quick|dpo|dspo|full|more|train-quick|train|train-tests|tests|pytest|one-launch|compile-tests|families) ;;
         *) echo "unknown job '$job'" >&2; exit 2 ;;
     esac
 done
@@ -43,10 +45,13 @@ if ! "$PY" -c "import fastpref" >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-build-isolation --no-deps -e . || {
         echo "could not install fastpref from this checkout" >&2; exit 2; }
 fi
-case " ${jobs[*]} " in *" train"*|*" tests "*)
+case " ${jobs[*]} " in *" train"*|*" tests "*|*" families "*)
     if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
         ls .whl/diffusers-*.whl >/dev/null 2>&1 || { echo "the train jobs need diffusers: carry .whl/ with its wheel" >&2; exit 2; }
         "$PY" -m pip install -q --no-deps .whl/diffusers-*.whl .whl/importlib_metadata-*.whl
+    fi
+    if ! "$PY" -c "import peft" >/dev/null 2>&1 && ls .whl/peft-*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-deps .whl/peft-*.whl  # LoRA of the family-step job and the trainer
     fi ;;
 esac
 "$PY" -c "import torch, triton, fastpref; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'fastpref', fastpref.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"
@@ -73,6 +78,7 @@ run_job() {
         one-launch) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_one_launch.py 2>&1 | tee "$dest/pytest_one_launch.txt" ;;
         compile-tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_compile_ops.py tests/test_kernels_compile.py \
                    2>&1 | tee "$dest/pytest_compile_gpu.txt" ;;
+        families) "$PY" benchmarks/bench_family_step.py --steps 5 --out "$dest/family_step.csv" ;;
         pytest) "$PY" -m pytest benchmarks/test_bench_losses.py --benchmark-only -q -p no:cacheprovider \
                    --benchmark-json="$dest/pytest_benchmark.json" ;;
     esac

@@ -11,9 +11,20 @@ from .losses import LOSS_TYPES
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_MODEL = ASSETS / "tiny-sd"
 DEFAULT_DATA = ASSETS / "tiny-prefs.parquet"
-BUNDLED_DATA = {DEFAULT_MODEL: DEFAULT_DATA}
+BUNDLED_DATA = {
+    DEFAULT_MODEL: DEFAULT_DATA,
+    ASSETS / "tiny-sdxl": ASSETS / "tiny-sdxl-prefs.parquet",
+    ASSETS / "tiny-sd3": ASSETS / "tiny-sd3-prefs.parquet",
+}
 """Each bundled tiny pipeline -> its bundled preference set: the data a run on that pipeline
 trains on when neither ``--dataset_name`` nor ``--train_data_dir`` is given."""
+FLOW_MATCHING_DEFAULTS = {"weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
+"""The flow-matching timestep flags (diffusers' names, meanings and defaults, docs/methods.md §7).
+The parser's default is None, so that a DDPM family can refuse them; a flow family fills these."""
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap")
+FAMILY_FLAGS = dict.fromkeys(FLOW_MATCHING_DEFAULTS, "flow matching")
+"""Flags that only some model families take -> their kind; a family names the kinds it takes in
+``ModelFamily.flag_kinds`` and refuses any other (``ModelFamily.check_flags``)."""
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -32,6 +43,9 @@ FLOAT_RANGES = {
     "beta": (0.0, False, None),
     "rpo_tau": (0.0, False, None),
     "sspo_guidance_scale": (0.0, True, None),
+    "logit_mean": (-math.inf, False, None),
+    "logit_std": (0.0, False, None),
+    "mode_scale": (-math.inf, False, None),
 }
 # integer flags: the smallest accepted value
 INT_MINIMUM = {
@@ -47,6 +61,10 @@ INT_MINIMUM = {
     "sspo_sample_steps": 1,
     "lr_warmup_steps": 0,
     "sspo_num_snapshots": 0,
+    "online_pairs_every": 1,
+    "online_num_prompts": 1,
+    "online_num_samples": 2,
+    "online_sample_steps": 1,
 }
 
 
@@ -75,8 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(DEFAULT_MODEL),
         help="local diffusers Stable Diffusion directory (default: the bundled tiny pipeline)",
     )
-    a("--dataset_name", default=None, help="local Pick-a-Pic-layout parquet file or directory")
+    a(
+        "--dataset_name",
+        default=None,
+        help="local Pick-a-Pic-layout pairs: a parquet file, a directory of them, a parquet glob ('data/*.parquet') "
+        "or a datasets save_to_disk directory (fastpref-pairs writes such a parquet)",
+    )
     a("--train_data_dir", default=None, help="same as --dataset_name (default: the bundled tiny set)")
+    a("--dataset_split", default="train", help="the split of a save_to_disk DatasetDict")
+    a(
+        "--dataset_streaming",
+        action="store_true",
+        help="read the data through a datasets IterableDataset in one pass at start (no cache files written); "
+        "same rows and batches",
+    )
     a(
         "--skip_bad_rows",
         action="store_true",
@@ -157,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="--loss_type sspo: snapshots kept besides the initial weights (oldest dropped first)",
     )
-    a("--sspo_sample_steps", type=int, default=10, help="--loss_type sspo: DDIM steps of the self-sampler")
+    a(
+        "--sspo_sample_steps",
+        type=int,
+        default=10,
+        help="--loss_type sspo: steps of the self-sampler (DDIM; flow families: Euler)",
+    )
     a(
         "--sspo_guidance_scale",
         type=float,
@@ -170,6 +205,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="capture the whole training step in one CUDA graph after 3 eager warm-up steps and "
         "replay it (one process, CUDA only; fp16 captures forward and backward only)",
     )
+    flow = "flow-matching families (SD3, Flux) only: "
+    a(
+        "--weighting_scheme",
+        default=None,
+        choices=WEIGHTING_SCHEMES,
+        help=flow + "the density of the training σ, as diffusers' compute_density_for_timestep_sampling; "
+        "sigma_sqrt and cosmap draw uniformly and weight each row's squared error by diffusers' "
+        "compute_loss_weighting_for_sd3 (docs/methods.md §7; default: logit_normal)",
+    )
+    a("--logit_mean", type=float, default=None, help=flow + "mean of the logit_normal scheme (default: 0.0)")
+    a(
+        "--logit_std",
+        type=float,
+        default=None,
+        help=flow + "standard deviation of the logit_normal scheme (default: 1.0)",
+    )
+    a("--mode_scale", type=float, default=None, help=flow + "scale of the mode scheme (default: 1.29)")
+    a(
+        "--online_pairs_every",
+        type=int,
+        default=None,
+        help="on-line pairs: regenerate the preference set from the current policy at step 0 and every this many "
+        "steps (sample --online_num_samples images per prompt, score with --reward, best vs worst; docs/training.md)",
+    )
+    a("--online_prompts", default=None, help="prompts file of the on-line pairs (default: the training set's captions)")
+    a("--online_num_prompts", type=int, default=None, help="use the first this many on-line prompts (default: all)")
+    a("--online_num_samples", type=int, default=2, help="images sampled per prompt at each refresh (K >= 2)")
+    a("--online_sample_steps", type=int, default=20, help="sampling steps of the on-line pairs")
+    a("--online_guidance_scale", type=float, default=3.0, help="classifier-free guidance of the on-line pairs")
+    a("--online_min_margin", type=float, default=0.0, help="keep an on-line pair only when its reward margin is above")
+    a("--reward", default="colourfulness", help="reward of the on-line pairs: a fastpref-pairs reward, module:callable")
+    a("--reward_model_path", default=None, help="local model directory of a model-based --reward")
+    a("--reward_processor_path", default=None, help="its processor directory (default: --reward_model_path)")
+    a("--reward_head_path", default=None, help="--reward aesthetic: the predictor's MLP weights file")
     a("--checkpointing_steps", type=int, default=500, help="write a checkpoint every this many steps")
     a("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints (default: all)")
     a(

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from .data import PreferencePairs, load_pixels, pair_indices
+from .data import PreferencePairs, pair_indices
 from .family import ModelFamily, to_device
 
 
@@ -29,8 +29,11 @@ class Batch(NamedTuple):
     latents ``[R, *latent_shape]`` float32 latents in the denoiser's space (``ModelFamily.
     encode_images``; images ``(C, h, w)``, video ``(C, F, h, w)``); embeddings ``[R, L, D]`` and
     pooled ``[R, P]`` prompt embeddings (``ModelFamily.encode_prompts``, weight dtype); noise like
-    latents, float32; timesteps ``[R]`` int64; labels ``[R]`` float32 (1 = desirable / winner,
-    0 = undesirable / loser).
+    latents, float32; timesteps ``[R]`` int64 (flow families: float32); labels ``[R]`` float32
+    (1 = desirable / winner, 0 = undesirable / loser); extra ``[R, E]`` float32, the family's
+    extra conditioning of each row (``ModelFamily.prepare_images``: SDXL's time ids, ``E = 6``;
+    ``[R, 0]`` for families without any; a pair's rows share it). None only in hand-built
+    batches (read as no extra conditioning).
     """
 
     latents: torch.Tensor
@@ -39,6 +42,7 @@ class Batch(NamedTuple):
     noise: torch.Tensor
     timesteps: torch.Tensor
     labels: torch.Tensor
+    extra: torch.Tensor | None = None
 
 
 @dataclass
@@ -73,8 +77,12 @@ class Encoders:
         """The generator of the stream item at global ``position``."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + position)
 
-    def pixels(self, images: list[bytes], generator: torch.Generator) -> list[torch.Tensor]:
-        return load_pixels(images, self.resolution, random_crop=self.random_crop, hflip=self.hflip, generator=generator)
+    def pixels(self, images: list[bytes], generator: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``images`` cropped and flipped alike, and their extra conditioning ``[E]``
+        (``ModelFamily.prepare_images``)."""
+        return self.family.prepare_images(
+            images, self.resolution, random_crop=self.random_crop, hflip=self.hflip, generator=generator
+        )
 
     def draw_noise_and_timestep(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         noise = torch.randn(self.latent_shape(), generator=generator)
@@ -89,13 +97,14 @@ def _rows_twice(t: torch.Tensor) -> torch.Tensor:
 def paired_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders) -> Batch:
     """``2B`` rows, winners first, for the pairs at stream ``positions``."""
     indices = pair_indices(positions[0], len(positions), len(pairs), enc.seed)
-    winners, losers, captions, eps, noise, timesteps = [], [], [], [], [], []
+    winners, losers, captions, eps, noise, timesteps, extra = [], [], [], [], [], [], []
     for index, position in zip(indices, positions, strict=True):
         g = enc.generator(position)
         caption, winner, loser = pairs[index]
-        w, l = enc.pixels([winner, loser], g)
+        (w, l), e = enc.pixels([winner, loser], g)
         winners.append(w)
         losers.append(l)
+        extra.append(e)
         captions.append(caption)
         eps.append(torch.randn((2, *enc.latent_shape()), generator=g))
         n, t = enc.draw_noise_and_timestep(g)
@@ -110,6 +119,7 @@ def paired_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders) ->
         _rows_twice(torch.stack(noise)),
         _rows_twice(torch.stack(timesteps)),
         [1.0] * len(captions) + [0.0] * len(captions),
+        _rows_twice(torch.stack(extra)),
         repeat=2,
     )
 
@@ -118,11 +128,13 @@ def image_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders) -> 
     """One row per image at stream ``positions`` of the unpaired view (KTO): own noise and
     timestep per row, label 1 for a pair's winner and 0 for its loser."""
     indices = pair_indices(positions[0], len(positions), 2 * len(pairs), enc.seed)
-    pixels, captions, labels, eps, noise, timesteps = [], [], [], [], [], []
+    pixels, captions, labels, eps, noise, timesteps, extra = [], [], [], [], [], [], []
     for index, position in zip(indices, positions, strict=True):
         g = enc.generator(position)
         caption, image, desirable = pairs.image(index)
-        pixels.extend(enc.pixels([image], g))
+        (p,), e = enc.pixels([image], g)
+        pixels.append(p)
+        extra.append(e)
         captions.append(caption)
         labels.append(1.0 if desirable else 0.0)
         eps.append(torch.randn(enc.latent_shape(), generator=g))
@@ -130,18 +142,21 @@ def image_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders) -> 
         noise.append(n)
         timesteps.append(t)
     latents = enc.encode_pixels(torch.stack(pixels), torch.stack(eps))
-    return _assemble(enc, latents, captions, torch.stack(noise), torch.stack(timesteps), labels)
+    return _assemble(enc, latents, captions, torch.stack(noise), torch.stack(timesteps), labels, torch.stack(extra))
 
 
 def winner_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders, sample_losers) -> Batch:
     """SSPO: ``2B`` rows, the dataset winners first, then ``sample_losers(batch_so_far,
-    start_noise, latent_eps)``'s ``[B, C, h, w]`` latents (self-samples for the same prompts)."""
+    start_noise, latent_eps)``'s ``[B, C, h, w]`` latents (self-samples for the same prompts,
+    sampled and trained with the winners' extra conditioning)."""
     indices = pair_indices(positions[0], len(positions), len(pairs), enc.seed)
-    winners, captions, eps, noise, timesteps, start, sample_eps = [], [], [], [], [], [], []
+    winners, captions, eps, noise, timesteps, start, sample_eps, extra = [], [], [], [], [], [], [], []
     for index, position in zip(indices, positions, strict=True):
         g = enc.generator(position)
         caption, winner, _ = pairs[index]
-        winners.extend(enc.pixels([winner], g))
+        (w,), e = enc.pixels([winner], g)
+        winners.append(w)
+        extra.append(e)
         captions.append(caption)
         eps.append(torch.randn(enc.latent_shape(), generator=g))
         n, t = enc.draw_noise_and_timestep(g)
@@ -150,7 +165,15 @@ def winner_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders, sa
         start.append(torch.randn(enc.latent_shape(), generator=g))
         sample_eps.append(torch.randn(enc.latent_shape(), generator=g))
     winner_latents = enc.encode_pixels(torch.stack(winners), torch.stack(eps))
-    half = _assemble(enc, winner_latents, captions, torch.stack(noise), torch.stack(timesteps), [1.0] * len(captions))
+    half = _assemble(
+        enc,
+        winner_latents,
+        captions,
+        torch.stack(noise),
+        torch.stack(timesteps),
+        [1.0] * len(captions),
+        torch.stack(extra),
+    )
     losers = sample_losers(half, enc.to_device(torch.stack(start)), torch.stack(sample_eps))
     return Batch(
         torch.cat([half.latents, losers]),
@@ -159,10 +182,11 @@ def winner_batch(pairs: PreferencePairs, positions: list[int], enc: Encoders, sa
         _rows_twice(half.noise),
         _rows_twice(half.timesteps),
         torch.cat([half.labels, torch.zeros_like(half.labels)]),
+        _rows_twice(half.extra),
     )
 
 
-def _assemble(enc: Encoders, latents, captions, noise, timesteps, labels, repeat: int = 1) -> Batch:
+def _assemble(enc: Encoders, latents, captions, noise, timesteps, labels, extra, repeat: int = 1) -> Batch:
     embeddings, pooled = enc.encode_prompts(captions)  # once per prompt, then repeated per row
     if repeat == 2:
         embeddings, pooled = _rows_twice(embeddings), _rows_twice(pooled)
@@ -173,6 +197,7 @@ def _assemble(enc: Encoders, latents, captions, noise, timesteps, labels, repeat
         enc.to_device(noise),
         enc.to_device(timesteps),
         enc.to_device(torch.tensor(labels, dtype=torch.float32)),
+        enc.to_device(extra.to(torch.float32)),
     )
 
 

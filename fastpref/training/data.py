@@ -16,6 +16,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -51,16 +52,27 @@ COLUMN_TYPES = {
 }
 
 
+class NamedTable(NamedTuple):
+    """A preference table read by other means than a parquet file (``sources``: ``datasets``
+    inputs), with the name that errors give for it."""
+
+    name: str
+    table: pa.Table
+
+
 class ImageBytes(bytes):
     """Encoded image bytes that know where they came from (``origin``: file, row and column),
-    so a decoding error can name them."""
+    so a decoding error can name them; ``column`` is the column alone (``"jpg_0"`` or
+    ``"jpg_1"``: SDXL's time ids take the original size of a pair's ``jpg_0``)."""
 
     origin: str = ""
+    column: str = ""
 
     @classmethod
     def at(cls, data: bytes, file: Path, row: int, column: str, argument: str) -> "ImageBytes":
         out = cls(data)
         out.origin = f"{argument}: {str(file)!r} row {row} column {column!r}"
+        out.column = column
         return out
 
 
@@ -99,6 +111,16 @@ def parquet_files(path: str | Path, argument: str = "--train_data_dir") -> list[
     return [path]
 
 
+def _read_parquet(file: Path, argument: str) -> pa.Table:
+    """The table of parquet ``file``; ValueError naming ``argument`` when it does not read."""
+    try:
+        return pq.read_table(file)
+    except Exception as error:  # pyarrow raises several types for a malformed file
+        raise ValueError(
+            f"{argument}: could not read {str(file)!r} as parquet ({type(error).__name__}: {error})"
+        ) from error
+
+
 class PreferencePairs:
     """Non-tied pairs of a Pick-a-Pic table, winner first.
 
@@ -106,17 +128,15 @@ class PreferencePairs:
     asks for them (``load_pixels``).
     """
 
-    def __init__(self, files: list[Path], argument: str = "--train_data_dir", skip_bad_rows: bool = False):
+    def __init__(self, files: list[Path | NamedTable], argument: str = "--train_data_dir", skip_bad_rows: bool = False):
         captions, winners, losers = [], [], []
         self.num_ties = 0
         self.skipped: list[dict] = []  # skip_bad_rows: {"file", "row", "column", "reason"} of each dropped row
         for file in files:
-            try:
-                table = pq.read_table(file)
-            except Exception as error:  # pyarrow raises several types for a malformed file
-                raise ValueError(
-                    f"{argument}: could not read {str(file)!r} as parquet ({type(error).__name__}: {error})"
-                ) from error
+            if isinstance(file, NamedTable):
+                file, table = file
+            else:
+                table = _read_parquet(file, argument)
             missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
             if missing:
                 raise ValueError(

@@ -11,8 +11,10 @@ lists the methods with their shapes and dtypes.
 
 Tensor conventions: ``R`` rows per micro-batch; latents ``[R, *latent_shape]`` float32 (images
 ``(C, h, w)``, video ``(C, F, h, w)``); timesteps ``[R]`` int64 indices into the family's
-training schedule ``0..num_train_timesteps - 1``; prompt embeddings ``[R, L, D]`` and pooled
-embeddings ``[R, P]`` in the weight dtype.
+training schedule ``0..num_train_timesteps - 1`` (flow-matching families, ``fastpref.training.flow``:
+float32 scheduler timesteps ``σ · num_train_timesteps``); prompt embeddings ``[R, L, D]`` and pooled
+embeddings ``[R, P]`` in the weight dtype; extra conditioning ``[R, E]`` float32 (SDXL's time
+ids, ``E = 6``; ``E = 0`` for families that take none, see ``prepare_images``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class ModelFamily(ABC):
     """
 
     class_names: tuple[str, ...] = ()  # model_index.json ``_class_name`` values this family trains
+    flag_kinds: tuple[str, ...] = ()  # kinds of family-specific flags (args.FAMILY_FLAGS) it takes
     denoiser: torch.nn.Module
     device: torch.device
     weight_dtype: torch.dtype
@@ -66,6 +69,33 @@ class ModelFamily(ABC):
     @abstractmethod
     def default_resolution(cls, path: Path) -> int:
         """The training resolution when ``--resolution`` is not given (pixels, square)."""
+
+    @classmethod
+    def check_resolution(cls, path: Path, resolution: int) -> None:
+        """Refuse a training ``resolution`` (pixels, already a multiple of ``check``'s factor) that
+        the denoiser cannot take (patching, packing, position tables): ValueError naming
+        ``--resolution``, expected and actual. Reads configuration files only; default: any."""
+        return None
+
+    @classmethod
+    def check_flags(cls, config) -> None:
+        """Refuse every family-specific flag (``args.FAMILY_FLAGS``, e.g. the flow-matching
+        ``--weighting_scheme``) given in ``config`` (not None) whose kind is not in
+        ``cls.flag_kinds``: ValueError naming the flag and this family. Reads no file."""
+        from .args import FAMILY_FLAGS
+
+        for name, kind in FAMILY_FLAGS.items():
+            value = getattr(config, name, None)
+            if value is not None and kind not in cls.flag_kinds:
+                raise ValueError(
+                    f"--{name}: a {kind} flag, but --pretrained_model_name_or_path is a "
+                    f"{'/'.join(cls.class_names)} ({cls.__name__}), which takes no {kind} flags; got {value!r}"
+                )
+
+    def configure(self, config) -> None:
+        """Take the family-specific flags of ``config`` after ``load`` (``fastpref.train.build``
+        calls it; ``check_flags`` has passed). The default takes none."""
+        return None
 
     @classmethod
     @abstractmethod
@@ -118,6 +148,26 @@ class ModelFamily(ABC):
         """Inverse of ``encode_images`` (SSPO's self-samples): ``[N, *latent_shape]`` latents ->
         pixels ``[N, 3, H, W]`` (video ``[N, 3, F, H, W]``), roughly in [-1, 1]."""
 
+    def prepare_images(
+        self,
+        images: list[bytes],
+        resolution: int,
+        *,
+        random_crop: bool,
+        hflip: bool,
+        generator: torch.Generator,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One stream item's encoded images (a pair, or one image) decoded, resized, cropped and
+        flipped alike, with random draws from ``generator``: ``([3, resolution, resolution]``
+        float32 pixels in [-1, 1] per image, ``extra [E]`` float32``)``, the item's extra
+        conditioning, which ``denoise`` receives per row (SDXL: the original-size / crop /
+        target-size time ids). The default is ``fastpref.training.data.load_pixels`` and an empty
+        ``extra`` (``E = 0``) for families whose denoiser takes no extra conditioning."""
+        from .data import load_pixels  # here: the data libraries (PIL, pyarrow) load with the data
+
+        pixels = load_pixels(images, resolution, random_crop=random_crop, hflip=hflip, generator=generator)
+        return pixels, torch.zeros(0)
+
     # --- the step (device only, no host synchronisation) ---
 
     @abstractmethod
@@ -127,6 +177,11 @@ class ModelFamily(ABC):
         """``(noisy, target)``, both ``[R, *latent_shape]``: the latents noised to ``timesteps``
         and what the denoiser regresses there (epsilon, v, or flow matching's ``noise - x0``)."""
 
+    def error_weight(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """``[R]`` float32 weights of each row's squared error at ``timesteps`` ``[R]`` (the losses
+        then see ``sqrt(w)`` times prediction and target), or None: unweighted (the default)."""
+        return None
+
     @abstractmethod
     def denoise(
         self,
@@ -135,10 +190,13 @@ class ModelFamily(ABC):
         timesteps: torch.Tensor,
         embeddings: torch.Tensor,
         pooled: torch.Tensor,
+        extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``model`` (the denoiser, a DDP wrapper of it, or the reference copy) called with the
         family's conditioning; returns the prediction ``[R, *latent_shape]``, comparable with
-        ``add_noise``'s target. ``timesteps`` is ``[R]`` or 0-dim (the sampler's)."""
+        ``add_noise``'s target. ``timesteps`` is ``[R]`` or 0-dim (the sampler's). ``extra`` is
+        the rows' extra conditioning ``[R, E]`` float32 (``prepare_images``; SDXL's time ids);
+        families without extra conditioning ignore it, and it may be None or ``[R, 0]``."""
 
     @abstractmethod
     def sample(
@@ -156,7 +214,10 @@ class ModelFamily(ABC):
         """SSPO's self-sampler: ``[B, *latent_shape]`` latents sampled in ``num_steps`` steps from
         ``start`` noise with classifier-free guidance of the prompts ``embeddings [B, L, D]``,
         ``pooled [B, P]`` against ``negative [1, L, D]``, ``negative_pooled [1, P]``.
-        ``predict(noisy, t, embeddings, pooled)`` is ``denoise`` bound to the replay model."""
+        ``predict(noisy, t, embeddings, pooled, extra=None)`` is ``denoise`` bound to the replay
+        model. A family with extra conditioning (``E > 0``) also takes the keyword ``extra [B, E]``
+        (the winners' rows; the self-sampler passes it only then) and conditions both the
+        unconditional and the conditional half on it, as its pipeline does."""
 
 
 def register(cls: type[ModelFamily]) -> type[ModelFamily]:

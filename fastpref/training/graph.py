@@ -104,8 +104,9 @@ def check_capturable_optimizer(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _clone(batch):
-    """A copy of a micro-batch: a ``Batch`` or any tuple of tensors."""
-    clones = (t.clone() for t in batch)
+    """A copy of a micro-batch: a ``Batch`` or any tuple of tensors (a None field, such as a
+    hand-built ``Batch``'s absent ``extra``, stays None)."""
+    clones = (None if t is None else t.clone() for t in batch)
     return type(batch)(*clones) if hasattr(batch, "_fields") else tuple(clones)
 
 
@@ -150,6 +151,13 @@ class StaticStep:
         for static, batch in zip(self.inputs, batches, strict=True):
             names = getattr(batch, "_fields", range(len(batch)))
             for name, buffer, value in zip(names, static, batch, strict=True):
+                if buffer is None or value is None:  # an absent field (Batch.extra): absent in every step
+                    if buffer is not value:
+                        raise ValueError(
+                            f"batch.{name}: expected {'None' if buffer is None else 'a tensor'} "
+                            f"(the captured step's), got {'None' if value is None else 'a tensor'}"
+                        )
+                    continue
                 if buffer.shape != value.shape or buffer.dtype != value.dtype:
                     raise ValueError(
                         f"batch.{name}: expected {tuple(buffer.shape)} {buffer.dtype} "

@@ -1,8 +1,25 @@
 """Training metrics: CSV (always), TensorBoard (when installed) and a PNG of the curves."""
 
 import csv
+import math
 import warnings
 from pathlib import Path
+
+SMOOTHING = 0.9  # EMA weight of the plotted curves (raw values in metrics.csv and faint in the plot)
+
+
+def ema(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """Exponential moving average ``s_i = weight * s_{i-1} + (1 - weight) * v_i``, ``s_0 = v_0``
+    (the first finite value); a NaN entry (a step that did not log the metric) keeps the previous
+    average, NaN before any finite value. ``weight`` in [0, 1): 0 returns the values."""
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"weight: expected a number in [0, 1), got {weight}")
+    out, average = [], math.nan
+    for value in values:
+        if not math.isnan(value):
+            average = value if math.isnan(average) else weight * average + (1.0 - weight) * value
+        out.append(average)
+    return out
 
 
 def _row(record: dict[str, str]) -> dict:
@@ -41,8 +58,12 @@ class MetricsLogger:
                 )
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        """Record ``values`` at optimizer step ``step``."""
-        self.rows.append({"step": step, **values})
+        """Record ``values`` at optimizer step ``step`` (merged into the last row when it is the
+        same step's: the on-line refresh logs after the step's own metrics)."""
+        if self.rows and self.rows[-1]["step"] == step:
+            self.rows[-1].update(values)
+        else:
+            self.rows.append({"step": step, **values})
         if self.tensorboard is not None:
             for key, value in values.items():
                 self.tensorboard.add_scalar(f"train/{key}", value, step)
@@ -71,7 +92,8 @@ class MetricsLogger:
         self.plot(list(dict.fromkeys(k for r in self.rows for k in r)))
 
     def plot(self, keys: list[str]) -> None:
-        """One panel per metric against step, saved as curves.png."""
+        """One panel per metric against step, saved as curves.png: the raw per-step values faint,
+        their EMA (``ema``, weight ``SMOOTHING``) on top."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -83,8 +105,16 @@ class MetricsLogger:
         fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
         steps = [r["step"] for r in self.rows]
         for ax, name in zip(axes.flat, names, strict=False):
-            ax.plot(steps, [r.get(name, float("nan")) for r in self.rows])
-            ax.set_title(name)
+            logged = [r for r in self.rows if name in r]
+            if 2 * len(logged) <= len(self.rows):  # a metric of a few steps (online_reward): its points, unsmoothed
+                ax.plot([r["step"] for r in logged], [r[name] for r in logged], color="C1", marker="o")
+                ax.set_title(name)
+                ax.set_xlabel("step")
+                continue
+            values = [r.get(name, float("nan")) for r in self.rows]
+            ax.plot(steps, values, color="C0", alpha=0.3, linewidth=0.8)
+            ax.plot(steps, ema(values), color="C0", linewidth=1.6)
+            ax.set_title(f"{name} (EMA {SMOOTHING:g})")
             ax.set_xlabel("step")
         for ax in list(axes.flat)[len(names) :]:
             ax.axis("off")

@@ -118,12 +118,17 @@ def ddim_sample(
 
 def self_sampler(predict, family, *, num_steps: int, guidance_scale: float):
     """The ``sample_losers(winners, start, latent_eps)`` of ``batches.winner_batch``: samples of
-    ``family.sample`` (SD: DDIM) for the winners' prompts by ``predict(x, t, emb, pooled)`` (the
-    replay model's forward), decoded and encoded back like a dataset image (``[B, *latent_shape]``
-    float32 latents)."""
+    ``family.sample`` (SD: DDIM) for the winners' prompts by ``predict(x, t, emb, pooled,
+    extra=None)`` (the replay model's forward), decoded and encoded back like a dataset image
+    (``[B, *latent_shape]`` float32 latents). A family with extra conditioning (``winners.extra``
+    ``[B, E]``, ``E > 0``: SDXL's time ids) samples with the winners' extra (keyword ``extra``);
+    the others are called without it."""
     negative, negative_pooled = family.encode_prompts([""])
 
     def sample_losers(winners, start: torch.Tensor, latent_eps: torch.Tensor) -> torch.Tensor:
+        extra = getattr(winners, "extra", None)
+        # a shape (host metadata), not a tensor value: families with no extra conditioning keep their signature
+        conditioning = {"extra": extra} if extra is not None and extra.shape[-1] > 0 else {}
         latents = family.sample(
             predict,
             winners.embeddings,
@@ -133,6 +138,7 @@ def self_sampler(predict, family, *, num_steps: int, guidance_scale: float):
             start,
             num_steps=num_steps,
             guidance_scale=guidance_scale,
+            **conditioning,
         )
         pixels = family.decode_latents(latents)
         return family.encode_images(pixels.clamp(-1, 1), latent_eps)

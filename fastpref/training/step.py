@@ -37,17 +37,25 @@ def preference_loss(
     noise, timesteps and prompt embeddings).
 
     The family noises the latents and names the target (epsilon, v, flow); ``policy(noisy, t,
-    emb, pooled)`` is the policy forward, ``reference(noisy, t, emb, pooled)`` the reference one,
-    run under no_grad and only when the loss type needs it (never for SFT and MaPO).
+    emb, pooled, extra)`` is the policy forward, ``reference(noisy, t, emb, pooled, extra)`` the
+    reference one (``extra``: the batch's extra conditioning ``[R, E]``, SDXL's time ids), run
+    under no_grad and only when the loss type needs it (never for SFT and MaPO).
     ``kl_baseline(model_pred, ref_pred, target)``, when given, supplies KTO's baseline (the
-    cross-process mean of a multi-process run).
+    cross-process mean of a multi-process run). ``family.error_weight`` (flow matching's
+    ``sigma_sqrt`` / ``cosmap``) weights each row's squared error.
     """
     noisy, target = family.add_noise(batch.latents, batch.noise, batch.timesteps)
-    model_pred = policy(noisy, batch.timesteps, batch.embeddings, batch.pooled)
+    extra = getattr(batch, "extra", None)  # absent from a batch-like tuple: no extra conditioning
+    model_pred = policy(noisy, batch.timesteps, batch.embeddings, batch.pooled, extra)
     ref_pred = None
     if loss_type.needs_reference:
         with torch.no_grad():
-            ref_pred = reference(noisy, batch.timesteps, batch.embeddings, batch.pooled)
+            ref_pred = reference(noisy, batch.timesteps, batch.embeddings, batch.pooled, extra)
+    weight = family.error_weight(batch.timesteps)  # None for most families (a Python check, not a tensor's)
+    if weight is not None:  # w per row's squared error: scale prediction and target by sqrt(w)
+        scale = weight.sqrt().reshape(-1, *[1] * (target.ndim - 1))
+        model_pred, target = model_pred * scale.to(model_pred.dtype), target * scale.to(target.dtype)
+        ref_pred = None if ref_pred is None else ref_pred * scale.to(ref_pred.dtype)
     baseline = None
     if kl_baseline is not None and loss_type.extra_input == "labels":
         baseline = kl_baseline(model_pred, ref_pred, target)

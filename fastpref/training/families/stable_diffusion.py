@@ -129,9 +129,15 @@ class StableDiffusionFamily(ModelFamily):
         return noisy, self.scheduler.get_velocity(latents, noise, timesteps)
 
     def denoise(
-        self, model, noisy: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor, pooled: torch.Tensor
+        self,
+        model,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+        pooled: torch.Tensor,
+        extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return model(noisy, timesteps, embeddings).sample
+        return model(noisy, timesteps, embeddings).sample  # no extra conditioning: ``extra`` is [R, 0]
 
     def sample(
         self,
