@@ -141,9 +141,12 @@ def check_predictions(paired, model_pred, target, ref_pred=None):
         check_paired("model_pred", model_pred)
 
 
-def compute_dtype(*tensors):
+def compute_dtype(model_pred, ref_pred=None, target=None):
     """float64 if any input is float64, else float32 (docs/methods.md §1, "Dtypes")."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    f64 = torch.float64
+    if model_pred.dtype is f64 or (target is not None and target.dtype is f64):
+        return f64
+    return f64 if ref_pred is not None and ref_pred.dtype is f64 else torch.float32
 
 
 def check_range(name, value, low, high, low_open=False):
