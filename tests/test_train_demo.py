@@ -18,7 +18,7 @@ from fastpref.demo_curve import CURVE_COLUMNS, curve_steps
 from fastpref.tiny.sampling import guidance_kwargs
 from fastpref.training import bundled
 from fastpref.training.args import DEFAULT_DATA, DEFAULT_MODEL, default_data
-from fastpref.training.family import family_class
+from fastpref.training.family import FAMILIES, _import_families, family_class
 from fastpref.training.logging import ema
 
 
@@ -59,7 +59,10 @@ def test_demo_reports_figures_writes_grid_and_heldout_curve(tmp_path, capsys, re
     assert Image.open(out / "demo_grid.png").size[0] > 0
     assert (out / weights).is_file()
     flags = json.loads((out / "args.json").read_text())
-    assert flags["pretrained_model_name_or_path"] == str(DEFAULT_MODEL) and flags["beta"] == demo.DEMO_BETA["dpo"]
+    assert (
+        flags["pretrained_model_name_or_path"] == str(DEFAULT_MODEL)
+        and flags["beta"] == demo.DEMO_SETTINGS["sd15"].beta
+    )
     assert flags["checkpointing_steps"] == 1 and flags["reference"] == reference
 
     with open(out / "heldout_curve.csv") as f:
@@ -96,16 +99,43 @@ def test_demo_runs_each_other_bundled_family(tmp_path, family):
         assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 1]
 
 
+def _demo_config(family, *argv):
+    args, train_args = demo.build_parser().parse_known_args(["--family", family, "--output_dir", "unused", *argv])
+    args = demo.with_family_settings(args)
+    return args, demo.train_config(args, train_args, bundled.BUNDLED_PIPELINES[family])
+
+
 def test_demo_beta_only_for_its_loss_type_and_flags_override():
     def config(*argv):
-        args, train_args = demo.build_parser().parse_known_args(["--output_dir", "unused", *argv])
-        return demo.train_config(args, train_args, DEFAULT_MODEL)
+        return _demo_config("sd15", *argv)[1]
 
-    assert config().loss_type == "dpo" and config().beta == demo.DEMO_BETA["dpo"] == 200.0
+    assert config().loss_type == "dpo" and config().beta == demo.DEMO_SETTINGS["sd15"].beta == 200.0
     assert config().max_train_steps == 150 and config().checkpointing_steps == 30  # 5 curve points
     assert config("--beta", "5000").beta == 5000.0 and config("--learning_rate", "1e-3").learning_rate == 1e-3
     assert config("--loss_type", "dspo").beta is None  # DSPO's own default (0.001): another scale
     assert config("--max_train_steps", "7", "--curve_points", "2").checkpointing_steps == 3
+
+
+def test_demo_settings_cover_every_trainer_family_and_parse():
+    """Every image family the trainer registers has a settings entry (through its bundled
+    pipeline), every entry is a bundled family, and each entry's flags go through the trainer's
+    parser unchanged (no training). Video families (``media`` "videos") have their own demo."""
+    _import_families()
+    images = {cls for cls in FAMILIES.values() if getattr(cls, "media", "images") == "images"}
+    assert len(images) >= 4 and set(demo.DEMO_SETTINGS) <= set(bundled.BUNDLED_PIPELINES)
+    assert {family_class(bundled.BUNDLED_PIPELINES[name]) for name in demo.DEMO_SETTINGS} == images
+    for family, settings in demo.DEMO_SETTINGS.items():
+        args, config = _demo_config(family)
+        assert config.pretrained_model_name_or_path == str(bundled.BUNDLED_PIPELINES[family])
+        for name, value in settings.train_flags().items():
+            assert getattr(config, name) == value, (family, name)
+        assert config.beta == settings.beta and config.checkpointing_steps == settings.max_train_steps // 5
+        assert (args.guidance_scale, args.num_inference_steps) == (
+            settings.guidance_scale,
+            settings.num_inference_steps,
+        )
+        args, config = _demo_config(family, "--max_train_steps", "9", "--guidance_scale", "1.5")
+        assert config.max_train_steps == 9 and args.guidance_scale == 1.5  # the demo's flags override
 
 
 def test_demo_family_registry_maps_each_available_family_to_its_pipeline_and_data():

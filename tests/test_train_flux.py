@@ -21,17 +21,15 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from helpers import needs_kernels
 
 from fastpref import train
+from fastpref.pairs.sampling import default_resolution, sequence_length_kwargs
 from fastpref.training.args import ASSETS, BUNDLED_DATA
 from fastpref.training.families.flux import GUIDANCE_SCALE, FluxFamily
 from fastpref.training.family import family_class, load_family
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 MODEL = ASSETS / "tiny-flux"
-DATA = ASSETS / "tiny-prefs.parquet"  # shared with SD1.5 until tiny-flux-prefs.parquet is built
-FAST = [
-    "--pretrained_model_name_or_path", str(MODEL), "--dataset_name", str(DATA),
-    "--train_batch_size", "2", "--report_to", "csv",
-]  # fmt: skip
+DATA = ASSETS / "tiny-flux-prefs.parquet"  # its own bundled set, read with no data flag
+FAST = ["--pretrained_model_name_or_path", str(MODEL), "--train_batch_size", "2", "--report_to", "csv"]
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +97,14 @@ def test_prompt_embeddings_are_the_pipelines(family):
     pipe = FluxPipeline.from_pretrained(MODEL)
     captions = ["a red circle", "a blue square", ""]
     embeddings, pooled = family.encode_prompts(captions)
-    ref_embeddings, ref_pooled, text_ids = pipe.encode_prompt(captions, prompt_2=None, max_sequence_length=512)
-    assert embeddings.shape == (3, 512, 32) and pooled.shape == (3, 32)
+    # the tiny T5 tokenizer's model_max_length (8) is the family's T5 length and the sampler's
+    assert family.max_sequence_length == pipe.tokenizer_2.model_max_length == 8
+    assert sequence_length_kwargs(pipe) == {"max_sequence_length": 8}
+    # the sampler's default side is the trainer's (32 px), not FluxPipeline's fixed 128 latent pixels
+    assert default_resolution(pipe) == FluxFamily.default_resolution(MODEL) == 32
+    assert pipe.default_sample_size * pipe.vae_scale_factor == 512
+    ref_embeddings, ref_pooled, text_ids = pipe.encode_prompt(captions, prompt_2=None, max_sequence_length=8)
+    assert embeddings.shape == (3, 8, 32) and pooled.shape == (3, 32)
     torch.testing.assert_close(embeddings, ref_embeddings)
     torch.testing.assert_close(pooled, ref_pooled)
     assert not text_ids.any()
@@ -122,7 +126,7 @@ def test_lora_run_on_the_bundled_data_loads_into_the_pipeline(tmp_path):
     out = tmp_path / "lora"
     train.main([*FAST, "--output_dir", str(out), "--max_train_steps", "2", "--learning_rate", "1e-2"])
     args = json.loads((out / "args.json").read_text())
-    assert MODEL not in BUNDLED_DATA and args["data_path"] == str(DATA)  # its own set is not built yet
+    assert BUNDLED_DATA[MODEL] == DATA and args["data_path"] == str(DATA)  # no data flag: its bundled set
     rows = _rows(out)
     assert [r["step"] for r in rows] == ["1", "2"] and all(math.isfinite(float(r["loss"])) for r in rows)
     assert float(rows[0]["model_mse"]) == pytest.approx(float(rows[0]["ref_mse"]), rel=1e-5)  # adapters start at 0

@@ -86,6 +86,41 @@ def guidance_kwargs(pipe, guidance_scale: float, n: int) -> dict:
     return {"true_cfg_scale": guidance_scale, "negative_prompt": [""] * n}
 
 
+T5_ENCODERS = ("T5EncoderModel", "UMT5EncoderModel")
+
+
+def default_resolution(pipe) -> int | None:
+    """The side the trainer's family takes by default for ``pipe``: its denoiser's (``unet`` or
+    ``transformer``) config ``sample_size`` times ``pipe.vae_scale_factor``, what the SD, SDXL and
+    SD3 pipelines sample at. FluxPipeline samples at a fixed 128 latent pixels instead, 512 px
+    for the bundled tiny Flux (4096 tokens, minutes per batch on a CPU) whose config carries
+    ``sample_size`` 8, the 32 px the trainer trains at (``FluxFamily.default_resolution``).
+    None (the pipeline's own default) when the config names no ``sample_size`` (a real Flux)."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    sample_size = getattr(getattr(denoiser, "config", None), "sample_size", None)
+    factor = getattr(pipe, "vae_scale_factor", None)
+    if not isinstance(sample_size, int) or not isinstance(factor, int):
+        return None
+    return sample_size * factor
+
+
+def sequence_length_kwargs(pipe) -> dict:
+    """``{"max_sequence_length": L}`` for a pipeline whose ``__call__`` takes ``max_sequence_length``
+    (Flux, SD3) and whose T5 tokenizer (the ``tokenizer*`` next to the ``text_encoder*`` that is a
+    T5) has a ``model_max_length`` L below the call's default: the bundled tiny Flux samples at
+    its tokenizer's 8 tokens, as the trainer encodes it (``FluxFamily.max_sequence_length``),
+    not at 512. Else ``{}`` (the pipeline's default)."""
+    parameter = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
+    if parameter is None or not isinstance(parameter.default, int):
+        return {}
+    for name, encoder in pipe.components.items():
+        tokenizer = pipe.components.get(name.replace("text_encoder", "tokenizer"))
+        if name.startswith("text_encoder") and type(encoder).__name__ in T5_ENCODERS and tokenizer is not None:
+            if int(tokenizer.model_max_length) < parameter.default:
+                return {"max_sequence_length": int(tokenizer.model_max_length)}
+    return {}
+
+
 def sample_images(
     pipe,
     prompts: list[str],
@@ -98,12 +133,14 @@ def sample_images(
     scheduler: str = "auto",
     progress=None,
 ) -> np.ndarray:
-    """One image per (prompt, seed): ``[N, H, W, 3]`` uint8 (``resolution``: H = W, default the
-    pipeline's). ``batch_size`` images per pipeline call; ``progress(n)`` after each call."""
+    """One image per (prompt, seed): ``[N, H, W, 3]`` uint8 (``resolution``: H = W, default
+    ``default_resolution(pipe)``, else the pipeline's). ``batch_size`` images per pipeline call;
+    ``progress(n)`` after each call."""
     if len(prompts) != len(seeds):
         raise ValueError(f"prompts and seeds must have the same length, got {len(prompts)} and {len(seeds)}")
     use_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
+    resolution = default_resolution(pipe) if resolution is None else resolution
     size = {} if resolution is None else {"height": resolution, "width": resolution}
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -116,6 +153,7 @@ def sample_images(
                 output_type="np",
                 num_inference_steps=num_inference_steps,
                 **guidance_kwargs(pipe, guidance_scale, len(generators)),
+                **sequence_length_kwargs(pipe),
                 **size,
             ).images
         out.append(np.round(np.clip(images, 0, 1) * 255).astype(np.uint8))

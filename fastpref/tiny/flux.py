@@ -7,7 +7,9 @@
 2. tokenizer / text_encoder: the caption tokenizer and a random, frozen 2-layer CLIP text model
    (its ``pooler_output``, 32 wide, is Flux's pooled projection input);
 3. tokenizer_2 / text_encoder_2: a T5 tokenizer (``T5TokenizerFast``, Unigram) whose vocabulary is
-   the caption words, one token each, and a random, frozen 1-layer ``T5EncoderModel`` 32 wide;
+   the caption words, one token each, ``model_max_length`` 8 (the T5 length the trainer and the
+   sampler use for this pipeline, instead of 512), and a random, frozen 1-layer ``T5EncoderModel``
+   32 wide;
 4. transformer: a ``FluxTransformer2DModel`` with one double-stream and one single-stream block,
    32 wide, ``guidance_embeds`` False, on 2x2-packed latents (16 tokens of 16 channels),
    pretrained with the flow-matching objective (σ drawn as the trainer draws it) on the
@@ -36,14 +38,17 @@ from .tokenizer import build_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 WIDTH = 32  # CLIP and T5 hidden width: the transformer's pooled_projection_dim and joint_attention_dim
+T5_MAX_LENGTH = MAX_CAPTION_TOKENS  # the T5 tokenizer's model_max_length: the trainer's and sampler's T5 length
 
 
 def tiny_t5_tokenizer() -> T5TokenizerFast:
     """A T5 tokenizer (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, no sentinel ids) whose Unigram
-    vocabulary holds each caption word as one ``▁word`` token."""
+    vocabulary holds each caption word as one ``▁word`` token; ``model_max_length`` ``T5_MAX_LENGTH``
+    (a caption is at most 3 words + ``</s>``), which the Flux family and the sampler take as the T5
+    length instead of the pipeline's 512 (``FluxFamily.max_sequence_length``)."""
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [("\u2581" + word, -1.0) for word in dict.fromkeys(CAPTION_WORDS)]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
 def tiny_t5(tokenizer: T5TokenizerFast) -> T5EncoderModel:
@@ -165,7 +170,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_pairs", type=int, default=32)
+    parser.add_argument("--num_pairs", type=int, default=512)
     parser.add_argument(
         "--prefs_only", action="store_true", help="keep <output_dir>/tiny-flux, (re)make only its preference set"
     )

@@ -15,6 +15,7 @@ BUNDLED_DATA = {
     DEFAULT_MODEL: DEFAULT_DATA,
     ASSETS / "tiny-sdxl": ASSETS / "tiny-sdxl-prefs.parquet",
     ASSETS / "tiny-sd3": ASSETS / "tiny-sd3-prefs.parquet",
+    ASSETS / "tiny-flux": ASSETS / "tiny-flux-prefs.parquet",
 }
 """Each bundled tiny pipeline -> its bundled preference set: the data a run on that pipeline
 trains on when neither ``--dataset_name`` nor ``--train_data_dir`` is given."""

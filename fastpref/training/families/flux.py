@@ -44,7 +44,7 @@ LORA_TARGET_MODULES = [
     "ff_context.net.2",
 ]
 PIPELINE_SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's and the LoRA script's default T5 length
+MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's and the LoRA script's default T5 length (and its maximum)
 GUIDANCE_SCALE = 3.5  # the LoRA script's --guidance_scale default, fed when the transformer has guidance_embeds
 TIMESTEP_SCALE = 1000.0  # the transformer takes t / 1000 (the pipeline's and the script's call)
 
@@ -61,9 +61,9 @@ def _vae_factor(path: Path) -> int:
 @register
 class FluxFamily(FlowMatchingFamily):
     """Flux: latents ``[R, C, h, w]`` unpacked (C = the VAE's latent channels, 16 for Flux; the
-    transformer sees ``[R, (h/2)(w/2), 4C]``), embeddings ``[R, 512, D_t5]`` (T5's last hidden
-    states, ``D_t5 = joint_attention_dim``), pooled ``[R, P]`` (CLIP's ``pooler_output``, ``P =
-    pooled_projection_dim``)."""
+    transformer sees ``[R, (h/2)(w/2), 4C]``), embeddings ``[R, L, D_t5]`` (T5's last hidden
+    states at ``max_sequence_length`` L, 512 for a real Flux, ``D_t5 = joint_attention_dim``),
+    pooled ``[R, P]`` (CLIP's ``pooler_output``, ``P = pooled_projection_dim``)."""
 
     class_names = ("FluxPipeline",)
 
@@ -163,6 +163,13 @@ class FluxFamily(FlowMatchingFamily):
     # --- data ---
 
     @property
+    def max_sequence_length(self) -> int:
+        """The T5 length: ``MAX_SEQUENCE_LENGTH`` (512, the pipeline's default), or the T5
+        tokenizer's ``model_max_length`` when shorter (the tiny pipeline's 8; the sampler passes the
+        same to the pipeline, ``fastpref.pairs.sampling.sequence_length_kwargs``)."""
+        return min(MAX_SEQUENCE_LENGTH, int(self.tokenizers[1].model_max_length))
+
+    @property
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -171,9 +178,9 @@ class FluxFamily(FlowMatchingFamily):
         return self.vae.config.latent_channels, size, size
 
     def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``N`` captions -> ``(embeddings [N, 512, D_t5], pooled [N, P])`` as
-        ``FluxPipeline.encode_prompt``: T5's last hidden states at ``max_sequence_length`` 512, CLIP's
-        ``pooler_output`` at the CLIP tokenizer's ``model_max_length``."""
+        """``N`` captions -> ``(embeddings [N, L, D_t5], pooled [N, P])`` as
+        ``FluxPipeline.encode_prompt``: T5's last hidden states at ``L = self.max_sequence_length``
+        (512 for a real Flux), CLIP's ``pooler_output`` at the CLIP tokenizer's ``model_max_length``."""
         (clip_tok, t5_tok), (clip, t5) = self.tokenizers, self.text_encoders
         with torch.no_grad():
             ids = clip_tok(
@@ -185,7 +192,11 @@ class FluxFamily(FlowMatchingFamily):
             ).input_ids
             pooled = clip(to_device(ids, self.device), output_hidden_states=False).pooler_output
             ids = t5_tok(
-                captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True, return_tensors="pt"
+                captions,
+                padding="max_length",
+                max_length=self.max_sequence_length,
+                truncation=True,
+                return_tensors="pt",
             ).input_ids
             embeddings = t5(to_device(ids, self.device), output_hidden_states=False)[0]
         return embeddings.to(pooled.dtype), pooled
