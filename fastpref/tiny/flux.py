@@ -168,8 +168,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default=str(ASSETS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_pairs", type=int, default=512)
     parser.add_argument(
         "--prefs_only", action="store_true", help="keep <output_dir>/tiny-flux, (re)make only its preference set"
