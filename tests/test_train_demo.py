@@ -110,7 +110,7 @@ def test_demo_beta_only_for_its_loss_type_and_flags_override():
         return _demo_config("sd15", *argv)[1]
 
     assert config().loss_type == "dpo" and config().beta == demo.DEMO_SETTINGS["sd15"].beta == 200.0
-    assert config().max_train_steps == 150 and config().checkpointing_steps == 30  # 5 curve points
+    assert config().max_train_steps == 90 and config().checkpointing_steps == 30  # 3 curve points
     assert config("--beta", "5000").beta == 5000.0 and config("--learning_rate", "1e-3").learning_rate == 1e-3
     assert config("--loss_type", "dspo").beta is None  # DSPO's own default (0.001): another scale
     assert config("--max_train_steps", "7", "--curve_points", "2").checkpointing_steps == 3
@@ -129,7 +129,7 @@ def test_demo_settings_cover_every_trainer_family_and_parse():
         assert config.pretrained_model_name_or_path == str(bundled.BUNDLED_PIPELINES[family])
         for name, value in settings.train_flags().items():
             assert getattr(config, name) == value, (family, name)
-        assert config.beta == settings.beta and config.checkpointing_steps == settings.max_train_steps // 5
+        assert config.beta == settings.beta and config.checkpointing_steps == settings.max_train_steps // 3
         assert (args.guidance_scale, args.num_inference_steps) == (
             settings.guidance_scale,
             settings.num_inference_steps,
