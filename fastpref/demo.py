@@ -66,7 +66,7 @@ class DemoSettings:
 DEMO_SETTINGS = {
     "sd15": DemoSettings(learning_rate=5e-3, beta=200.0, max_train_steps=90),
     "sdxl": DemoSettings(learning_rate=1e-3, beta=5000.0, max_train_steps=100),
-    "sd3": DemoSettings(learning_rate=5e-3, beta=200.0, max_train_steps=150),
+    "sd3": DemoSettings(learning_rate=5e-3, beta=200.0, max_train_steps=90),
     "flux": DemoSettings(learning_rate=5e-3, beta=200.0, max_train_steps=90),
 }
 """Family (``fastpref.training.bundled.BUNDLED_PIPELINES``) -> its demo settings: the one registry
