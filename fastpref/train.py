@@ -57,6 +57,7 @@ from fastpref.training.distributed import (
 from fastpref.training.exits import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_STOPPED
 from fastpref.training.family import ModelFamily, family_class, load_family
 from fastpref.training.finite import NonFiniteError, check_finite
+from fastpref.training.fsdp import ShardedRun, check_sharded_resume, fsdp_refusal
 from fastpref.training.graph import StaticStep, graph_refusal, make_optimizer
 from fastpref.training.logging import MetricsLogger
 from fastpref.training.losses import LossType, get_loss_type
@@ -104,6 +105,7 @@ class Run:
     stopped: bool = False  # set by ``train``: a stop signal ended it before --max_train_steps
     online: OnlinePairs | None = None  # --online_pairs_every: the refreshes of the preference set
     source: PairsSource | None = None  # the pairs ``batch`` reads (replaced at each on-line refresh)
+    sharded: ShardedRun | None = None  # --fsdp: the FSDP2 shards, sharded checkpoints and the final gather
 
 
 def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | None]:
@@ -130,6 +132,9 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
     )
     pairs = PreferencePairs(sources, config.data_argument, skip_bad_rows=config.skip_bad_rows)
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    refusal = fsdp_refusal(config, os.environ)
+    if refusal:
+        raise ValueError(refusal)
     if config.cuda_graph:
         refusal = graph_refusal(
             cuda_available=torch.cuda.is_available(),
@@ -198,7 +203,12 @@ def build(config: Config) -> Run:
     """The run of ``config``, ready to ``train``. Bad input raises ValueError before any write."""
     config, loss_type, pairs, resume = validate(config)
     online_prompts = check_online(config, pairs)
-    resumed = None if resume is None else (resume, check_resume_config(resume, config.as_dict()))
+    if resume is None:
+        resumed = None
+    elif config.fsdp:  # may resume on another number of processes, same global batch
+        resumed = (resume, check_sharded_resume(resume, config, int(os.environ["WORLD_SIZE"])))
+    else:
+        resumed = (resume, check_resume_config(resume, config.as_dict()))
     dist = init_distributed()
     weight_dtype = DTYPES[config.mixed_precision]
     torch.manual_seed(config.seed)
@@ -223,6 +233,10 @@ def build(config: Config) -> Run:
     elif config.reference == "copy" and loss_type.needs_reference:
         reference_model = frozen_copy(denoiser, weight_dtype)
     denoiser.train()
+    sharded = None
+    if config.fsdp:  # shards denoiser and reference copy in place; the trainable parameters are DTensors now
+        sharded = ShardedRun(denoiser, reference_model, config, dist)
+        params = sharded.params
 
     optimizer, lr_scheduler = optimizer_and_schedule(config, params, dist.world_size)
     scaler = (
@@ -231,7 +245,10 @@ def build(config: Config) -> Run:
         else None
     )
     start_step, start_position = 0, 0
-    if resume is not None:
+    if resume is not None and sharded is not None:
+        state = sharded.load_checkpoint(resume, optimizer, lr_scheduler)
+        start_step, start_position = state["step"], state["data_position"]
+    elif resume is not None:
         tensors, state = load_checkpoint(resume, optimizer, lr_scheduler, scaler)
         try:
             load_trainable_state(denoiser, config.reference, tensors)
@@ -250,7 +267,7 @@ def build(config: Config) -> Run:
             replay.restore(resume, state["extra"]["sspo_pool_steps"])
     model = (
         DistributedDataParallel(denoiser, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-        if dist.enabled
+        if dist.enabled and sharded is None
         else denoiser
     )
 
@@ -287,9 +304,8 @@ def build(config: Config) -> Run:
             kl_baseline=kl_baseline,
         )
 
-    train_step, step = make_step(
-        config, loss_fn, params, optimizer, scaler=scaler, no_sync=model.no_sync if dist.enabled else None
-    )
+    no_sync = sharded.no_sync if sharded is not None else model.no_sync if dist.enabled else None
+    train_step, step = make_step(config, loss_fn, params, optimizer, scaler=scaler, no_sync=no_sync)
 
     encoders = Encoders(family, config.resolution, config.random_crop, not config.no_hflip, config.seed)
     layout = LAYOUTS[loss_type.data]
@@ -339,6 +355,7 @@ def build(config: Config) -> Run:
         resumed,
         online=online,
         source=source,
+        sharded=sharded,
     )
 
 
@@ -394,6 +411,8 @@ def train(run: Run) -> Path:
     run.stopped = stopping
 
     check_finite(step, None, run.params, where="saving the final weights")
+    if run.sharded is not None and not stopping:  # every process gathers, rank 0 writes
+        run.sharded.save_weights(run.family, output_dir)
     if dist.is_main:
         if stopping:
             print(
@@ -402,11 +421,13 @@ def train(run: Run) -> Path:
                 f"{EXIT_STOPPED}, EX_TEMPFAIL)",
                 file=sys.stderr,
             )
-        else:
+        elif run.sharded is None:
             run.family.save_weights(config.reference, output_dir)
         logger.close()
     barrier(dist)
     cleanup(dist, run.model)
+    if run.sharded is not None:
+        run.sharded.close()
     return output_dir
 
 
@@ -431,7 +452,23 @@ def start_output(run: Run, output_dir: Path) -> MetricsLogger | None:
 
 def write_checkpoint(run: Run, logger: MetricsLogger | None, output_dir: Path, step: int, position: int) -> None:
     """Rank 0: ``checkpoint-<step>`` (trainable tensors, optimizer, schedule, data position,
-    SSPO's pool), then pruning to ``--checkpoints_total_limit``; every rank waits for it."""
+    SSPO's pool), then pruning to ``--checkpoints_total_limit``; every rank waits for it.
+    ``--fsdp``: every process writes its shards (``ShardedRun.save_checkpoint``)."""
+    if run.sharded is not None:
+        if run.dist.is_main:
+            logger.flush()
+        run.sharded.save_checkpoint(
+            output_dir,
+            step,
+            optimizer=run.optimizer,
+            lr_scheduler=run.lr_scheduler,
+            data_position=position,
+            config=run.config.as_dict(),
+        )
+        if run.dist.is_main:
+            prune_checkpoints(output_dir, run.config.checkpoints_total_limit)
+        barrier(run.dist)
+        return
     if run.dist.is_main:
         logger.flush()
         extra, files = {}, {}

@@ -205,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="capture the whole training step in one CUDA graph after 3 eager warm-up steps and "
         "replay it (one process, CUDA only; fp16 captures forward and backward only)",
     )
+    a(
+        "--fsdp",
+        action="store_true",
+        help="torchrun only: shard the denoiser (and a --reference copy) per block with FSDP2, "
+        "checkpoints through torch.distributed.checkpoint (docs/training.md, 'Sharded training (FSDP2)')",
+    )
+    a(
+        "--fsdp_cpu_offload",
+        action="store_true",
+        help="--fsdp: keep the shards of parameters, gradients and optimizer state in host memory",
+    )
     flow = "flow-matching families (SD3, Flux) only: "
     a(
         "--weighting_scheme",

@@ -1,0 +1,179 @@
+"""--fsdp (FSDP2 shards, DCP checkpoints) on the bundled tiny model. One torchrun launch of two
+gloo processes (tests/fsdp_worker.py) runs every 2-process job; the 1-process runs go in-process.
+Checked: 2 processes with FSDP2 against 1 process without it at the same global batch, both
+reference modes; a crash mid-checkpoint and a bitwise resume at the same world size; a real kill
+mid-checkpoint and a resume of it on 1 process; rank 0 alone writes final weights that load."""
+
+import csv
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import diffusers  # noqa: F401  (the train extra: `make test` installs it; missing, these tests fail)
+import proc_helpers
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from helpers import needs_kernels
+from safetensors.torch import load_file
+from train_helpers import FAST
+
+from fastpref import train
+from fastpref.training.args import DEFAULT_MODEL
+from fastpref.training.checkpoint import resolve_resume
+
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), needs_kernels]
+
+# 2 micro-steps per step (the first without gradient sync); a checkpoint after every step
+COMMON = [*FAST, "--gradient_accumulation_steps", "2", "--adam_epsilon", "1e-2", "--checkpointing_steps", "1"]
+STEPS = ["--max_train_steps", "2"]
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def _rows(out: Path) -> dict[int, dict]:
+    with open(out / "metrics.csv") as f:
+        return {int(r["step"]): r for r in csv.DictReader(f)}
+
+
+def _torchrun_env(monkeypatch, world_size: int = 1) -> None:
+    """The environment torchrun gives rank 0 of ``world_size`` processes (one process, in-process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(
+        WORLD_SIZE=world_size, RANK=0, LOCAL_RANK=0, LOCAL_WORLD_SIZE=world_size, MASTER_ADDR="127.0.0.1"
+    ).items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.setenv("MASTER_PORT", str(port))
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory) -> Path:
+    """The 2-process jobs, one torchrun launch: ``lora`` and ``copy`` straight; ``crashed`` (a
+    raise while writing checkpoint-2, then ``--resume_from_checkpoint latest``); ``killed`` (every
+    process killed while writing checkpoint-2), last."""
+    root = tmp_path_factory.mktemp("fsdp2")
+    one_batch = [*COMMON, *STEPS, "--fsdp", "--train_batch_size", "1"]
+    jobs = [
+        {"argv": [*one_batch, "--output_dir", str(root / "lora")]},
+        {"argv": [*one_batch, "--reference", "copy", "--output_dir", str(root / "copy")]},
+        {"argv": [*one_batch, "--output_dir", str(root / "crashed")], "fail_at": 2, "how": "raise"},
+        {"argv": [*one_batch, "--output_dir", str(root / "crashed"), "--resume_from_checkpoint", "latest"]},
+        {"argv": [*one_batch, "--output_dir", str(root / "killed")], "fail_at": 2, "how": "exit"},
+    ]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if torch.cuda.device_count() < 2:  # one process per GPU: fewer than 2 GPUs -> both on the CPU (gloo)
+        env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    run = proc_helpers.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(WORKER)]
+        + [str(root / "jobs.json")],
+        timeout=300,
+        what="torchrun --nproc_per_node 2 tests/fsdp_worker.py",
+        env=env,
+        check=False,
+    )
+    assert run.returncode != 0, "the last job kills its processes: torchrun must report the failure"
+    for name in ("lora", "copy", "crashed"):  # every job before the kill finished
+        assert (root / name / "args.json").is_file(), run.stdout[-3000:]
+    return root
+
+
+def test_refusals_name_the_flags_before_anything_is_written(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    base = [*COMMON, *STEPS, "--output_dir", str(out), "--fsdp"]
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match="--fsdp: needs a torchrun launch.*missing WORLD_SIZE"):
+        train.main(base)
+    with pytest.raises(ValueError, match="--fsdp_cpu_offload: needs --fsdp"):
+        train.main([*COMMON, "--output_dir", str(out), "--fsdp_cpu_offload"])
+    _torchrun_env(monkeypatch)
+    for extra, message in (
+        (["--cuda_graph"], "--fsdp with --cuda_graph: refused"),
+        (["--mixed_precision", "fp16"], "--fsdp with --mixed_precision fp16: refused"),
+        (["--loss_type", "sspo"], "--fsdp with --loss_type sspo: refused"),
+        (["--online_pairs_every", "5"], "--fsdp with --online_pairs_every: refused"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            train.main([*base, *extra])
+    assert not out.exists()
+
+
+def test_two_processes_match_one_process_in_both_reference_modes(two, tmp_path):
+    """The same global batch of 2 pairs: 1 pair on each of 2 FSDP2 processes against 2 pairs on
+    one process without FSDP (gradients reduced over processes and over micro-steps)."""
+    for mode in ("lora", "copy"):
+        one = tmp_path / mode
+        train.main([*COMMON, *STEPS, "--reference", mode, "--train_batch_size", "2", "--output_dir", str(one)])
+        rows_one, rows_two = _rows(one), _rows(two / mode)
+        assert sorted(rows_one) == sorted(rows_two) == [1, 2]
+        for step in rows_one:
+            for key in ("loss", "model_mse", "ref_mse", "implicit_acc", "grad_norm"):
+                assert float(rows_two[step][key]) == pytest.approx(float(rows_one[step][key]), rel=1e-4, abs=1e-6)
+        if mode == "lora":
+            a, b = (load_file(d / "pytorch_lora_weights.safetensors") for d in (one, two / mode))
+        else:
+            a, b = (load_file(d / "unet" / "diffusion_pytorch_model.safetensors") for d in (one, two / mode))
+        assert sorted(a) == sorted(b)
+        moved = False
+        base = load_file(DEFAULT_MODEL / "unet" / "diffusion_pytorch_model.safetensors") if mode == "copy" else {}
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
+            moved = moved or (key in base and not torch.equal(a[key], base[key].to(a[key].dtype)))
+        assert mode == "lora" or moved  # full fine-tuning changed the weights
+        assert sorted(p.name for p in (two / mode).glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+        assert (two / mode / "checkpoint-2" / "dcp" / ".metadata").is_file()
+
+
+def test_crash_mid_checkpoint_then_resume_is_bitwise_identical(two):
+    crashed, straight = two / "crashed", two / "lora"
+    assert not any(p.name.startswith(".tmp") for p in crashed.iterdir())  # the resume removed the torn one
+    assert json.loads((crashed / "resume-1.json").read_text())["step"] == 1  # latest was checkpoint-1
+    assert _rows(crashed)[2]["loss"] == _rows(straight)[2]["loss"]
+    a = load_file(crashed / "pytorch_lora_weights.safetensors")
+    b = load_file(straight / "pytorch_lora_weights.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_two_process_run_resumes_on_one_process(two, tmp_path, monkeypatch):
+    killed, straight = two / "killed", two / "lora"
+    assert [p.name for p in killed.glob(".tmp-checkpoint-*")] == [".tmp-checkpoint-2-sharded"]  # torn
+    assert resolve_resume("latest", killed) == killed / "checkpoint-1"
+    resume = [*COMMON, *STEPS, "--fsdp", "--output_dir", str(killed), "--resume_from_checkpoint", "latest"]
+    _torchrun_env(monkeypatch, world_size=3)
+    with pytest.raises(ValueError, match="global batch of 2 .*which 3 processes .*do not divide"):
+        train.main([*resume, "--train_batch_size", "1"])
+    _torchrun_env(monkeypatch)
+    with pytest.raises(ValueError, match="--train_batch_size: resuming .* on 1 processes needs --train_batch_size 2"):
+        train.main([*resume, "--train_batch_size", "1"])
+    train.main([*resume, "--train_batch_size", "2"])  # the global batch of 2 on one process
+    changed = json.loads((killed / "resume-1.json").read_text())["changed"]
+    assert changed["world_size"] == {"old": 2, "new": 1}
+    assert float(_rows(killed)[2]["loss"]) == pytest.approx(float(_rows(straight)[2]["loss"]), rel=1e-4)
+    a = load_file(killed / "pytorch_lora_weights.safetensors")
+    b = load_file(straight / "pytorch_lora_weights.safetensors")
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+
+
+def test_rank_zero_alone_writes_final_weights_which_load_into_the_pipeline(two):
+    for mode in ("lora", "copy"):
+        assert sorted(p.name for p in (two / mode).glob("saved-by-rank-*")) == ["saved-by-rank-0"]
+    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    emb = torch.randn(1, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size, generator=g)
+    with torch.no_grad():
+        before = pipe.unet(x, torch.tensor([500]), emb).sample
+        pipe.load_lora_weights(two / "lora")
+        after = pipe.unet(x, torch.tensor([500]), emb).sample
+        trained = UNet2DConditionModel.from_pretrained(two / "copy" / "unet")(x, torch.tensor([500]), emb).sample
+    assert not torch.allclose(before, after) and not torch.allclose(before, trained)
+    loaded = pipe.unet.state_dict()
+    lora = load_file(two / "lora" / "pytorch_lora_weights.safetensors")
+    key = next(k for k in lora if k.endswith("to_q.lora.up.weight"))
+    peft_key = next(k for k in loaded if "lora_B" in k and key.split(".")[1] in k)
+    assert loaded[peft_key].shape == lora[key].shape
