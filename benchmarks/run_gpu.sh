@@ -15,6 +15,8 @@
 #   bash benchmarks/run_gpu.sh compile-tests # the losses under torch.compile/export on CUDA (triton_op path) (~2-4 min)
 #   bash benchmarks/run_gpu.sh families     # one real-size LoRA DPO step per family at random init: SDXL 1024 px,
 #                                           # SD3-medium and FLUX.1-dev 512 px, bf16, rank 8, SDPA (~4-6 min)
+#   bash benchmarks/run_gpu.sh fsdp-memory  # peak memory of one full fine-tuning step with a reference copy, SDXL
+#                                           # 1024 px: unsharded, --fsdp, --fsdp + CPU offload (one GPU) (~3-5 min)
 #
 # The train* and tests jobs need diffusers, which the GPU image lacks: keep its wheel (and
 # importlib_metadata's) in .whl/ (git-ignored) and carry that folder; they are installed
@@ -32,7 +34,7 @@ set -euo pipefail
 jobs=("${@:-quick}")
 for job in "${jobs[@]}"; do
     case "$job" in
-        quick|dpo|dspo|full|more|train-quick|train|train-tests|tests|pytest|one-launch|compile-tests|families) ;;
+        quick|dpo|dspo|full|more|train-quick|train|train-tests|tests|pytest|one-launch|compile-tests|families|fsdp-memory) ;;
         *) echo "unknown job '$job'" >&2; exit 2 ;;
     esac
 done
@@ -45,7 +47,7 @@ if ! "$PY" -c "import fastpref" >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-build-isolation --no-deps -e . || {
         echo "could not install fastpref from this checkout" >&2; exit 2; }
 fi
-case " ${jobs[*]} " in *" train"*|*" tests "*|*" families "*)
+case " ${jobs[*]} " in *" train"*|*" tests "*|*" families "*|*" fsdp-memory "*)
     if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
         ls .whl/diffusers-*.whl >/dev/null 2>&1 || { echo "the train jobs need diffusers: carry .whl/ with its wheel" >&2; exit 2; }
         "$PY" -m pip install -q --no-deps .whl/diffusers-*.whl .whl/importlib_metadata-*.whl
@@ -79,6 +81,7 @@ run_job() {
         compile-tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_compile_ops.py tests/test_kernels_compile.py \
                    2>&1 | tee "$dest/pytest_compile_gpu.txt" ;;
         families) "$PY" benchmarks/bench_family_step.py --steps 5 --out "$dest/family_step.csv" ;;
+        fsdp-memory) "$PY" benchmarks/bench_fsdp_memory.py --family sdxl --out "$dest/fsdp_memory.csv" ;;
         pytest) "$PY" -m pytest benchmarks/test_bench_losses.py --benchmark-only -q -p no:cacheprovider \
                    --benchmark-json="$dest/pytest_benchmark.json" ;;
     esac
