@@ -141,9 +141,15 @@ def check_predictions(paired, model_pred, target, ref_pred=None):
         check_paired("model_pred", model_pred)
 
 
-def compute_dtype(*tensors):
-    """float64 if any input is float64, else float32 (docs/methods.md §1, "Dtypes")."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+def compute_dtype(model_pred, ref_pred=None, target=None, *more):
+    """float64 if any input is float64, else float32 (docs/methods.md §1, "Dtypes"). ``more``:
+    further tensors (or None) of a drop-in's block; the three named ones are the fast path."""
+    f64 = torch.float64
+    if model_pred.dtype is f64 or (target is not None and target.dtype is f64):
+        return f64
+    if ref_pred is not None and ref_pred.dtype is f64:
+        return f64
+    return f64 if any(t is not None and t.dtype is f64 for t in more) else torch.float32
 
 
 def check_range(name, value, low, high, low_open=False):

@@ -83,17 +83,17 @@ class _Fused(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, *unused):
+    def backward(ctx, grad_loss):
+        # Only model_pred can need a gradient (the losses refuse ref_pred / target that require
+        # one), so backward runs only when it does.
         if torch.is_grad_enabled():  # create_graph=True: this gradient is not differentiable
             return _once(ctx, grad_loss)
-        grad = ops.backward(ctx.saved, grad_loss, ctx.shape) if ctx.needs_input_grad[0] else None
-        return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
+        return ops.backward(ctx.saved, grad_loss, ctx.shape), None, None, None
 
 
 @once_differentiable
 def _once(ctx, grad_loss):
-    grad = ops.backward(ctx.saved, grad_loss, ctx.shape) if ctx.needs_input_grad[0] else None
-    return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
+    return ops.backward(ctx.saved, grad_loss, ctx.shape), None, None, None
 
 
 # `_Fused.apply` without `Function.apply`'s Python preamble (argument binding for setup_context,
@@ -123,7 +123,13 @@ class FusedLossFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no zero-filled grads for the metric outputs
         return loss, stats, ints
 
-    backward = _Fused.backward
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_stats, grad_ints):
+        grad = None
+        if ctx.needs_input_grad[0] and grad_loss is not None:
+            grad = ops.backward(ctx.saved, grad_loss, ctx.shape)
+        return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 def _count(method, rows, count):

@@ -64,7 +64,7 @@ def row_sums_head(hp: HeadPlan, p, r, t, partials, geo, rows, n, count, float_pa
     grid, _, splits, chunk = geo
     r_arg = r if r is not None else p
     values = runtime_values(partials, rows, count, splits, n, loss, stats, ints, coef, float_pairs)
-    _row_sums_head_kernel[grid](
+    _row_sums_head_kernel.run(
         p,
         r_arg,
         t,
@@ -87,4 +87,6 @@ def row_sums_head(hp: HeadPlan, p, r, t, partials, geo, rows, n, count, float_pa
         NP=_runtime.next_pow2(count if hp.method.paired else rows),
         SP=_runtime.next_pow2(splits),
         num_warps=4,
+        grid=grid,
+        warmup=False,
     )

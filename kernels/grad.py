@@ -73,9 +73,7 @@ def elementwise_grad(p, r, t, coef, grad_output, has_b, rows, n, shape):
     grad_output: 0-dim tensor; r may be None when has_b is False."""
     grad = _runtime.empty(shape, p.dtype, p.device)
     r_arg = r if r is not None else p
-    _runtime.launcher(_grad_kernel, p)[
-        (rows, -(-n // BLOCK))
-    ](  # (triton.cdiv is a slow constexpr_function on the host)
+    _runtime.launcher(_grad_kernel, p).run(
         p,
         r_arg,
         t,
@@ -91,5 +89,7 @@ def elementwise_grad(p, r, t, coef, grad_output, has_b, rows, n, shape):
         BLOCK=BLOCK,
         RNE_BF16=_runtime.INTERPRET and p.dtype == torch.bfloat16,
         num_warps=8,
+        grid=(rows, -(-n // BLOCK)),  # (triton.cdiv is a slow constexpr_function on the host)
+        warmup=False,
     )
     return grad

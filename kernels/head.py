@@ -110,7 +110,7 @@ def run_head(hp: HeadPlan, partials, splits, rows, count, n, float_pairs, inputs
     the extra tensors in descriptor order. Writes the 0-dim `loss`, the `stats` and int64 `ints`
     metrics and the [2, rows] coefficients `coef` (pieces of one buffer: `HeadPlan.pieces`; the
     stats are the buffer itself, they start it)."""
-    _head_kernel[(1,)](
+    _head_kernel.run(
         hp.args(runtime_values(partials, rows, count, splits, n, loss, stats, ints, coef, float_pairs), inputs),
         HEAD=hp.method.head,
         C=hp.config,
@@ -118,6 +118,8 @@ def run_head(hp: HeadPlan, partials, splits, rows, count, n, float_pairs, inputs
         NP=_runtime.next_pow2(count if hp.method.paired else rows),
         SP=_runtime.next_pow2(splits),
         num_warps=4,
+        grid=(1,),
+        warmup=False,
     )
 
 

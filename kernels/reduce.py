@@ -171,7 +171,7 @@ def row_sums(p, r, t, partials, geo, rows, n, cross=False):
     The planes are S_pt, S_rt, S_pr, S_ptr, S_mr, S_wl in that order (`heads.common.S_PT` ...)."""
     grid, _, splits, chunk = geo
     r_arg = r if r is not None else p
-    _runtime.launcher(_row_sums_kernel, p)[grid](
+    _runtime.launcher(_row_sums_kernel, p).run(
         p,
         r_arg,
         t,
@@ -187,6 +187,8 @@ def row_sums(p, r, t, partials, geo, rows, n, cross=False):
         CROSS=cross,
         BLOCK=BLOCK,
         num_warps=4,
+        grid=grid,
+        warmup=False,
     )
 
 
