@@ -64,6 +64,7 @@ from fastpref.training.models import frozen_copy, load_trainable_state, trainabl
 from fastpref.training.online import OnlinePairs, check_online
 from fastpref.training.replay import REPLAY_FILE, CheckpointReplay, self_sampler
 from fastpref.training.sources import preference_sources
+from fastpref.training.speed import SpeedStep, check_speed, prepare_denoiser, set_backends, wants_wrapper
 from fastpref.training.step import TrainStep, preference_loss
 from fastpref.training.stopping import StopRequest
 
@@ -138,6 +139,7 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
         )
         if refusal:
             raise ValueError(refusal)
+    check_speed(config)
     return config, loss_type, pairs, resume
 
 
@@ -153,6 +155,7 @@ def optimizer_and_schedule(config: Config, params: list[torch.nn.Parameter], wor
         params,
         lr,
         static=config.cuda_graph,
+        fused=config.use_fused_adam,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
@@ -181,6 +184,8 @@ def make_step(
         loss_fn, params, optimizer, max_grad_norm=config.max_grad_norm, scaler=scaler, no_sync=no_sync
     )
     step = StaticStep(train_step, use_graph=True, capture_optimizer=scaler is None) if config.cuda_graph else train_step
+    if wants_wrapper(config):  # --sdpa_backend, --compile_denoiser (fastpref.training.speed)
+        step = SpeedStep(step, config)
     return train_step, step
 
 
@@ -202,6 +207,7 @@ def build(config: Config) -> Run:
     dist = init_distributed()
     weight_dtype = DTYPES[config.mixed_precision]
     torch.manual_seed(config.seed)
+    set_backends(config)  # --allow_tf32
 
     family = load_family(config.pretrained_model_name_or_path, dist.device, weight_dtype)
     family.configure(config)  # its family-specific flags (flow matching: the timestep density)
@@ -223,6 +229,9 @@ def build(config: Config) -> Run:
     elif config.reference == "copy" and loss_type.needs_reference:
         reference_model = frozen_copy(denoiser, weight_dtype)
     denoiser.train()
+    for module in (denoiser, reference_model):  # --fp8, --channels_last, --compile_denoiser
+        if module is not None:
+            prepare_denoiser(config, module)
 
     optimizer, lr_scheduler = optimizer_and_schedule(config, params, dist.world_size)
     scaler = (
