@@ -58,6 +58,7 @@ from fastpref.training.exits import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_STOPPE
 from fastpref.training.family import ModelFamily, family_class, load_family
 from fastpref.training.finite import NonFiniteError, check_finite
 from fastpref.training.graph import StaticStep, graph_refusal, make_optimizer
+from fastpref.training.latent_cache import cached_encoders, check_cache_flags
 from fastpref.training.logging import MetricsLogger
 from fastpref.training.losses import LossType, get_loss_type
 from fastpref.training.models import frozen_copy, load_trainable_state, trainable_state
@@ -140,6 +141,7 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
         if refusal:
             raise ValueError(refusal)
     check_speed(config)
+    check_cache_flags(config, family)
     return config, loss_type, pairs, resume
 
 
@@ -301,6 +303,10 @@ def build(config: Config) -> Run:
     )
 
     encoders = Encoders(family, config.resolution, config.random_crop, not config.no_hflip, config.seed)
+    if config.cache_latents:  # the VAE and text encoder run once, here (fastpref.training.latent_cache)
+        encoders, _ = cached_encoders(
+            config, encoders, pairs, loss_type.data, is_main=dist.is_main, barrier=lambda: barrier(dist)
+        )
     layout = LAYOUTS[loss_type.data]
     sampler = (
         ()
