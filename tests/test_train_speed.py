@@ -9,7 +9,7 @@ from train_helpers import tiny_run
 
 from fastpref.training.args import DEFAULT_MODEL
 from fastpref.training.config import parse_config
-from fastpref.training.speed import check_speed, regional_blocks
+from fastpref.training.speed import check_speed, fp8_filter, regional_blocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer's device
 
@@ -107,3 +107,12 @@ def test_channels_last_refused_for_a_transformer_family_before_any_write(tmp_pat
     with pytest.raises(ValueError, match="--sdpa_backend cudnn"):
         train.validate(_config(sdpa_backend="cudnn", output_dir=str(out)))
     assert not out.exists()
+
+
+def test_fp8_converts_only_the_tile_sized_base_linears():
+    """``--fp8``'s filter (torchao itself needs an FP8 GPU): base ``nn.Linear`` layers whose
+    dimensions are multiples of 16, never LoRA's adapter matrices nor other modules."""
+    assert fp8_filter(torch.nn.Linear(32, 64), "down_blocks.0.attn.to_q.base_layer")
+    assert not fp8_filter(torch.nn.Linear(32, 64), "down_blocks.0.attn.to_q.lora_A.default")
+    assert not fp8_filter(torch.nn.Linear(40, 64), "mid_block.proj")
+    assert not fp8_filter(torch.nn.Conv2d(32, 64, 3), "conv_in")
