@@ -98,6 +98,7 @@ def test_refusals_name_the_flags_before_anything_is_written(tmp_path, monkeypatc
         (["--mixed_precision", "fp16"], "--fsdp with --mixed_precision fp16: refused"),
         (["--loss_type", "sspo"], "--fsdp with --loss_type sspo: refused"),
         (["--online_pairs_every", "5"], "--fsdp with --online_pairs_every: refused"),
+        (["--compile_denoiser"], "--fsdp with --compile_denoiser: refused"),
     ):
         with pytest.raises(ValueError, match=message):
             train.main([*base, *extra])

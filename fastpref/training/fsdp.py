@@ -63,6 +63,12 @@ def fsdp_refusal(config, environ: Mapping[str, str]) -> str | None:
             "--fsdp with --mixed_precision fp16: refused, because the fp16 grad scaler does not "
             "unscale sharded gradients here; use --mixed_precision bf16 (or no)"
         )
+    for flag in ("fp8", "compile_denoiser"):  # not checked with FSDP2's per-block hooks: refused, not guessed
+        if getattr(config, flag, False):
+            return (
+                f"--fsdp with --{flag}: refused, this combination is not tested (FSDP2 wraps each block "
+                f"in all-gather hooks); drop one of the two flags"
+            )
     if config.loss_type == "sspo":
         return (
             "--fsdp with --loss_type sspo: refused, SSPO's replay pool copies unsharded weights; run it without --fsdp"
