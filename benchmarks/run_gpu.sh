@@ -11,6 +11,7 @@
 #   bash benchmarks/run_gpu.sh pytest       # pytest-benchmark file               (~1-2 min)
 #   bash benchmarks/run_gpu.sh train-tests  # the trainer's GPU tests: captured step, --cuda_graph runs vs eager twins
 #   bash benchmarks/run_gpu.sh tests        # the whole test suite, kernels compiled   (~3-5 min)
+#   bash benchmarks/run_gpu.sh wan          # one Wan2.1-1.3B-config DPO step, 480x832, 33 frames (else 17, 9), bf16, LoRA r8 (~2-4 min)
 #
 # The train* and tests jobs need diffusers, which the GPU image lacks: keep its wheel (and
 # importlib_metadata's) in .whl/ (git-ignored) and carry that folder; they are installed
@@ -28,7 +29,7 @@ set -euo pipefail
 jobs=("${@:-quick}")
 for job in "${jobs[@]}"; do
     case "$job" in
-        quick|dpo|dspo|full|more|train-quick|train|train-tests|tests|pytest) ;;
+        quick|dpo|dspo|full|more|train-quick|train|train-tests|tests|pytest|wan) ;;
         *) echo "unknown job '$job'" >&2; exit 2 ;;
     esac
 done
@@ -41,7 +42,7 @@ if ! "$PY" -c "import fastpref" >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-build-isolation --no-deps -e . || {
         echo "could not install fastpref from this checkout" >&2; exit 2; }
 fi
-case " ${jobs[*]} " in *" train"*|*" tests "*)
+case " ${jobs[*]} " in *" train"*|*" tests "*|*" wan "*)
     if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
         ls .whl/diffusers-*.whl >/dev/null 2>&1 || { echo "the train jobs need diffusers: carry .whl/ with its wheel" >&2; exit 2; }
         "$PY" -m pip install -q --no-deps .whl/diffusers-*.whl .whl/importlib_metadata-*.whl
@@ -68,6 +69,7 @@ run_job() {
         train-tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_train_cuda_graph.py tests/test_train_static_step.py \
                    tests/test_bench_train_step_smoke.py 2>&1 | tee "$dest/pytest_train_gpu.txt" ;;
         tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$dest/pytest_gpu.txt" ;;
+        wan)   "$PY" benchmarks/bench_wan_step.py --out "$dest/wan_step.csv" ;;
         pytest) "$PY" -m pytest benchmarks/test_bench_losses.py --benchmark-only -q -p no:cacheprovider \
                    --benchmark-json="$dest/pytest_benchmark.json" ;;
     esac

@@ -107,6 +107,11 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
     family = family_class(config.pretrained_model_name_or_path)
     factor = family.check(config.pretrained_model_name_or_path)
     family.check_flags(config)
+    pairs = None
+    if family.media == "videos":  # video pairs: the clip length and the default size come from the data
+        from fastpref.training.video_data import read_video_pairs
+
+        pairs, config = read_video_pairs(config, family)
     resolution = config.resolution or family.default_resolution(config.pretrained_model_name_or_path)
     config = config.replace(resolution=resolution)
     if config.resolution % factor:
@@ -114,9 +119,12 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
             f"--resolution: expected a multiple of the VAE downsampling factor {factor}, got {config.resolution}"
         )
     family.check_resolution(config.pretrained_model_name_or_path, config.resolution)
-    pairs = PreferencePairs(
-        parquet_files(config.data_path, config.data_argument), config.data_argument, skip_bad_rows=config.skip_bad_rows
-    )
+    if pairs is None:
+        pairs = PreferencePairs(
+            parquet_files(config.data_path, config.data_argument),
+            config.data_argument,
+            skip_bad_rows=config.skip_bad_rows,
+        )
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     if config.cuda_graph:
         refusal = graph_refusal(

@@ -95,7 +95,7 @@ def test_demo_family_registry_maps_each_available_family_to_its_pipeline_and_dat
     ("argv", "message"),
     [
         (["--family", "flux"], "--family: the bundled tiny flux pipeline is not in this installation"),
-        (["--family", "sd2"], "--family: expected one of ['sd15', 'sdxl', 'sd3', 'flux'], got 'sd2'"),
+        (["--family", "sd2"], "--family: expected one of ['sd15', 'sdxl', 'sd3', 'flux', 'wan'], got 'sd2'"),
         (["--pretrained_model_name_or_path", "x"], "--pretrained_model_name_or_path: not a demo flag"),
         (["--curve_points", "0"], "--curve_points: expected an integer >= 1, got 0"),
         (["--num_samples", "0"], "--num_samples: expected an integer >= 1, got 0"),
