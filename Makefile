@@ -32,7 +32,7 @@ endif
 	@$(PY) -c "import triton" 2>/dev/null || { echo "make: installing triton 3.6"; $(PY) -m pip install "triton==3.6.*"; }
 	@$(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || $(PY) -m pip install "numpy<2.4"
 	$(PY) -m pip install --no-build-isolation -e ".[test,train,dev,video]"
-	@$(PY) -c "import fastpref, diffusers, peft, transformers, pytest, ruff, av" || { echo "make: the installed environment is incomplete" >&2; exit 1; }
+	@$(PY) -c "import fastpref, diffusers, peft, transformers, pytest, xdist, ruff, av" || { echo "make: the installed environment is incomplete" >&2; exit 1; }
 	touch $@
 
 demo: $(STAMP)
@@ -40,8 +40,10 @@ demo: $(STAMP)
 
 # Every test that can run here: the loss suite under Triton's interpreter (compiled on CUDA),
 # the trainer, and the benchmark's own tests. GPU-only tests skip on a machine without CUDA.
+# Two workers, one thread each: the suite is many small single-threaded tests (fits 10 min on 2 cores);
+# whole files per worker, so a module's fixtures are built once.
 test: $(STAMP)
-	$(PY) -m pytest -q tests benchmarks/test_bench_losses.py
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests benchmarks/test_bench_losses.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -33,6 +33,8 @@ STYLE = {
     "eager-diffusers": dict(color="C0", marker="s"),
     "eager-official": dict(color="C1", marker="^"),
     "eager-spec": dict(color="C2", marker="v"),
+    "eager-flow-grpo": dict(color="C7", marker="<"),
+    "eager-simpletuner": dict(color="C8", marker=">"),
     "compile": dict(color="C4", marker="D"),
     "compile-reduce-overhead": dict(color="C5", marker="P"),
     "compile-max-autotune": dict(color="C6", marker="X"),

@@ -2,7 +2,9 @@
 
 * ``fastpref``: the fused Triton kernels (``fastpref.<fn>``).
 * ``eager-diffusers`` / ``eager-official``: the upstream trainers' loss blocks
-  (``reference_blocks``); ``eager-spec``: eager spec formulas for methods without one.
+  (``reference_blocks``); ``eager-flow-grpo`` / ``eager-simpletuner``: the flow-matching DPO
+  blocks of flow_grpo and SimpleTuner (Diffusion-DPO sigmoid, β converted);
+  ``eager-spec``: eager spec formulas for methods without one.
 * ``compile``: ``torch.compile`` (default mode) of the method's ``compile_base`` block.
 * ``compile-reduce-overhead``: ``torch.compile(mode="reduce-overhead")`` of the same block.
   This is the mode benchmarked as "what a user tries next": these blocks contain no matmul
@@ -28,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-EAGER = ["eager-diffusers", "eager-official", "eager-spec"]
+EAGER = ["eager-diffusers", "eager-official", "eager-flow-grpo", "eager-simpletuner", "eager-spec"]
 COMPILE_MODES = {
     "compile": "default",
     "compile-reduce-overhead": "reduce-overhead",

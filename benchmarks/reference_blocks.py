@@ -14,6 +14,13 @@ Two kinds of block live here:
     (DPO errors in the input dtype, no upcast; SFT upcasts).
   - ``official_dspo``: huaishengzhu/DSPO ``train.py`` (input dtype; the SDXL variant decides
     its branch with a Python ``if`` on a tensor, i.e. a host sync, as upstream does).
+  - ``flow_grpo_dpo``: yifan123/flow_grpo ``scripts/train_sd3_dpo.py`` (float32 upcasts,
+    per-row means, the official β; its ten logged means).
+  - ``simpletuner_flow_dpo``: bghira/SimpleTuner's Flow-DPO distiller
+    (``FlowDPODistiller.compute_distill_loss``, fixed β, no mask): float32 upcasts, per-row
+    **sums** over the win and lose halves as separate tensors, β = fastpref's β / N so that the
+    loss is the same. Upstream turns each of its logs into a Python float (a host sync per key)
+    and, with its default automatic β, reads the margin back every step; neither is timed here.
 
   Upstream reduces with ``mean(dim=[1, 2, 3])`` (4-D latents); these blocks reduce over all
   trailing dims so that 5-D video latents work (same numbers on 4-D inputs).
@@ -139,6 +146,70 @@ def official_dspo(model_pred, ref_pred, target, *, beta_dpo=0.001, sdxl=False, s
     else:
         loss = (model_diff_w - beta_dpo * weight * pred2).pow(2).mean(dim=dims).mean()
     return loss, {"raw_model_loss": raw_model_loss, "raw_ref_loss": raw_ref_loss, "implicit_acc": implicit_acc}
+
+
+def flow_grpo_dpo(model_pred, ref_pred, target, *, beta=100.0):
+    """The DPO loss lines of flow_grpo ``train_sd3_dpo.py`` (β official, per-row means).
+
+    Returns ``(loss, {the script's info keys})``.
+    """
+    rows, bsz = target.shape[0], target.shape[0] // 2
+    theta_mse = ((model_pred.float() - target.float()) ** 2).reshape(rows, -1).mean(dim=1)
+    ref_mse = ((ref_pred.detach().float() - target.float()) ** 2).reshape(rows, -1).mean(dim=1)
+    w_diff = theta_mse[:bsz] - ref_mse[:bsz]
+    l_diff = theta_mse[bsz:] - ref_mse[bsz:]
+    w_l_diff = w_diff - l_diff
+    inside_term = -0.5 * beta * w_l_diff
+    loss = (-F.logsigmoid(inside_term)).mean()
+    info = {
+        "model_w_err": theta_mse[:bsz].mean(),
+        "model_l_err": theta_mse[bsz:].mean(),
+        "ref_w_err": ref_mse[:bsz].mean(),
+        "ref_l_err": ref_mse[bsz:].mean(),
+        "w_diff": w_diff.mean(),
+        "l_diff": l_diff.mean(),
+        "w_l_diff": w_l_diff.mean(),
+        "inside_term": inside_term.mean(),
+        "implicit_acc": (inside_term > 0).sum().float() / inside_term.size(0),
+    }
+    return loss, info
+
+
+def simpletuner_flow_dpo(model_pred, ref_pred, target, *, fastpref_beta=5000.0):
+    """SimpleTuner's Flow-DPO loss block, ``norm_type="sum"``, fixed β = fastpref_beta / N.
+
+    The win and lose halves enter as separate tensors (views), as the distiller has them.
+    Returns ``(loss, {the distiller's flow_dpo_* keys, as tensors})``.
+    """
+    policy_win, policy_lose = model_pred.chunk(2)
+    ref_win, ref_lose = ref_pred.detach().chunk(2)
+    win_target, lose_target = target.chunk(2)
+    beta = torch.tensor(fastpref_beta / model_pred[0].numel(), dtype=torch.float32, device=model_pred.device)
+
+    def error(prediction, tgt):
+        return (prediction.float() - tgt.float()).pow(2).sum(dim=_row_dims(prediction))
+
+    policy_win_err, policy_lose_err = error(policy_win, win_target), error(policy_lose, lose_target)
+    with torch.no_grad():
+        ref_win_err, ref_lose_err = error(ref_win, win_target), error(ref_lose, lose_target)
+    win_adv = ref_win_err - policy_win_err
+    lose_adv = policy_lose_err - ref_lose_err
+    margin = win_adv + lose_adv
+    logits = 0.5 * beta * margin.float()
+    dpo_loss = -F.logsigmoid(logits).mean()
+    logs = {
+        "flow_dpo_beta": beta,
+        "flow_dpo_margin": margin.detach().mean(),
+        "flow_dpo_win_adv": win_adv.detach().mean(),
+        "flow_dpo_lose_adv": lose_adv.detach().mean(),
+        "flow_dpo_policy_win_err": policy_win_err.detach().mean(),
+        "flow_dpo_policy_lose_err": policy_lose_err.detach().mean(),
+        "flow_dpo_ref_win_err": ref_win_err.mean(),
+        "flow_dpo_ref_lose_err": ref_lose_err.mean(),
+        "flow_dpo_negative_margin_pct": (margin.detach() < 0).float().mean() * 100.0,
+        "flow_dpo_gradient_factor": torch.sigmoid(-logits.detach()).mean(),
+    }
+    return dpo_loss, logs
 
 
 # --------------------------------------------------------------------------------------

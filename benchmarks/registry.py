@@ -69,6 +69,8 @@ COMPARED = {
         {
             "eager-diffusers": (rb.diffusers_dpo, {"beta_dpo": 2500.0, "loss_type": "sigmoid"}),
             "eager-official": (rb.official_dpo, {"beta_dpo": 5000.0}),
+            "eager-flow-grpo": (rb.flow_grpo_dpo, {"beta": 5000.0}),
+            "eager-simpletuner": (rb.simpletuner_flow_dpo, {"fastpref_beta": 5000.0}),
         },
         "eager-diffusers",
         ("default",),

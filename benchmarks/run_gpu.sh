@@ -11,6 +11,10 @@
 #   bash benchmarks/run_gpu.sh pytest       # pytest-benchmark file               (~1-2 min)
 #   bash benchmarks/run_gpu.sh train-tests  # the trainer's GPU tests: captured step, --cuda_graph runs vs eager twins
 #   bash benchmarks/run_gpu.sh tests        # the whole test suite, kernels compiled   (~3-5 min)
+#   bash benchmarks/run_gpu.sh one-launch   # stress test of the opt-in one-launch forward (bitwise)  (~2-4 min)
+#   bash benchmarks/run_gpu.sh compile-tests # the losses under torch.compile/export on CUDA (triton_op path) (~2-4 min)
+#   bash benchmarks/run_gpu.sh families     # one real-size LoRA DPO step per family at random init: SDXL 1024 px,
+#                                           # SD3-medium and FLUX.1-dev 512 px, bf16, rank 8, SDPA (~4-6 min)
 #   bash benchmarks/run_gpu.sh wan          # one Wan2.1-1.3B-config DPO step, 480x832, 33 frames (else 17, 9), bf16, LoRA r8 (~2-4 min)
 #
 # The train* and tests jobs need diffusers, which the GPU image lacks: keep its wheel (and
@@ -29,7 +33,7 @@ set -euo pipefail
 jobs=("${@:-quick}")
 for job in "${jobs[@]}"; do
     case "$job" in
-        quick|dpo|dspo|full|more|train-quick|train|train-tests|tests|pytest|wan) ;;
+        quick|dpo|dspo|full|more|train-quick|train|train-tests|tests|pytest|one-launch|compile-tests|families|wan) ;;
         *) echo "unknown job '$job'" >&2; exit 2 ;;
     esac
 done
@@ -42,10 +46,13 @@ if ! "$PY" -c "import fastpref" >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-build-isolation --no-deps -e . || {
         echo "could not install fastpref from this checkout" >&2; exit 2; }
 fi
-case " ${jobs[*]} " in *" train"*|*" tests "*|*" wan "*)
+case " ${jobs[*]} " in *" train"*|*" tests "*|*" families "*|*" wan "*)
     if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
         ls .whl/diffusers-*.whl >/dev/null 2>&1 || { echo "the train jobs need diffusers: carry .whl/ with its wheel" >&2; exit 2; }
         "$PY" -m pip install -q --no-deps .whl/diffusers-*.whl .whl/importlib_metadata-*.whl
+    fi
+    if ! "$PY" -c "import peft" >/dev/null 2>&1 && ls .whl/peft-*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-deps .whl/peft-*.whl  # LoRA of the family-step job and the trainer
     fi ;;
 esac
 "$PY" -c "import torch, triton, fastpref; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'fastpref', fastpref.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"
@@ -69,6 +76,10 @@ run_job() {
         train-tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_train_cuda_graph.py tests/test_train_static_step.py \
                    tests/test_bench_train_step_smoke.py 2>&1 | tee "$dest/pytest_train_gpu.txt" ;;
         tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$dest/pytest_gpu.txt" ;;
+        one-launch) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_one_launch.py 2>&1 | tee "$dest/pytest_one_launch.txt" ;;
+        compile-tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_compile_ops.py tests/test_kernels_compile.py \
+                   2>&1 | tee "$dest/pytest_compile_gpu.txt" ;;
+        families) "$PY" benchmarks/bench_family_step.py --steps 5 --out "$dest/family_step.csv" ;;
         wan)   "$PY" benchmarks/bench_wan_step.py --out "$dest/wan_step.csv" ;;
         pytest) "$PY" -m pytest benchmarks/test_bench_losses.py --benchmark-only -q -p no:cacheprovider \
                    --benchmark-json="$dest/pytest_benchmark.json" ;;

@@ -35,8 +35,9 @@ def check_like(name, x, ref_name, ref):
 
 
 def check_device(name, x):
-    """CUDA tensors run compiled kernels; CPU tensors need Triton's interpreter."""
-    if x.device.type == "cuda":
+    """CUDA tensors run compiled kernels; CPU tensors need Triton's interpreter; meta tensors
+    (shape inference) run no kernel."""
+    if x.device.type in ("cuda", "meta"):
         return
     if x.device.type == "cpu":
         if not INTERPRET:
@@ -45,7 +46,7 @@ def check_device(name, x):
                 "TRITON_INTERPRET=1 before importing fastpref to run the kernels on the CPU"
             )
         return
-    raise ValueError(f"{name} must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {x.device}")
+    raise ValueError(f"{name} must be on a CUDA device (or the CPU under TRITON_INTERPRET=1, or meta), got {x.device}")
 
 
 def check_constant(name, x):
@@ -98,10 +99,37 @@ class HyperparametersChecked(Exception):
     """Raised by `check_predictions` for the `HyperparametersOnly` stand-in."""
 
 
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
+_DEVICES = frozenset(("cuda", "meta", "cpu") if INTERPRET else ("cuda", "meta"))
+
+
+def _valid(x, shape, device):
+    return (
+        isinstance(x, torch.Tensor)
+        and x.dtype in _FLOAT_SET
+        and x.shape == shape
+        and x.device == device
+        and not x.requires_grad
+    )
+
+
 def check_predictions(paired, model_pred, target, ref_pred=None):
-    """All tensor checks of a loss call, in argument order."""
+    """All tensor checks of a loss call, in argument order. A call that passes them all is
+    recognised in one expression first; the checks below then name what is wrong."""
     if model_pred is HyperparametersOnly:
         raise HyperparametersChecked
+    if isinstance(model_pred, torch.Tensor):
+        shape, device = model_pred.shape, model_pred.device
+        if (
+            model_pred.dtype in _FLOAT_SET
+            and len(shape) >= 2
+            and model_pred.numel() > 0
+            and device.type in _DEVICES
+            and _valid(target, shape, device)
+            and (ref_pred is None or _valid(ref_pred, shape, device))
+            and not (paired and shape[0] % 2)
+        ):
+            return
     check_prediction("model_pred", model_pred)
     check_device("model_pred", model_pred)
     if ref_pred is not None:
@@ -113,9 +141,15 @@ def check_predictions(paired, model_pred, target, ref_pred=None):
         check_paired("model_pred", model_pred)
 
 
-def compute_dtype(*tensors):
-    """float64 if any input is float64, else float32 (docs/methods.md §1, "Dtypes")."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+def compute_dtype(model_pred, ref_pred=None, target=None, *more):
+    """float64 if any input is float64, else float32 (docs/methods.md §1, "Dtypes"). ``more``:
+    further tensors (or None) of a drop-in's block; the three named ones are the fast path."""
+    f64 = torch.float64
+    if model_pred.dtype is f64 or (target is not None and target.dtype is f64):
+        return f64
+    if ref_pred is not None and ref_pred.dtype is f64:
+        return f64
+    return f64 if any(t is not None and t.dtype is f64 for t in more) else torch.float32
 
 
 def check_range(name, value, low, high, low_open=False):

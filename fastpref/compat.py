@@ -1,5 +1,5 @@
 """Drop-in loss blocks for existing Diffusion-DPO, DSPO, Diffusion-KTO, MaPO and Diffusion-SDPO
-trainers (docs/methods.md §5).
+trainers and the flow-matching DPO trainers of flow_grpo and SimpleTuner (docs/methods.md §5, §7).
 
 Each function replaces the code between a trainer's model/reference forward and its
 `backward()`: it takes the trainer's own tensors and flags, and returns `(loss, logs)` where
@@ -19,10 +19,13 @@ DiffusionDPO/DSPO/SDPO trainers compute the reference error in the reference net
 Per trainer: `diffusers_dpo_loss` (huggingface/diffusers), `official_dpo_loss`
 (SalesforceAIResearch/DiffusionDPO), `official_dspo_loss` (huaishengzhu/DSPO),
 `official_kto_loss` (jacklishufan/diffusion-kto, `fastpref.compat_kto`), `mapo_compute_loss`
-(mapo-t2i/mapo), `official_sdpo_loss` (AIDC-AI/Diffusion-SDPO, `fastpref.compat_sdpo`).
+(mapo-t2i/mapo), `official_sdpo_loss` (AIDC-AI/Diffusion-SDPO, `fastpref.compat_sdpo`),
+`flow_grpo_dpo_loss` (yifan123/flow_grpo `scripts/train_sd3_dpo.py`) and `SimpleTunerFlowDPO`
+(bghira/SimpleTuner's Flow-DPO distiller; one instance per run), both in `fastpref.compat_flow`.
 """
 
 from fastpref import _validate
+from fastpref.compat_flow import SimpleTunerFlowDPO, flow_grpo_dpo_loss
 from fastpref.compat_kto import official_kto_loss
 from fastpref.compat_sdpo import official_sdpo_loss
 from fastpref.losses import diffusion_dpo_loss, dspo_loss, mapo_loss, sft_loss
@@ -35,6 +38,8 @@ __all__ = [
     "official_kto_loss",
     "mapo_compute_loss",
     "official_sdpo_loss",
+    "flow_grpo_dpo_loss",
+    "SimpleTunerFlowDPO",
 ]
 
 DIFFUSERS_LOSS_TYPES = ("sigmoid", "hinge", "ipo")

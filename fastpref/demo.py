@@ -30,7 +30,11 @@ from fastpref.training.config import parse_config
 from fastpref.training.family import family_class
 
 # trainer settings of the demo; any trainer flag given to fastpref-demo overrides them
-DEMO_TRAIN_DEFAULTS = {"train_batch_size": 16, "learning_rate": 1e-3, "rank": 8, "report_to": "csv"}
+DEMO_TRAIN_DEFAULTS = {"train_batch_size": 16, "learning_rate": 5e-3, "rank": 8, "report_to": "csv"}
+DEMO_BETA = {"dpo": 200.0}
+"""The demo's β for a ``--loss_type`` (its default, DPO) when ``--beta`` is not given: a weaker pull to
+the reference than the loss's own default (5000), so that 150 steps make a change the eye sees
+(README, "Demo"). Every other loss type keeps its own default β, whose scale differs per loss."""
 DEMO_FLAGS_REFUSED = ("--pretrained_model_name_or_path",)  # the demo's --family chooses the pipeline
 
 
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpref-demo", description=__doc__.splitlines()[0])
     p.add_argument("--family", default="sd15", help=f"bundled tiny pipeline to align: {', '.join(BUNDLED_PIPELINES)}")
     p.add_argument("--output_dir", default="fastpref-demo")
-    p.add_argument("--max_train_steps", type=int, default=100)
+    p.add_argument("--max_train_steps", type=int, default=150)
     p.add_argument("--num_samples", type=int, default=128, help="evaluation prompts (>= 64 for the README figures)")
     p.add_argument("--eval_seed", type=int, default=12345)
     p.add_argument("--guidance_scale", type=float, default=3.0)
@@ -81,6 +85,23 @@ def check_demo_args(args: argparse.Namespace, train_args: list[str]) -> Path:
     return bundled_pipeline(args.family)
 
 
+def train_config(args: argparse.Namespace, train_args: list[str], pipeline_dir: Path):
+    """The trainer's checked ``Config`` of the demo: ``DEMO_TRAIN_DEFAULTS`` and ``DEMO_BETA`` under
+    the trainer flags ``train_args``, the family's bundled pipeline, and a checkpoint every
+    ``max_train_steps // curve_points`` steps for the held-out curve."""
+    config = parse_config(
+        train_args,
+        **DEMO_TRAIN_DEFAULTS,
+        pretrained_model_name_or_path=str(pipeline_dir),
+        output_dir=args.output_dir,
+        max_train_steps=args.max_train_steps,
+        checkpointing_steps=max(1, args.max_train_steps // args.curve_points),
+    )
+    if config.beta is None and config.loss_type in DEMO_BETA:
+        config = config.replace(beta=DEMO_BETA[config.loss_type])
+    return config
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the demo; returns the measured figures."""
     args, train_args = build_parser().parse_known_args(argv)
@@ -92,14 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         return run_video_demo(args, train_args, pipeline_dir)
     output_dir = Path(args.output_dir)
-    config = parse_config(
-        train_args,
-        **DEMO_TRAIN_DEFAULTS,
-        pretrained_model_name_or_path=str(pipeline_dir),
-        output_dir=str(output_dir),
-        max_train_steps=args.max_train_steps,
-        checkpointing_steps=max(1, args.max_train_steps // args.curve_points),
-    )
+    config = train_config(args, train_args, pipeline_dir)
     resolution = config.resolution or family_class(pipeline_dir).default_resolution(pipeline_dir)
 
     start = time.time()

@@ -1,8 +1,17 @@
-"""The autograd Function of the fused losses, one for every method.
+"""The autograd Function of the fused losses, one for every method, and `run`, the call every
+public loss makes.
 
-Forward: row sums (1 launch) + the method's head (1 launch), which also leaves the per-row
-gradient coefficients. Backward: one elementwise launch. Saved state is O(B) plus references
-to the inputs; no full-size temporary besides the gradient itself.
+Forward: row sums (1 launch) + the method's head (1 launch; or both in one launch, opt-in:
+`fastpref.kernels._runtime.set_one_launch`), which also leaves the per-row gradient
+coefficients. Backward: one elementwise launch. Saved state is O(B) plus references to the
+inputs; no full-size temporary besides the gradient itself. The loss, metrics, coefficients and
+partial sums of a call live in two allocations: the 0-dim loss and one buffer that every other
+output is a view of.
+
+`run` calls the kernels through `FusedLossFunction` in eager mode, and through the custom
+operator ``torch.ops.fastpref.fused_loss`` (fastpref/ops.py) when the call is traced
+(torch.compile, torch.export, FakeTensor or meta inputs); both run the same kernel calls
+(`fastpref.ops.forward` / `backward`) and give the same numbers.
 
 `FusedLossFunction.apply(model_pred, ref_pred, target, launch)` runs any method: `launch` (a
 `Launch`) names its descriptor and carries its hyperparameters, options and extra inputs by
@@ -18,18 +27,10 @@ import dataclasses
 import torch
 from torch.autograd.function import once_differentiable
 
+from fastpref import ops
 from fastpref._validate import compute_dtype
-from fastpref.kernels import REGISTRY, Method, elementwise_grad, row_sums, run_head
-
-
-def _as_rows(x):
-    """[R, ...] -> [R, n] view with unit stride along n (a copy only for layouts that need one)."""
-    if x is None:
-        return None
-    rows = x.reshape(x.shape[0], -1)
-    if rows.shape[1] > 1 and rows.stride(1) != 1:
-        rows = rows.contiguous()
-    return rows
+from fastpref.kernels import REGISTRY, Method
+from fastpref.kernels.head import encode_options, plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,22 +46,78 @@ class Launch:
     count: int | None = None
 
 
+_EMPTY = {}
+_PLANS = {}
+
+
+def _plan(method, options):
+    """The `kernels.head.HeadPlan` of a call's options dict, cached by its items."""
+    key = (method.name, *options.items())
+    found = _PLANS.get(key)
+    if found is None or found.method is not method:
+        found = _PLANS[key] = plan(method, encode_options(method, options))
+    return found
+
+
+def _floats(method, floats):
+    """The head's float parameters in head order, from the dict of a call."""
+    try:
+        return tuple(map(floats.__getitem__, method.float_params))
+    except KeyError:
+        missing = [name for name in method.float_params if name not in floats]
+        raise TypeError(f"head of {method.name!r}: no value for its parameter(s) {missing}") from None
+
+
+class _Fused(torch.autograd.Function):
+    """The eager path: apply(model_pred, ref_pred, target, (plan, floats, inputs, count, out)) ->
+    loss. The output buffer's pieces are handed back through the list `out` rather than as
+    outputs (made under no grad inside forward, they need none of autograd's output handling)."""
+
+    @staticmethod
+    def forward(ctx, model_pred, ref_pred, target, args):
+        hp, floats, inputs, count, out = args
+        loss, _, pieces, ints, saved = ops.forward(model_pred, ref_pred, target, hp, floats, inputs, count)
+        ctx.saved = saved  # the inputs (or their row copies) and the coefficients: no version checks
+        ctx.shape = model_pred.shape
+        out += pieces, ints
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # Only model_pred can need a gradient (the losses refuse ref_pred / target that require
+        # one), so backward runs only when it does.
+        if torch.is_grad_enabled():  # create_graph=True: this gradient is not differentiable
+            return _once(ctx, grad_loss)
+        return ops.backward(ctx.saved, grad_loss, ctx.shape), None, None, None
+
+
+@once_differentiable
+def _once(ctx, grad_loss):
+    return ops.backward(ctx.saved, grad_loss, ctx.shape), None, None, None
+
+
+# `_Fused.apply` without `Function.apply`'s Python preamble (argument binding for setup_context,
+# which _Fused does not define, and functorch's unwrapping: `ops.traced` sends a call made under
+# a functorch transform to the operator instead).
+_apply = super(torch.autograd.Function, _Fused).apply
+
+
 class FusedLossFunction(torch.autograd.Function):
-    """apply(model_pred, ref_pred or None, target, launch) -> (loss, stats, ints)."""
+    """apply(model_pred, ref_pred or None, target, launch) -> (loss, stats, ints): the stats and
+    int64 metrics buffers (`Layout.unpack` names them). The same kernel calls as `run`."""
 
     @staticmethod
     def forward(ctx, model_pred, ref_pred, target, launch):
         method = launch.method
-        p, r, t = _as_rows(model_pred), _as_rows(ref_pred), _as_rows(target)
-        count = launch.count
-        if count is None:
-            count = p.shape[0] // 2 if method.paired else p.shape[0]
-        partials, splits = row_sums(p, r, t, compute_dtype(model_pred, ref_pred, target), cross=method.cross)
-        loss, stats, ints, coef = run_head(
-            method, partials, splits, p.shape[0], count, p.shape[1], launch.floats, launch.options, launch.inputs
-        )
-        ctx.save_for_backward(p, r if method.has_b else None, t, coef)
-        ctx.has_b = method.has_b
+        hp = _plan(method, launch.options)
+        inputs = [launch.inputs.get(name) for name in method.inputs]
+        count = _count(method, model_pred.shape[0], launch.count)
+        floats = _floats(method, launch.floats)
+        loss, buf, _, ints, saved = ops.forward(model_pred, ref_pred, target, hp, floats, inputs, count)
+        start = len(method.layout.ints) * (8 // buf.element_size())
+        stats = buf[start : start + method.layout.size(model_pred.shape[0] // 2 if method.paired else 0)]
+        ints = buf.new_empty(0, dtype=torch.int64) if ints is None else ints
+        ctx.saved = saved
         ctx.shape = model_pred.shape
         ctx.mark_non_differentiable(stats, ints)
         ctx.set_materialize_grads(False)  # no zero-filled grads for the metric outputs
@@ -69,18 +126,48 @@ class FusedLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_stats, grad_ints):
-        p, r, t, coef = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0] and grad_loss is not None:
-            grad = elementwise_grad(p, r, t, coef, grad_loss, ctx.has_b).view(ctx.shape)
+            grad = ops.backward(ctx.saved, grad_loss, ctx.shape)
         return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
+def _count(method, rows, count):
+    if count is None:
+        return rows // 2 if method.paired else rows
+    return count
+
+
+def call(model_pred, ref_pred, target, method, floats=_EMPTY, options=_EMPTY, inputs=_EMPTY, count=None, drop=()):
+    """Run `method` (its float hyperparameters, options and extra inputs by name; count as in
+    `Launch`) and name its outputs: (loss, metrics dict of views into the output buffer)."""
+    rows = model_pred.shape[0]
+    pairs = rows // 2 if method.paired else 0
+    count = _count(method, rows, count)
+    inputs = [inputs.get(name) for name in method.inputs] if method.inputs else []
+    if ops.traced(model_pred):
+        values = [float(x) for x in _floats(method, floats)]
+        encoded = encode_options(method, options)
+        loss, buf = torch.ops.fastpref.fused_loss(
+            model_pred, ref_pred, target, inputs, method.name, encoded, values, count
+        )
+        acc = compute_dtype(model_pred, ref_pred, target)
+        pieces = buf.split_with_sizes(method.layout.pieces(pairs, rows, acc.itemsize))
+        ints = pieces[0].view(torch.int64) if method.layout.ints else None
+    else:
+        out = []
+        loss = _apply(
+            model_pred, ref_pred, target, (_plan(method, options), _floats(method, floats), inputs, count, out)
+        )
+        pieces, ints = out
+    return loss, method.layout.named(pieces, ints, pairs, drop)
+
+
 def run(model_pred, ref_pred, target, launch, drop=()):
-    """Run `launch` and name its outputs: (loss, metrics dict of views into the stats buffers)."""
-    loss, stats, ints = FusedLossFunction.apply(model_pred, ref_pred, target, launch)
-    pairs = model_pred.shape[0] // 2 if launch.method.paired else 0
-    return loss, launch.method.layout.unpack(stats, ints, pairs, drop)
+    """`call` with a `Launch`."""
+    return call(
+        model_pred, ref_pred, target, launch.method, launch.floats, launch.options, launch.inputs, launch.count, drop
+    )
 
 
 class DiffusionDPOFunction(FusedLossFunction):

@@ -29,7 +29,7 @@ import torch
 
 from fastpref import _validate as v
 from fastpref import functions as fn
-from fastpref.functions import Launch
+from fastpref import ops
 from fastpref.kernels import REGISTRY
 from fastpref.kernels.method import POSITIONAL_INPUTS
 
@@ -52,7 +52,7 @@ def diffusion_dpo_loss(model_pred, ref_pred, target, *, beta=5000.0, loss_type="
     ref_mse_w, ref_mse_l, inside_term ([B])."""
     floats = v.check_hyperparameters(DPO, locals(), {"loss_type": loss_type})
     _paired(model_pred, ref_pred, target)
-    return fn.run(model_pred, ref_pred, target, Launch(DPO, floats, {"loss_type": loss_type}))
+    return fn.call(model_pred, ref_pred, target, DPO, floats, {"loss_type": loss_type})
 
 
 def sft_loss(model_pred, target, *, winners_only=False):
@@ -62,7 +62,7 @@ def sft_loss(model_pred, target, *, winners_only=False):
     losers get zero gradient). Metrics: loss."""
     v.check_predictions(bool(winners_only), model_pred, target)
     keep = model_pred.shape[0] // 2 if winners_only else model_pred.shape[0]
-    return fn.run(model_pred, None, target, Launch(SFT, count=keep))
+    return fn.call(model_pred, None, target, SFT, count=keep)
 
 
 def dspo_loss(model_pred, ref_pred, target, *, beta=0.001, variant="sd15", sdxl_threshold=0.1):
@@ -71,7 +71,7 @@ def dspo_loss(model_pred, ref_pred, target, *, beta=0.001, variant="sd15", sdxl_
     weight_mean, sdxl_branch (0-dim int64: 0 for sd15)."""
     floats = v.check_hyperparameters(DSPO, locals(), {"variant": variant})
     _paired(model_pred, ref_pred, target)
-    return fn.run(model_pred, ref_pred, target, Launch(DSPO, floats, {"variant": variant}))
+    return fn.call(model_pred, ref_pred, target, DSPO, floats, {"variant": variant})
 
 
 def rpo_loss(model_pred, ref_pred, target, *, emb_w=None, emb_l=None, beta=5000.0, tau=0.5):
@@ -79,7 +79,7 @@ def rpo_loss(model_pred, ref_pred, target, *, emb_w=None, emb_l=None, beta=5000.
     W = softmax_j(cos(emb_w[i], emb_l[j]) / tau) (emb_w, emb_l: [B, D] prompt embeddings,
     constant; emb_l defaults to emb_w), or W = 1 without embeddings. Metrics: loss,
     implicit_acc, pair_acc_all, weights ([B, B]), diag_weight_mean, model_mse, ref_mse."""
-    floats = v.check_hyperparameters(RPO, locals())
+    floats = v.check_hyperparameters(RPO, {"beta": beta, "tau": tau})
     B = _paired(model_pred, ref_pred, target)
     if emb_w is None and emb_l is not None:
         raise ValueError("emb_l was given without emb_w: pass emb_w (and optionally emb_l), or neither")
@@ -93,11 +93,14 @@ def rpo_loss(model_pred, ref_pred, target, *, emb_w=None, emb_l=None, beta=5000.
         if emb_l.shape != emb_w.shape:
             raise ValueError(f"emb_l must have the shape of emb_w {tuple(emb_w.shape)}, got {tuple(emb_l.shape)}")
         emb_w, emb_l = emb_w.detach(), emb_l.detach()
-    return fn.run(
+    return fn.call(
         model_pred,
         ref_pred,
         target,
-        Launch(RPO, floats, {"has_emb": emb_w is not None}, {"emb_w": emb_w, "emb_l": emb_l}),
+        RPO,
+        floats,
+        {"has_emb": emb_w is not None},
+        {"emb_w": emb_w, "emb_l": emb_l},
     )
 
 
@@ -108,7 +111,7 @@ def rpo_diagonal_loss(model_pred, ref_pred, target, *, beta=5000.0, diagonal_wei
     B = _paired(model_pred, ref_pred, target)
     if B < 2:
         raise ValueError(f"rpo_diagonal_loss needs B >= 2 pairs, got model_pred of shape {tuple(model_pred.shape)}")
-    return fn.run(model_pred, ref_pred, target, Launch(RPO_DIAGONAL, floats))
+    return fn.call(model_pred, ref_pred, target, RPO_DIAGONAL, floats)
 
 
 def sspo_loss(model_pred, ref_pred, target, *, beta=5000.0, criterion="indicator"):
@@ -117,7 +120,7 @@ def sspo_loss(model_pred, ref_pred, target, *, beta=5000.0, criterion="indicator
     (SePPO v1). Metrics: loss, dpo_fraction, criterion ([B]), implicit_acc, model_mse_w, ref_mse_w."""
     floats = v.check_hyperparameters(SSPO, locals(), {"criterion": criterion})
     _paired(model_pred, ref_pred, target)
-    return fn.run(model_pred, ref_pred, target, Launch(SSPO, floats, {"criterion": criterion}))
+    return fn.call(model_pred, ref_pred, target, SSPO, floats, {"criterion": criterion})
 
 
 def dense_dpo_loss(
@@ -135,9 +138,18 @@ def dense_dpo_loss(
     """Diffusion-DPO with the dense-reward temporal discount (docs/methods.md §2.6): pair i's β is scaled by
     w(t_i) = γ^k(t_i) (normalised to mean 1 over the K sampler steps when normalize=True).
     timesteps: 1-D, length B or 2B (then the halves must match; checked eagerly, skipped during
-    CUDA-graph capture), integer or floating. Metrics: loss, implicit_acc, step_weight_mean,
+    CUDA-graph capture and when traced), integer or floating. Metrics: loss, implicit_acc, step_weight_mean,
     model_mse, ref_mse."""
-    floats = v.check_hyperparameters(DENSE_DPO, locals())
+    floats = v.check_hyperparameters(
+        DENSE_DPO,
+        {
+            "beta": beta,
+            "gamma": gamma,
+            "num_inference_steps": num_inference_steps,
+            "num_train_timesteps": num_train_timesteps,
+            "normalize": normalize,
+        },
+    )
     B = _paired(model_pred, ref_pred, target)
     v.check_aux_tensor(
         "timesteps",
@@ -148,7 +160,7 @@ def dense_dpo_loss(
     )
     if timesteps.dtype == torch.bool:
         raise TypeError("timesteps must be integer or floating, got torch.bool")
-    if timesteps.shape[0] == 2 * B and not _capturing(timesteps):
+    if timesteps.shape[0] == 2 * B and not _capturing(timesteps) and not ops.traced(timesteps):
         if not torch.equal(timesteps[:B], timesteps[B:]):  # host-ok: documented eager-only check (docs/methods.md §2.6)
             raise ValueError(
                 "timesteps of length 2B must repeat the winners' timesteps for the losers "
@@ -157,14 +169,16 @@ def dense_dpo_loss(
     K = num_inference_steps
     scale = K / sum(gamma**j for j in range(K)) if normalize else 1.0
     floats["weight_scale"] = float(scale)
-    return fn.run(model_pred, ref_pred, target, Launch(DENSE_DPO, floats, inputs={"timesteps": timesteps.detach()}))
+    return fn.call(model_pred, ref_pred, target, DENSE_DPO, floats, inputs={"timesteps": timesteps.detach()})
 
 
 def kto_loss(model_pred, ref_pred, target, labels, *, beta=1000.0, lambda_d=1.0, lambda_u=1.0, kl_baseline=None):
     """Diffusion-KTO (docs/methods.md §2.7) on unpaired rows [N, ...]; labels: 1-D of length N, any real
     dtype, nonzero = desirable. kl_baseline: None (z = max(0, mean_k (r_k - m_k)), detached), a
     float, or a 0-dim tensor used as given. Metrics: loss, kl, acc, model_mse."""
-    floats = v.check_hyperparameters(KTO, locals())
+    floats = v.check_hyperparameters(
+        KTO, {"beta": beta, "lambda_d": lambda_d, "lambda_u": lambda_u, "kl_baseline": kl_baseline}
+    )
     if kl_baseline is not None and not isinstance(kl_baseline, torch.Tensor):
         v.check_finite("kl_baseline", kl_baseline)
     v.check_predictions(False, model_pred, target, ref_pred)
@@ -181,16 +195,14 @@ def kto_loss(model_pred, ref_pred, target, labels, *, beta=1000.0, lambda_d=1.0,
         v.check_finite("kl_baseline", kl_baseline)
         kl_mode, kl_value = 1, float(kl_baseline)
     floats["kl_value"] = kl_value
-    return fn.run(
+    return fn.call(
         model_pred,
         ref_pred,
         target,
-        Launch(
-            KTO,
-            floats,
-            {"kl_mode": ("batch", "value", "tensor")[kl_mode]},
-            {"labels": labels.detach(), "kl_tensor": kl_tensor},
-        ),
+        KTO,
+        floats,
+        {"kl_mode": ("batch", "value", "tensor")[kl_mode]},
+        {"labels": labels.detach(), "kl_tensor": kl_tensor},
     )
 
 
@@ -199,7 +211,7 @@ def mapo_loss(model_pred, target, *, beta=0.1, snr_value=0.5, num_train_timestep
     or_loss, model_mse_w, model_mse_l, margin_acc."""
     floats = v.check_hyperparameters(MAPO, locals())
     v.check_predictions(True, model_pred, target)
-    return fn.run(model_pred, None, target, Launch(MAPO, floats))
+    return fn.call(model_pred, None, target, MAPO, floats)
 
 
 def sdpo_loss(
@@ -230,7 +242,7 @@ def sdpo_loss(
     drop = () if safeguard else ("safeguard_num", "safeguard_den", "safeguard_proxy_grad_cos")
     if base != "dspo":
         drop += ("dspo_branch",)
-    return fn.run(model_pred, ref_pred, target, Launch(SDPO, floats, options), drop)
+    return fn.call(model_pred, ref_pred, target, SDPO, floats, options, drop=drop)
 
 
 def dmpo_loss(model_pred, ref_pred, target, *, beta=2000.0, alpha=0.01):
@@ -238,7 +250,7 @@ def dmpo_loss(model_pred, ref_pred, target, *, beta=2000.0, alpha=0.01):
     [1e-6, 1 - 1e-6] as 1 - q. Metrics: loss, implicit_acc, model_mse, ref_mse."""
     floats = v.check_hyperparameters(DMPO, locals())
     _paired(model_pred, ref_pred, target)
-    return fn.run(model_pred, ref_pred, target, Launch(DMPO, floats))
+    return fn.call(model_pred, ref_pred, target, DMPO, floats)
 
 
 def _capturing(x):
@@ -275,7 +287,7 @@ def generic_loss(method):
             if x is not None:
                 v.check_aux_tensor(name, x, model_pred.device, "a tensor", lambda s: True)
                 inputs[name] = x.detach()
-        return fn.run(model_pred, values.get("ref_pred"), values["target"], Launch(method, floats, options, inputs))
+        return fn.call(model_pred, values.get("ref_pred"), values["target"], method, floats, options, inputs)
 
     loss.__name__ = loss.__qualname__ = method.function
     loss.__signature__ = signature

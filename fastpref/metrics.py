@@ -10,8 +10,8 @@ from collections.abc import Callable
 import torch
 
 from fastpref import _validate as v
-from fastpref.functions import _as_rows
-from fastpref.kernels import row_sums
+from fastpref.kernels.reduce import partial_sums
+from fastpref.ops import as_rows
 
 
 @torch.no_grad()
@@ -23,8 +23,8 @@ def row_errors(
     ``ref_pred`` is given, ``r_k = mean((ref_pred_k - target_k)^2)`` (else None). Returns ``[N]``
     tensors in float32 (float64 if any input is float64), detached: docs/methods.md's m and r."""
     v.check_predictions(False, model_pred, target, ref_pred)
-    p, r, t = _as_rows(model_pred), _as_rows(ref_pred), _as_rows(target)
-    partials, _ = row_sums(p, r, t, v.compute_dtype(model_pred, ref_pred, target))
+    p, r, t = as_rows(model_pred), as_rows(ref_pred), as_rows(target)
+    partials, _ = partial_sums(p, r, t, v.compute_dtype(model_pred, ref_pred, target))
     errors = partials[:2].sum(dim=-1) / p.shape[1]  # [1 or 2, N]: the splits of each row, added
     return errors[0], errors[1] if ref_pred is not None else None
 

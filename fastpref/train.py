@@ -45,7 +45,7 @@ from fastpref.training.checkpoint import (
     save_checkpoint,
 )
 from fastpref.training.config import Config, parse_config
-from fastpref.training.data import PreferencePairs, log_skipped_rows, parquet_files
+from fastpref.training.data import PreferencePairs, log_skipped_rows
 from fastpref.training.distributed import (
     DistState,
     barrier,
@@ -61,12 +61,21 @@ from fastpref.training.graph import StaticStep, graph_refusal, make_optimizer
 from fastpref.training.logging import MetricsLogger
 from fastpref.training.losses import LossType, get_loss_type
 from fastpref.training.models import frozen_copy, load_trainable_state, trainable_state
+from fastpref.training.online import OnlinePairs, check_online
 from fastpref.training.replay import REPLAY_FILE, CheckpointReplay, self_sampler
+from fastpref.training.sources import preference_sources
 from fastpref.training.step import TrainStep, preference_loss
 from fastpref.training.stopping import StopRequest
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHOWN_METRICS = ("loss", "implicit_acc", "acc", "margin_acc", "dpo_fraction")  # the progress bar's
+
+
+@dataclass
+class PairsSource:
+    """The preference pairs in force: the data set, or the latest on-line set."""
+
+    pairs: PreferencePairs
 
 
 @dataclass
@@ -93,6 +102,8 @@ class Run:
     skipped_rows: tuple = ()  # --skip_bad_rows: the dropped rows (PreferencePairs.skipped)
     resumed: tuple[Path, dict] | None = None  # a resume: (checkpoint, the safe flags it changed)
     stopped: bool = False  # set by ``train``: a stop signal ended it before --max_train_steps
+    online: OnlinePairs | None = None  # --online_pairs_every: the refreshes of the preference set
+    source: PairsSource | None = None  # the pairs ``batch`` reads (replaced at each on-line refresh)
 
 
 def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | None]:
@@ -120,11 +131,10 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
         )
     family.check_resolution(config.pretrained_model_name_or_path, config.resolution)
     if pairs is None:
-        pairs = PreferencePairs(
-            parquet_files(config.data_path, config.data_argument),
-            config.data_argument,
-            skip_bad_rows=config.skip_bad_rows,
+        sources = preference_sources(
+            config.data_path, config.data_argument, split=config.dataset_split, streaming=config.dataset_streaming
         )
+        pairs = PreferencePairs(sources, config.data_argument, skip_bad_rows=config.skip_bad_rows)
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     if config.cuda_graph:
         refusal = graph_refusal(
@@ -193,6 +203,7 @@ def adapters_disabled(model: torch.nn.Module):
 def build(config: Config) -> Run:
     """The run of ``config``, ready to ``train``. Bad input raises ValueError before any write."""
     config, loss_type, pairs, resume = validate(config)
+    online_prompts = check_online(config, pairs)
     resumed = None if resume is None else (resume, check_resume_config(resume, config.as_dict()))
     dist = init_distributed()
     weight_dtype = DTYPES[config.mixed_precision]
@@ -299,8 +310,18 @@ def build(config: Config) -> Run:
     )
     per_process = config.train_batch_size * (2 if loss_type.data == "images" else 1)  # stream items
 
+    source = PairsSource(pairs)
+
     def batch_at(start: int) -> Batch:
-        return layout(pairs, list(range(start, start + per_process)), encoders, *sampler)
+        return layout(source.pairs, list(range(start, start + per_process)), encoders, *sampler)
+
+    online = None
+    if online_prompts is not None:
+        online = OnlinePairs(
+            config, family, dist, online_prompts, barrier=lambda: barrier(dist), weight_dtype=weight_dtype
+        )
+        if resume is not None:
+            online.check_resume(start_step)
 
     return Run(
         config,
@@ -322,6 +343,8 @@ def build(config: Config) -> Run:
         start_position,
         tuple(pairs.skipped),
         resumed,
+        online=online,
+        source=source,
     )
 
 
@@ -334,9 +357,14 @@ def train(run: Run) -> Path:
     logger = start_output(run, output_dir)
     step, position = run.start_step, run.start_position
     progress = tqdm(total=config.max_train_steps, initial=step, disable=not dist.is_main, desc="train")
-    stopping = False
+    stopping, refreshed = False, None
     with StopRequest() as stop:
         while step < config.max_train_steps and not stopping:
+            if run.online is not None and run.online.refresh_step(step) != refreshed:  # on-line pairs: a new set
+                refreshed = run.online.refresh_step(step)
+                run.source.pairs, values = run.online.pairs_at(step)
+                if dist.is_main and values:
+                    logger.log(step, values)
             replayed_step = None
             if run.replay is not None:  # SSPO: this step's reference weights
                 index = run.replay.pick(step)
@@ -399,6 +427,8 @@ def start_output(run: Run, output_dir: Path) -> MetricsLogger | None:
         else:  # args.json keeps the original run's flags; resume-<step>.json what this resume changed
             record_resume(output_dir, run.config.as_dict(), *run.resumed, run.start_step)
         logger = MetricsLogger(output_dir, run.config.report_to, resume_step=run.start_step)
+        if run.online is not None and run.resumed is None:
+            run.online.clear()
         if run.config.skip_bad_rows:
             log_skipped_rows(run.skipped_rows, output_dir)
     barrier(run.dist)

@@ -10,7 +10,7 @@ from ._runtime import INTERPRET, poisoned_outputs
 from .grad import elementwise_grad
 from .head import run_head
 from .method import Hyper, Layout, Method, Option
-from .reduce import row_sums
+from .reduce import partial_sums, row_sums
 from .registry import PRESETS, REGISTRY
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "Method",
     "Option",
     "elementwise_grad",
+    "partial_sums",
     "poisoned_outputs",
     "row_sums",
     "run_head",

@@ -1,4 +1,5 @@
-"""Where and how fastpref kernels run: interpreter default, output allocation, launch geometry.
+"""Where and how fastpref kernels run: interpreter default, output allocation, launch geometry,
+how a launch is traced (`launcher`) and the opt-in one-launch forward switch.
 
 Import this module before any module that defines a Triton kernel: on a machine without
 CUDA it turns on Triton's interpreter (unless ``TRITON_INTERPRET`` is already set), and
@@ -19,6 +20,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 import triton.language as tl  # noqa: E402  (after the interpreter decision)
+from torch.library import wrap_triton  # noqa: E402
 
 # Programs the row reduction aims to launch per row-set under the interpreter. Small, so
 # that CPU tests still split rows across programs without running thousands of them.
@@ -67,9 +69,10 @@ def target_programs(device):
     return INTERPRETER_PROGRAMS
 
 
+@functools.lru_cache(maxsize=4096)
 def row_split(rows, n, block, device, max_splits=512):
     """Split each of `rows` rows of `n` elements into chunks (multiples of `block`) so that
-    rows * splits programs fill the device. Returns (splits, chunk)."""
+    rows * splits programs fill the device. Returns (splits, chunk); cached per geometry."""
     splits = max(1, min(math.ceil(target_programs(device) / rows), math.ceil(n / block), max_splits))
     chunk = math.ceil(math.ceil(n / splits) / block) * block
     return math.ceil(n / chunk), chunk
@@ -88,6 +91,50 @@ def f64_pair(x):
     hi = float(np.float32(x))
     lo = float(np.float32(x - hi))
     return hi, lo
+
+
+@functools.lru_cache(maxsize=1024)
+def float_pairs(values):
+    """`f64_pair` of each float of the tuple `values`, as one tuple of pairs (cached per tuple)."""
+    return tuple(f64_pair(float(x)) for x in values)
+
+
+def launcher(kernel, x):
+    """`kernel` itself for real tensors (eager, or an operator's kernel: no tracing overhead);
+    `torch.library.wrap_triton(kernel)` when `x` is a traced tensor (the CUDA `triton_op`s of
+    fastpref/ops.py decomposed by torch.compile, so Inductor sees the launch)."""
+    return kernel if type(x) is torch.Tensor else wrap_triton(kernel)
+
+
+ONE_LAUNCH = os.environ.get("FASTPREF_ONE_LAUNCH", "0") == "1"
+"""Opt-in: the forward runs in one launch (kernels/fused.py) instead of row sums + head. Off by
+default until the GPU stress test (tests/test_one_launch.py, `run_gpu.sh one-launch`) has passed
+on a GPU; set FASTPREF_ONE_LAUNCH=1 or call `set_one_launch(True)`."""
+
+
+def set_one_launch(enabled):
+    """Turn the one-launch forward on or off for later calls (returns the previous setting)."""
+    global ONE_LAUNCH
+    previous, ONE_LAUNCH = ONE_LAUNCH, bool(enabled)
+    return previous
+
+
+def one_launch():
+    return ONE_LAUNCH
+
+
+_TICKETS = {}
+
+
+def ticket(device):
+    """The one-launch forward's ticket counter on `device`: one int32, zero between launches (the
+    program that draws the last ticket resets it). Created on first use, so the first one-launch
+    call on a device must not be inside a CUDA-graph capture; calls on one device must not run
+    concurrently on different streams (they share the counter)."""
+    counter = _TICKETS.get(device)
+    if counter is None:
+        counter = _TICKETS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
 
 
 def tl_dtype(torch_dtype):

@@ -2,7 +2,8 @@
 
     grad[k] = G * (a_k * (p - t) + b_k * (p - r))      written in model_pred's dtype
 
-`a`, `b` are the per-row coefficients a method's head wrote ([2, R] in ACC, `a` first) and G
+`a`, `b` are the per-row coefficients a method's head wrote ([2, R] in ACC, `a` first; ACC is
+the coefficients' dtype) and G
 is the incoming gradient of the loss, read from device memory (no host sync, no shortcut for
 G == 1). `ref_pred` is read only where b_k != 0 (DSPO winner rows), a predicated load.
 
@@ -37,10 +38,10 @@ def _grad_kernel(
     stride_r,
     stride_t,
     HAS_B: tl.constexpr,
-    ACC: tl.constexpr,
     BLOCK: tl.constexpr,
     RNE_BF16: tl.constexpr,
 ):
+    ACC: tl.constexpr = coef_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
@@ -64,15 +65,15 @@ def _grad_kernel(
         tl.store(grad_ptr + row * n + idx, val.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def elementwise_grad(p, r, t, coef, grad_output, has_b):
-    """Gradient of the loss w.r.t. the [R, n] view p: a new contiguous [R, n] tensor of p's dtype.
+def elementwise_grad(p, r, t, coef, grad_output, has_b, rows, n, shape):
+    """Gradient of the loss w.r.t. p (`rows` rows of `n` elements, rows `stride(0)` apart, as
+    `reduce.row_sums` takes them): a new contiguous tensor of `shape` and p's dtype.
 
-    coef: [2, R] (a, b) in the accumulation dtype; grad_output: 0-dim tensor; r may be None
-    when has_b is False."""
-    rows, n = p.shape
-    grad = _runtime.empty((rows, n), p.dtype, p.device)
+    coef: the 2R coefficients (a, then b) in the accumulation dtype, 1-D or [2, R];
+    grad_output: 0-dim tensor; r may be None when has_b is False."""
+    grad = _runtime.empty(shape, p.dtype, p.device)
     r_arg = r if r is not None else p
-    _grad_kernel[(rows, triton.cdiv(n, BLOCK))](
+    _runtime.launcher(_grad_kernel, p).run(
         p,
         r_arg,
         t,
@@ -85,9 +86,10 @@ def elementwise_grad(p, r, t, coef, grad_output, has_b):
         r_arg.stride(0),
         t.stride(0),
         HAS_B=has_b,
-        ACC=_runtime.tl_dtype(coef.dtype),
         BLOCK=BLOCK,
         RNE_BF16=_runtime.INTERPRET and p.dtype == torch.bfloat16,
         num_warps=8,
+        grid=(rows, -(-n // BLOCK)),  # (triton.cdiv is a slow constexpr_function on the host)
+        warmup=False,
     )
     return grad

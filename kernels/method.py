@@ -42,6 +42,20 @@ class Hyper:
             raise ValueError(f"Hyper {self.name!r}: check must be one of {CHECKS}, got {self.check!r}")
 
 
+RUNTIME = (
+    "part_ptr",
+    "rows",
+    "B",
+    "count",
+    "splits",
+    "inv_n",
+    "loss_ptr",
+    "stats_ptr",
+    "ints_ptr",
+    "coef_ptr",
+)
+"""The head parameters the launch fills itself (in this order in `head.runtime_values`)."""
+
 POSITIONAL_INPUTS = ("timesteps", "labels")
 """Extra inputs passed positionally after target (in this order); the others are keyword arguments."""
 
@@ -93,8 +107,40 @@ class Layout:
     def int_slot(self, name):
         return self.ints.index(name)
 
+    def pieces(self, pairs, rows, acc_bytes, partials=0):
+        """Sizes of the pieces of a call's 1-D output buffer (elements of the accumulation dtype,
+        `acc_bytes` wide), cut in one `split_with_sizes`: the int64 metrics (bitcast; first, so
+        8-byte aligned; only if the method has any), the scalars block, one [B] piece per
+        vector, one [B*B] piece per matrix (scalars to matrices: the stats, contiguous, as the
+        head indexes them), the [2, rows] gradient coefficients (a then b) and the `partials`
+        row sums."""
+        ints = (len(self.ints) * (8 // acc_bytes),) if self.ints else ()
+        return (
+            ints
+            + (len(self.scalars),)
+            + (pairs,) * len(self.vectors)
+            + (pairs * pairs,) * len(self.matrices)
+            + (2 * rows, partials)
+        )
+
+    def named(self, pieces, ints, pairs, drop=()):
+        """Metric dict of the buffer's pieces (`pieces` sizes; ints: the int64 view of the ints
+        piece, if any): views, no copies, no launches."""
+        first = 1 if self.ints else 0
+        out = dict(zip(self.scalars, pieces[first].unbind(0), strict=True))
+        vectors = first + 1 + len(self.vectors)
+        out.update(zip(self.vectors, pieces[first + 1 : vectors], strict=True))
+        for name, piece in zip(self.matrices, pieces[vectors : vectors + len(self.matrices)], strict=True):
+            out[name] = piece.view(pairs, pairs)
+        if self.ints:
+            out.update(zip(self.ints, ints.unbind(0), strict=True))
+        for key in drop:
+            del out[key]
+        return out
+
     def unpack(self, stats, ints, pairs, drop=()):
-        """Metric dict of views into the stats/ints buffers (no copies, no launches)."""
+        """Metric dict of views into the stats/ints buffers (no copies, no launches); the
+        stats/ints form of `FusedLossFunction`'s outputs."""
         base = len(self.scalars)
         out = dict(zip(self.scalars, stats[:base].unbind(0), strict=True))
         if self.vectors:
@@ -177,9 +223,12 @@ class Method:
         return tuple(int(x) for x in self.section.split(".")) if self.section else (99,), self.name
 
     def __post_init__(self):
-        params = inspect.signature(getattr(self.head, "fn", self.head)).parameters
+        params = tuple(inspect.signature(getattr(self.head, "fn", self.head)).parameters)
         if list(params)[-4:] != ["C", "ACC", "NP", "SP"]:
             raise ValueError(f"{self.name}: a head's last parameters must be C, ACC, NP, SP; got {list(params)}")
+        inputs = {f"{name}{suffix}" for name in self.inputs for suffix in ("", "_strides", "_len")}
+        object.__setattr__(self, "_params", params[:-4])  # read once: calls then do no inspection
+        object.__setattr__(self, "_floats", tuple(p for p in params[:-4] if p not in RUNTIME and p not in inputs))
 
     @property
     def hyper_names(self):
@@ -191,7 +240,13 @@ class Method:
 
     def head_params(self):
         """The head's runtime parameter names, in order (its constexprs C, ACC, NP, SP excluded)."""
-        return tuple(inspect.signature(getattr(self.head, "fn", self.head)).parameters)[:-4]
+        return self._params
+
+    @property
+    def float_params(self):
+        """The head's float parameters (hyperparameters and derived values, each passed as an fp32
+        pair), in head order: its parameters that are neither RUNTIME nor an extra input's."""
+        return self._floats
 
     def config(self, options):
         """The HeadConfig of a launch with these option values (name -> value; a missing option

@@ -16,8 +16,10 @@ Each row is split into `splits` chunks handled by separate programs, so that a s
 still fills the GPU; each program writes its partial sums to its own slot of a
 [NUM_SUMS, R, splits] buffer and the head adds them in a fixed order (deterministic: no
 atomics). Elements are upcast before any arithmetic; sums accumulate in ACC (fp32, or fp64
-for fp64 inputs).
+for fp64 inputs: the dtype of the partials buffer).
 """
+
+import functools
 
 import triton
 import triton.language as tl
@@ -58,7 +60,7 @@ def _store_sums(part_ptr, row, split, plane, splits, acc_pt, acc_rt, acc_pr, acc
 
 
 @triton.jit
-def _row_sums_kernel(
+def row_partials(
     p_ptr,
     r_ptr,
     t_ptr,
@@ -72,9 +74,11 @@ def _row_sums_kernel(
     stride_t,
     HAS_REF: tl.constexpr,
     CROSS: tl.constexpr,
-    ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """The body of one row-sum program (grid (rows or pairs, splits)): its partial sums, stored
+    in its slots of the partials buffer (accumulated in that buffer's dtype)."""
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     start = split * chunk
@@ -124,19 +128,50 @@ def _row_sums_kernel(
         tl.store(part_ptr + 5 * plane + row * splits + split, tl.sum(acc_wl, axis=0))
 
 
-def row_sums(p, r, t, acc_dtype, cross=False):
-    """Partial per-row sums of 2-D views p, r, t ([R, n], unit stride along n; r may be None).
+@triton.jit
+def _row_sums_kernel(
+    p_ptr,
+    r_ptr,
+    t_ptr,
+    part_ptr,
+    n,
+    chunk,
+    rows,
+    splits,
+    stride_p,
+    stride_r,
+    stride_t,
+    HAS_REF: tl.constexpr,
+    CROSS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row_partials(
+        p_ptr, r_ptr, t_ptr, part_ptr, n, chunk, rows, splits, stride_p, stride_r, stride_t, HAS_REF, CROSS, BLOCK
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def geometry(rows, n, has_ref, cross, device):
+    """(grid, planes, splits, chunk) of the row reduction of `rows` rows of `n` elements: the
+    grid is (rows, or pairs in CROSS mode) x splits programs, the partials buffer
+    [planes, rows, splits]. Cached per shape, so a call computes nothing here."""
+    programs_per_split = rows // 2 if cross else rows
+    splits, chunk = _runtime.row_split(programs_per_split, n, BLOCK, device)
+    planes = 6 if cross else 5 if has_ref else 1
+    return (programs_per_split, splits), planes, splits, chunk
+
+
+def row_sums(p, r, t, partials, geo, rows, n, cross=False):
+    """Partial per-row sums of p, r, t (`rows` rows of `n` elements, each row contiguous, rows
+    `stride(0)` apart: a contiguous [R, ...] tensor or an [R, n] view; r may be None), written
+    into `partials` ([planes, R, splits] in the accumulation dtype, from `geometry`; any tensor
+    whose storage starts there: the kernel takes its pointer).
 
     cross=True (paired [2B, n] input, r given) adds the per-pair S_wl plane (rows 0..B-1).
-    Returns (partials [6 (cross), 5 or 1 (no ref), R, splits] in acc_dtype, splits): the planes
-    S_pt, S_rt, S_pr, S_ptr, S_mr, S_wl in that order (`heads.common.S_PT` ... `S_WL`)."""
-    rows, n = p.shape
-    has_ref = r is not None
-    programs_per_split = rows // 2 if cross else rows
-    splits, chunk = _runtime.row_split(programs_per_split, n, BLOCK, p.device)
-    partials = _runtime.empty((6 if cross else 5 if has_ref else 1, rows, splits), acc_dtype, p.device)
-    r_arg = r if has_ref else p
-    _row_sums_kernel[(programs_per_split, splits)](
+    The planes are S_pt, S_rt, S_pr, S_ptr, S_mr, S_wl in that order (`heads.common.S_PT` ...)."""
+    grid, _, splits, chunk = geo
+    r_arg = r if r is not None else p
+    _runtime.launcher(_row_sums_kernel, p).run(
         p,
         r_arg,
         t,
@@ -148,10 +183,19 @@ def row_sums(p, r, t, acc_dtype, cross=False):
         p.stride(0),
         r_arg.stride(0),
         t.stride(0),
-        HAS_REF=has_ref,
+        HAS_REF=r is not None,
         CROSS=cross,
-        ACC=_runtime.tl_dtype(acc_dtype),
         BLOCK=BLOCK,
         num_warps=4,
+        grid=grid,
+        warmup=False,
     )
-    return partials, splits
+
+
+def partial_sums(p, r, t, acc_dtype, cross=False):
+    """`row_sums` into a new buffer: (partials [planes, R, splits] in acc_dtype, splits)."""
+    rows, n = p.shape
+    geo = geometry(rows, n, r is not None, cross, p.device)
+    partials = _runtime.empty((geo[1], rows, geo[2]), acc_dtype, p.device)
+    row_sums(p, r, t, partials, geo, rows, n, cross)
+    return partials, geo[2]

@@ -29,14 +29,16 @@ def device():
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    """Any Triton kernel launch (`kernel[grid](...)`, whichever kernel) fails the test: bad input
-    must be rejected before anything runs."""
-    from triton.runtime.jit import KernelInterface
+    """Any Triton kernel launch (`kernel[grid](...)` or `kernel.run(..., grid=...)`, compiled or
+    interpreted, whichever kernel) fails the test: bad input must be rejected before anything runs."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
 
-    def launch(self, grid):
+    def launch(self, *args, **kwargs):
         raise AssertionError(f"a kernel was launched before validation: {getattr(self, '__name__', self)}")
 
-    monkeypatch.setattr(KernelInterface, "__getitem__", launch)
+    monkeypatch.setattr(JITFunction, "run", launch)
+    monkeypatch.setattr(InterpretedFunction, "run", launch)
 
 
 @pytest.fixture(autouse=True)

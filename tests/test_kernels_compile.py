@@ -1,5 +1,6 @@
 """The kernels compile for a real GPU even where there is none: every kernel family (and every
-head) is compiled for sm_90 through Triton's whole NVIDIA pipeline (frontend, MLIR, LLVM,
+head) is compiled for sm_90 through Triton's whole NVIDIA pipeline (the opt-in one-launch forward
+too) (frontend, MLIR, LLVM,
 ptxas), in a subprocess with the interpreter off. CPU runs use the interpreter, which accepts
 constructs the compiler rejects; this catches those before a GPU run does. It also checks
 that the NaN carry of the non-finite rule (x + 0 * x) survives code generation."""
@@ -18,11 +19,13 @@ SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import grad, head, reduce
+    from kernels import fused, grad, head, reduce
 
     target = GPUTarget("cuda", 90, 32)
 
     def build(fn, signature, constexprs):
+        # a kernel that derives ACC from a pointer's element type takes no ACC argument
+        constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
         signature = {**signature, **{name: "constexpr" for name in constexprs}}
         return triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs), target=target)
 
@@ -30,12 +33,12 @@ SCRIPT = textwrap.dedent("""
         build(reduce._row_sums_kernel,
               dict(p_ptr="*bf16", r_ptr="*fp16", t_ptr="*fp32", part_ptr="*fp32", n="i32", chunk="i32", rows="i32",
                    splits="i32", stride_p="i32", stride_r="i32", stride_t="i32"),
-              dict(HAS_REF=has_ref, CROSS=cross, ACC=tl.float32, BLOCK=reduce.BLOCK))
+              dict(HAS_REF=has_ref, CROSS=cross, BLOCK=reduce.BLOCK))
     for dtype, has_b in (("*bf16", True), ("*fp32", False), ("*fp16", True)):
         build(grad._grad_kernel,
               dict(p_ptr=dtype, r_ptr="*fp32", t_ptr="*fp32", coef_ptr="*fp32", gout_ptr="*fp32", grad_ptr=dtype,
                    n="i32", rows="i32", stride_p="i32", stride_r="i32", stride_t="i32"),
-              dict(HAS_B=has_b, ACC=tl.float32, BLOCK=grad.BLOCK, RNE_BF16=False))
+              dict(HAS_B=has_b, BLOCK=grad.BLOCK, RNE_BF16=False))
     # Every registered head, with the options that change its code the most: the head kernel's
     # runtime tuple is typed from the head's own parameter names (kernels/method.py).
     from kernels.registry import REGISTRY
@@ -53,9 +56,21 @@ SCRIPT = textwrap.dedent("""
         sig = dict(args=args, HEAD="constexpr", C="constexpr", ACC="constexpr", NP="constexpr", SP="constexpr")
         kernel = triton.compile(ASTSource(head._head_kernel, signature=sig, constexprs=dict(
             HEAD=method.head, C=method.config(options), ACC=tl.float32, NP=8, SP=4)), target=target)
+        if options == {} and name in ("dpo", "sdpo", "sft"):  # the opt-in one-launch forward, same heads
+            cross = method.cross
+            fsig = dict(p_ptr="*bf16", r_ptr="*bf16", t_ptr="*fp32", part_ptr="*fp32", ticket_ptr="*i32", n="i32",
+                        chunk="i32", rows="i32", splits="i32", stride_p="i32", stride_r="i32", stride_t="i32",
+                        args=args)
+            fsig.update({k: "constexpr" for k in ("HAS_REF", "CROSS", "BLOCK", "HEAD", "C", "ACC", "NP", "SP")})
+            one = triton.compile(ASTSource(fused._row_sums_head_kernel, signature=fsig, constexprs=dict(
+                HAS_REF=method.needs_ref, CROSS=cross, BLOCK=reduce.BLOCK, HEAD=method.head, C=method.config({}),
+                ACC=tl.float32, NP=8, SP=4)), target=target)
+            ptx = one.asm["ptx"]
+            ticket = ptx.index("atom.global.gpu.acq_rel.add")  # the ticket: an acquire/release atomic,
+            assert "bar.sync" in ptx[:ticket], "no barrier orders the partials' stores before the ticket"
         if name == "sft":   # SFT: S_pt + 0 * S_pt is kept (an FMA with 0), not folded to S_pt
             assert re.search(r"fma\\.rn\\.f32\\s+%\\w+, %\\w+, 0f00000000", kernel.asm["ptx"]), "NaN carry folded away"
-    print("COMPILED", len(cases) + 6)
+    print("COMPILED", len(cases) + 9)
 """)
 
 

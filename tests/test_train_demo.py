@@ -58,7 +58,9 @@ def test_demo_reports_figures_writes_grid_and_heldout_curve(tmp_path, capsys, re
     assert 0.0 < figures["reward_reference"] < 1.0 and 0.0 < figures["reward_trained"] < 1.0
     assert Image.open(out / "demo_grid.png").size[0] > 0
     assert (out / weights).is_file()
-    assert json.loads((out / "args.json").read_text())["pretrained_model_name_or_path"] == str(DEFAULT_MODEL)
+    flags = json.loads((out / "args.json").read_text())
+    assert flags["pretrained_model_name_or_path"] == str(DEFAULT_MODEL) and flags["beta"] == demo.DEMO_BETA["dpo"]
+    assert flags["checkpointing_steps"] == 1 and flags["reference"] == reference
 
     with open(out / "heldout_curve.csv") as f:
         reader = csv.DictReader(f)
@@ -75,6 +77,36 @@ def test_demo_reports_figures_writes_grid_and_heldout_curve(tmp_path, capsys, re
     printed = capsys.readouterr().out
     assert "win-rate of trained over reference" in printed and "over 4 same-seed pairs" in printed
     assert "held-out reward by step (3 pairs)" in printed
+
+
+@needs_kernels
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+# wan: the video demo, with its own outputs (tests/test_demo_video.py)
+@pytest.mark.parametrize("family", [f for f in bundled.available_families() if f not in ("sd15", "wan")])
+def test_demo_runs_each_other_bundled_family(tmp_path, family):
+    """Each family another branch bundles runs through the unchanged demo: its pipeline class
+    samples, its saved LoRA loads, the curve is written (1 step, tiny sampling)."""
+    out = tmp_path / family
+    argv = ["--family", family, "--output_dir", str(out), "--max_train_steps", "1", "--num_samples", "2"]
+    argv += ["--curve_samples", "2", "--num_inference_steps", "2", "--train_batch_size", "2"]
+    figures = demo.main(argv)
+    assert figures["family"] == family and 0.0 < figures["reward_trained"] < 1.0
+    flags = json.loads((out / "args.json").read_text())
+    assert flags["pretrained_model_name_or_path"] == str(bundled.BUNDLED_PIPELINES[family])
+    with open(out / "heldout_curve.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 1]
+
+
+def test_demo_beta_only_for_its_loss_type_and_flags_override():
+    def config(*argv):
+        args, train_args = demo.build_parser().parse_known_args(["--output_dir", "unused", *argv])
+        return demo.train_config(args, train_args, DEFAULT_MODEL)
+
+    assert config().loss_type == "dpo" and config().beta == demo.DEMO_BETA["dpo"] == 200.0
+    assert config().max_train_steps == 150 and config().checkpointing_steps == 30  # 5 curve points
+    assert config("--beta", "5000").beta == 5000.0 and config("--learning_rate", "1e-3").learning_rate == 1e-3
+    assert config("--loss_type", "dspo").beta is None  # DSPO's own default (0.001): another scale
+    assert config("--max_train_steps", "7", "--curve_points", "2").checkpointing_steps == 3
 
 
 def test_demo_family_registry_maps_each_available_family_to_its_pipeline_and_data():

@@ -131,10 +131,10 @@ def test_family_comes_from_model_index_class_name(tmp_path):
     assert family_class(tmp_path) is StableDiffusionFamily  # no model_index.json: the SD layout, as before
     with pytest.raises(
         ValueError,
-        match=r"model_index.json names _class_name 'FluxPipeline', which no model "
+        match=r"model_index.json names _class_name 'KandinskyPipeline', which no model "
         r"family trains; known: \[.*'StableDiffusionPipeline'.*\]",
     ):
-        family_class(_pipeline_dir(tmp_path / "flux", "FluxPipeline"))
+        family_class(_pipeline_dir(tmp_path / "kandinsky", "KandinskyPipeline"))
     with pytest.raises(ValueError, match="has no string _class_name, got None"):
         family_class(_pipeline_dir(tmp_path / "nameless", None))
     (tmp_path / "broken").mkdir()
@@ -144,9 +144,9 @@ def test_family_comes_from_model_index_class_name(tmp_path):
 
 
 def test_unknown_family_fails_before_any_write(tmp_path):
-    model = _pipeline_dir(tmp_path / "wan", "WanPipeline")
+    model = _pipeline_dir(tmp_path / "cogvideox", "CogVideoXPipeline")
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="--pretrained_model_name_or_path: .*'WanPipeline'.*known: "):
+    with pytest.raises(ValueError, match="--pretrained_model_name_or_path: .*'CogVideoXPipeline'.*known: "):
         train.main(["--pretrained_model_name_or_path", str(model), "--output_dir", str(out)])
     assert not out.exists()
 

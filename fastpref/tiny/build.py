@@ -7,11 +7,11 @@
 3. a UNet pretrained with the epsilon objective on those images' latents (10% empty captions,
    so classifier-free guidance works);
 4. the preference set: two samples of the pretrained pipeline per prompt, the winner being the
-   more colourful one (``reward.py``), written in the Pick-a-Pic parquet layout.
+   more colourful one (``reward.py``), made by ``fastpref-pairs``' pair maker and written in the
+   Pick-a-Pic parquet layout.
 """
 
 import argparse
-import io
 import time
 from pathlib import Path
 
@@ -20,11 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
+
+from fastpref.pairs.generate import score_and_pair
+from fastpref.pairs.rewards import load_reward
+from fastpref.pairs.writer import ImagePairsFormat
 
 from .models import tiny_scheduler, tiny_text_encoder, tiny_unet, tiny_vae
-from .reward import colourfulness
-from .sampling import sample_images
 from .shapes import CAPTION_WORDS, random_dataset, random_prompts
 from .tokenizer import build_tokenizer
 
@@ -98,26 +99,10 @@ def train_unet(vae, tokenizer, text_encoder, steps: int, batch_size: int, seed: 
     return unet.eval().requires_grad_(False)
 
 
-def encode_jpeg(image: np.ndarray) -> bytes:
-    """One ``[H, W, 3]`` uint8 image as JPEG bytes (the Pick-a-Pic storage format)."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def preference_labels(jpg_0: list[bytes], jpg_1: list[bytes]) -> np.ndarray:
-    """Pick-a-Pic ``label_0`` of each pair from the ``colourfulness`` of the stored JPEGs
-    (what the trainer reads): 1.0 when image 0 scores higher, 0.0 when lower, 0.5 on a tie."""
-
-    def scores(blobs):
-        return colourfulness(np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]))
-
-    s0, s1 = scores(jpg_0), scores(jpg_1)
-    return np.where(s0 > s1, 1.0, np.where(s0 < s1, 0.0, 0.5))
-
-
 def build_preference_table(pipe, num_pairs: int, seed: int) -> pa.Table:
-    """``num_pairs`` pairs of pipeline samples labelled by ``colourfulness``.
+    """``num_pairs`` pairs of pipeline samples labelled by ``colourfulness``, made by the
+    product's pair maker (``fastpref.pairs.generate.score_and_pair``: JPEG quality 95, scored as
+    stored, every pair kept, ties labelled 0.5) from this builder's own prompts and seeds.
 
     Columns follow Pick-a-Pic: ``jpg_0``, ``jpg_1`` (JPEG bytes), ``label_0`` (1.0 when image 0
     wins, 0.0 when image 1 wins, 0.5 on an exact tie), ``caption``.
@@ -127,17 +112,18 @@ def build_preference_table(pipe, num_pairs: int, seed: int) -> pa.Table:
     seeds = rng.choice(
         2**31 - 1, size=2 * num_pairs, replace=False
     ).tolist()  # host-ok: numpy seeds in the offline build script
-    images = sample_images(pipe, prompts + prompts, seeds)
-    jpegs = [encode_jpeg(im) for im in images]
-    labels = preference_labels(jpegs[:num_pairs], jpegs[num_pairs:])
-    return pa.table(
-        {
-            "jpg_0": pa.array(jpegs[:num_pairs], pa.binary()),
-            "jpg_1": pa.array(jpegs[num_pairs:], pa.binary()),
-            "label_0": pa.array(labels, pa.float64()),
-            "caption": pa.array(prompts, pa.string()),
-        }
+    fmt = ImagePairsFormat("jpeg")
+    rows, _ = score_and_pair(
+        pipe,
+        load_reward("colourfulness"),
+        prompts,
+        list(range(num_pairs)),
+        np.array([seeds[:num_pairs], seeds[num_pairs:]], dtype=np.int64).T,
+        fmt=fmt,
+        min_margin=None,
+        batch_size=128,
     )
+    return fmt.table(rows).select(["jpg_0", "jpg_1", "label_0", "caption"])
 
 
 def main(argv=None):

@@ -14,6 +14,7 @@ DEFAULT_DATA = ASSETS / "tiny-prefs.parquet"
 BUNDLED_DATA = {
     DEFAULT_MODEL: DEFAULT_DATA,
     ASSETS / "tiny-sdxl": ASSETS / "tiny-sdxl-prefs.parquet",
+    ASSETS / "tiny-sd3": ASSETS / "tiny-sd3-prefs.parquet",
     ASSETS / "tiny-wan": ASSETS / "tiny-wan-prefs.parquet",  # a video index of mp4 files under tiny-wan-prefs/
 }
 """Each bundled tiny pipeline -> its bundled preference set: the data a run on that pipeline
@@ -64,6 +65,10 @@ INT_MINIMUM = {
     "frame_stride": 1,
     "lr_warmup_steps": 0,
     "sspo_num_snapshots": 0,
+    "online_pairs_every": 1,
+    "online_num_prompts": 1,
+    "online_num_samples": 2,
+    "online_sample_steps": 1,
 }
 
 
@@ -95,10 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--dataset_name",
         default=None,
-        help="local Pick-a-Pic-layout parquet file or directory; video families: a video index "
-        "(.parquet/.csv with video_0, video_1, label_0, caption) or a directory of them",
+        help="local Pick-a-Pic-layout pairs: a parquet file, a directory of them, a parquet glob ('data/*.parquet') "
+        "or a datasets save_to_disk directory (fastpref-pairs writes such a parquet); video families: a video "
+        "index (.parquet/.csv with video_0, video_1, label_0, caption) or a directory of them",
     )
     a("--train_data_dir", default=None, help="same as --dataset_name (default: the bundled tiny set)")
+    a("--dataset_split", default="train", help="the split of a save_to_disk DatasetDict")
+    a(
+        "--dataset_streaming",
+        action="store_true",
+        help="read the data through a datasets IterableDataset in one pass at start (no cache files written); "
+        "same rows and batches",
+    )
     a(
         "--skip_bad_rows",
         action="store_true",
@@ -233,6 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=video + "a clip is frames 0, s, 2s, ... of each video, counted from its first frame (default: 1)",
     )
+    a(
+        "--online_pairs_every",
+        type=int,
+        default=None,
+        help="on-line pairs: regenerate the preference set from the current policy at step 0 and every this many "
+        "steps (sample --online_num_samples images per prompt, score with --reward, best vs worst; docs/training.md)",
+    )
+    a("--online_prompts", default=None, help="prompts file of the on-line pairs (default: the training set's captions)")
+    a("--online_num_prompts", type=int, default=None, help="use the first this many on-line prompts (default: all)")
+    a("--online_num_samples", type=int, default=2, help="images sampled per prompt at each refresh (K >= 2)")
+    a("--online_sample_steps", type=int, default=20, help="sampling steps of the on-line pairs")
+    a("--online_guidance_scale", type=float, default=3.0, help="classifier-free guidance of the on-line pairs")
+    a("--online_min_margin", type=float, default=0.0, help="keep an on-line pair only when its reward margin is above")
+    a("--reward", default="colourfulness", help="reward of the on-line pairs: a fastpref-pairs reward, module:callable")
+    a("--reward_model_path", default=None, help="local model directory of a model-based --reward")
+    a("--reward_processor_path", default=None, help="its processor directory (default: --reward_model_path)")
+    a("--reward_head_path", default=None, help="--reward aesthetic: the predictor's MLP weights file")
     a("--checkpointing_steps", type=int, default=500, help="write a checkpoint every this many steps")
     a("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints (default: all)")
     a(

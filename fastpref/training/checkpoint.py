@@ -48,6 +48,7 @@ SAFE_FLAGS = frozenset(
         "gradient_checkpointing",
         "dataset_name",
         "train_data_dir",
+        "dataset_streaming",
         "data_argument",  # the data itself is ``data_path``, compared
     }
 )
@@ -287,7 +288,14 @@ def check_resume_config(path: str | Path, config: dict) -> dict:
     if not isinstance(old, dict):
         return {}
     new = {k: _normal(v) for k, v in config.items()}
-    differ = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    from .args import build_parser  # a flag newer than the checkpoint, at its default, changes nothing
+
+    defaults = {a.dest: _normal(a.default) for a in build_parser()._actions}
+    differ = {
+        k: (old.get(k), new.get(k))
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not (k not in old and k in defaults and new.get(k) == defaults[k])
+    }
     refused = {
         k: v
         for k, v in differ.items()

@@ -16,6 +16,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +50,14 @@ COLUMN_TYPES = {
         lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
     ),
 }
+
+
+class NamedTable(NamedTuple):
+    """A preference table read by other means than a parquet file (``sources``: ``datasets``
+    inputs), with the name that errors give for it."""
+
+    name: str
+    table: pa.Table
 
 
 class ImageBytes(bytes):
@@ -102,6 +111,16 @@ def parquet_files(path: str | Path, argument: str = "--train_data_dir") -> list[
     return [path]
 
 
+def _read_parquet(file: Path, argument: str) -> pa.Table:
+    """The table of parquet ``file``; ValueError naming ``argument`` when it does not read."""
+    try:
+        return pq.read_table(file)
+    except Exception as error:  # pyarrow raises several types for a malformed file
+        raise ValueError(
+            f"{argument}: could not read {str(file)!r} as parquet ({type(error).__name__}: {error})"
+        ) from error
+
+
 class PreferencePairs:
     """Non-tied pairs of a Pick-a-Pic table, winner first.
 
@@ -109,17 +128,15 @@ class PreferencePairs:
     asks for them (``load_pixels``).
     """
 
-    def __init__(self, files: list[Path], argument: str = "--train_data_dir", skip_bad_rows: bool = False):
+    def __init__(self, files: list[Path | NamedTable], argument: str = "--train_data_dir", skip_bad_rows: bool = False):
         captions, winners, losers = [], [], []
         self.num_ties = 0
         self.skipped: list[dict] = []  # skip_bad_rows: {"file", "row", "column", "reason"} of each dropped row
         for file in files:
-            try:
-                table = pq.read_table(file)
-            except Exception as error:  # pyarrow raises several types for a malformed file
-                raise ValueError(
-                    f"{argument}: could not read {str(file)!r} as parquet ({type(error).__name__}: {error})"
-                ) from error
+            if isinstance(file, NamedTable):
+                file, table = file
+            else:
+                table = _read_parquet(file, argument)
             missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
             if missing:
                 raise ValueError(

@@ -58,8 +58,12 @@ class MetricsLogger:
                 )
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        """Record ``values`` at optimizer step ``step``."""
-        self.rows.append({"step": step, **values})
+        """Record ``values`` at optimizer step ``step`` (merged into the last row when it is the
+        same step's: the on-line refresh logs after the step's own metrics)."""
+        if self.rows and self.rows[-1]["step"] == step:
+            self.rows[-1].update(values)
+        else:
+            self.rows.append({"step": step, **values})
         if self.tensorboard is not None:
             for key, value in values.items():
                 self.tensorboard.add_scalar(f"train/{key}", value, step)
@@ -101,6 +105,12 @@ class MetricsLogger:
         fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
         steps = [r["step"] for r in self.rows]
         for ax, name in zip(axes.flat, names, strict=False):
+            logged = [r for r in self.rows if name in r]
+            if 2 * len(logged) <= len(self.rows):  # a metric of a few steps (online_reward): its points, unsmoothed
+                ax.plot([r["step"] for r in logged], [r[name] for r in logged], color="C1", marker="o")
+                ax.set_title(name)
+                ax.set_xlabel("step")
+                continue
             values = [r.get(name, float("nan")) for r in self.rows]
             ax.plot(steps, values, color="C0", alpha=0.3, linewidth=0.8)
             ax.plot(steps, ema(values), color="C0", linewidth=1.6)

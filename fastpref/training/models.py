@@ -92,3 +92,24 @@ def load_trainable_state(model: torch.nn.Module, reference: str, tensors: dict) 
             raise ValueError(f"--resume_from_checkpoint: unexpected LoRA keys {result.unexpected_keys[:4]}")
     else:
         model.load_state_dict(tensors, strict=True)
+
+
+def vae_encode(
+    vae, pixels: torch.Tensor, latent_eps: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``[N, 3, H, W]`` pixels in [-1, 1] -> float32 latents ``(z - shift_factor) · scaling_factor``
+    of the VAE posterior sample ``z = mean + std · latent_eps`` (no shift when the VAE has none),
+    as every family's training script scales them; ``vae`` runs in ``dtype`` on ``device``."""
+    from .family import to_device
+
+    with torch.no_grad():
+        dist = vae.encode(to_device(pixels, device).to(dtype)).latent_dist
+    latents = dist.mean.float() + dist.std.float() * to_device(latent_eps, device)
+    return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
+def vae_decode(vae, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``vae_encode``: latents ``[N, C, h, w]`` -> pixels ``[N, 3, H, W]`` (roughly [-1, 1])."""
+    with torch.no_grad():
+        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return vae.decode(z.to(dtype)).sample

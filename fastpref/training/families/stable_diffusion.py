@@ -14,7 +14,7 @@ from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..family import ModelFamily, register, to_device
-from ..models import add_lora, cast, set_attention
+from ..models import add_lora, cast, set_attention, vae_decode, vae_encode
 from ..replay import ddim_sample
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -111,14 +111,10 @@ class StableDiffusionFamily(ModelFamily):
         return out[0], out[1]
 
     def encode_images(self, pixels: torch.Tensor, latent_eps: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            dist = self.vae.encode(to_device(pixels, self.device).to(self.weight_dtype)).latent_dist
-        latents = dist.mean.float() + dist.std.float() * to_device(latent_eps, self.device)
-        return latents * self.vae.config.scaling_factor
+        return vae_encode(self.vae, pixels, latent_eps, self.device, self.weight_dtype)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.vae.decode((latents / self.vae.config.scaling_factor).to(self.weight_dtype)).sample
+        return vae_decode(self.vae, latents, self.weight_dtype)
 
     def add_noise(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
