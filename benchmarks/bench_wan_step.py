@@ -7,8 +7,9 @@ The step is the trainer's (``fastpref.training.step``: ``preference_loss`` + ``T
 ``WanTransformer3DModel`` built from the Wan2.1-T2V-1.3B config (written inline; nothing is
 downloaded): bf16 weights, LoRA rank 8 on to_q/to_k/to_v/to_out.0 (alpha = rank, gaussian
 init, float32 adapters), AdamW, grad-norm clip 1.0, autocast bf16, Diffusion-DPO (β 5000) with
-the reference forward = adapters disabled, flow matching (``x_t = (1 - σ) x0 + σ ε``, target
-``ε - x0``) with σ shared by a pair. One pair per step: latents ``[2, 16, F', 60, 104]`` (480 x
+the reference forward = adapters disabled, flow matching with ``WanFamily``'s own methods
+(``x_t = (1 - σ) x0 + σ ε``, target ``ε - x0``, logit-normal σ on Wan2.1's shift-3 schedule)
+with σ shared by a pair. One pair per step: latents ``[2, 16, F', 60, 104]`` (480 x
 832 px, VAE factor 8; ``F' = 1 + (F - 1) / 4``), random UMT5-width text states ``[2, 512, 4096]``.
 The VAE and the text encoder are not run (their cost is outside the step the trainer repeats).
 
@@ -54,17 +55,16 @@ TINY = dict(
 )
 
 
-class _Flow:
-    """The flow-matching half of ``WanFamily`` the step needs (noising, target, no weighting)."""
+def flow_family(shift: float = 3.0):
+    """The flow-matching half of ``WanFamily`` the step needs (``add_noise``, ``error_weight``,
+    ``draw_timestep``), with Wan2.1-T2V's schedule (``T`` 1000, shift 3.0) and no model loaded."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    num_train_timesteps = 1000
+    from fastpref.training.families.wan import WanFamily
 
-    def add_noise(self, latents, noise, timesteps):
-        sigma = (timesteps.float() / self.num_train_timesteps).view(-1, *[1] * (latents.ndim - 1))
-        return (1 - sigma) * latents + sigma * noise, noise - latents
-
-    def error_weight(self, timesteps):
-        return None
+    family = object.__new__(WanFamily)  # the flow methods read only the scheduler and the class defaults
+    family.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    return family
 
 
 def run(frames: int, args, device: torch.device) -> dict:
@@ -89,7 +89,8 @@ def run(frames: int, args, device: torch.device) -> dict:
     shape = (2, config["in_channels"], 1 + (frames - 1) // 4, height // factor, width // factor)
     text = (2, 16 if args.tiny else 512, config["text_dim"])
     g = torch.Generator(device="cpu").manual_seed(1)
-    t = torch.rand(1, generator=g).repeat(2) * 1000
+    flow = flow_family()
+    t = flow.draw_timestep(g).repeat(2)  # a pair shares its timestep
     batch = Batch(
         latents=torch.randn(shape, generator=g).to(device),
         embeddings=torch.randn(text, generator=g).to(device, dtype),
@@ -113,7 +114,7 @@ def run(frames: int, args, device: torch.device) -> dict:
 
     loss_type = get_loss_type("dpo")
     step = TrainStep(
-        lambda b: preference_loss(forward, reference, _Flow(), loss_type, b), params, optimizer, max_grad_norm=1.0
+        lambda b: preference_loss(forward, reference, flow, loss_type, b), params, optimizer, max_grad_norm=1.0
     )
     for _ in range(args.warmup):
         step([batch])

@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     if family_class(pipeline_dir).media == "videos":  # the video demo: its own reward and outputs
-        from fastpref.demo_video import run as run_video_demo
+        from fastpref.demo_video import main as video_demo  # its own defaults (steps, β)
 
-        return run_video_demo(args, train_args, pipeline_dir)
+        return video_demo(argv)
     output_dir = Path(args.output_dir)
     config = train_config(args, train_args, pipeline_dir)
     resolution = config.resolution or family_class(pipeline_dir).default_resolution(pipeline_dir)

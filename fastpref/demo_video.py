@@ -1,4 +1,4 @@
-"""The video half of ``fastpref-demo``: ``fastpref-demo --family wan``.
+"""The video half of ``fastpref-demo``: ``fastpref-demo --family wan`` or ``python -m fastpref.demo_video``.
 
 Trains LoRA adapters of the bundled tiny Wan pipeline with Diffusion-DPO on its preference set
 (of two sampled clips, the one whose shape moves faster wins: ``fastpref.tiny.motion_reward``),
@@ -23,7 +23,37 @@ DEMO_VIDEO_TRAIN_DEFAULTS = {"train_batch_size": 16, "learning_rate": 1e-3, "ran
 model differs between winner and loser far more than an ε target does, and at β 5000 the DPO
 sigmoid saturates (loss 3 to 8, every gradient clipped); over 100 steps (128 same-seed pairs,
 eval seed 12345) β 5000 gave a 57.0 % win-rate, β 30 69.5 % (README)."""
+DEMO_VIDEO_STEPS = 100  # the video demo's default --max_train_steps (fastpref-demo's flag, its own default)
 SHOWN = 16  # pairs in the animation and the frame grid
+
+
+def build_parser():
+    """``fastpref-demo``'s flags with the video demo's defaults (``--family wan``, ``--max_train_steps
+    DEMO_VIDEO_STEPS``, ``--output_dir fastpref-demo-wan``)."""
+    from fastpref.demo import build_parser as demo_parser
+
+    p = demo_parser()
+    p.prog = "python -m fastpref.demo_video"
+    p.set_defaults(family="wan", max_train_steps=DEMO_VIDEO_STEPS, output_dir="fastpref-demo-wan")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the video demo (``argv``: ``fastpref-demo``'s flags and any trainer flag); returns the
+    figures. A ``--family`` whose bundled pipeline is not a video one is refused naming it."""
+    import diffusers
+    import transformers
+
+    from fastpref.demo import check_demo_args
+    from fastpref.training.family import family_class
+
+    args, train_args = build_parser().parse_known_args(argv)
+    pipeline_dir = check_demo_args(args, train_args)
+    if family_class(pipeline_dir).media != "videos":
+        raise ValueError(f"--family: the video demo takes a video family (wan), got {args.family!r}")
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    return run(args, train_args, pipeline_dir)
 
 
 def _pad(frames: np.ndarray, pixels: int) -> np.ndarray:
@@ -144,3 +174,7 @@ def run(args, train_args: list[str], pipeline_dir: Path) -> dict:
         f"frames {grid}"
     )
     return figures
+
+
+if __name__ == "__main__":
+    main()
