@@ -108,9 +108,9 @@ def run(args, train_args: list[str], pipeline_dir: Path) -> dict:
     from fastpref import train
     from fastpref.demo import win_rate
     from fastpref.demo_curve import load_trained
+    from fastpref.pairs.sampling import sample_videos
     from fastpref.tiny.motion import random_prompts
     from fastpref.tiny.motion_reward import motion_speed
-    from fastpref.tiny.wan import sample_videos
     from fastpref.training.config import parse_config
 
     output_dir = Path(args.output_dir)

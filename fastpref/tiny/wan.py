@@ -32,6 +32,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
+from ..pairs.sampling import sample_videos
 from ..training.video_data import read_video, write_video
 from .motion import CAPTION_WORDS, NUM_FRAMES, SIZE, random_prompts, random_videos
 from .motion_reward import motion_speed
@@ -116,46 +117,6 @@ def pretrain(pipe: WanPipeline, steps: int, batch_size: int, bank_size: int, see
     transformer.eval().requires_grad_(False)
 
 
-def sample_videos(
-    pipe: WanPipeline,
-    prompts: list[str],
-    seeds: list[int],
-    *,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 3.0,
-    num_frames: int = NUM_FRAMES,
-    resolution: int = SIZE,
-    batch_size: int = 64,
-) -> np.ndarray:
-    """One clip per (prompt, seed) through ``pipe``: ``[N, F, H, W, 3]`` uint8. Each clip's start
-    noise comes from its own seed (same seeds, same noise: the demo's paired comparison); prompts
-    are encoded at the length the trainer uses (the tokenizer's ``model_max_length``, capped at
-    the pipeline's default 512)."""
-    from ..training.families.wan import PIPELINE_MAX_SEQUENCE_LENGTH
-
-    if len(prompts) != len(seeds):
-        raise ValueError(f"prompts and seeds must have the same length, got {len(prompts)} and {len(seeds)}")
-    length = min(int(pipe.tokenizer.model_max_length), PIPELINE_MAX_SEQUENCE_LENGTH)
-    pipe.set_progress_bar_config(disable=True)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = slice(start, start + batch_size)
-        with torch.no_grad():
-            frames = pipe(
-                prompt=prompts[chunk],
-                height=resolution,
-                width=resolution,
-                num_frames=num_frames,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=[torch.Generator().manual_seed(int(s)) for s in seeds[chunk]],
-                output_type="np",
-                max_sequence_length=length,
-            ).frames
-        out.append(np.round(np.clip(frames, 0, 1) * 255).astype(np.uint8))
-    return np.concatenate(out)
-
-
 def build_pipeline(seed: int, steps: int, batch_size: int, bank_size: int) -> WanPipeline:
     """The pretrained tiny ``WanPipeline`` (module docstring)."""
     torch.manual_seed(seed)
@@ -181,7 +142,7 @@ def build_preference_set(pipe: WanPipeline, num_pairs: int, seed: int, out: Path
     rng = np.random.default_rng(seed)
     prompts = random_prompts(num_pairs, rng)
     seeds = rng.choice(2**31 - 1, size=2 * num_pairs, replace=False).tolist()  # host-ok: numpy, offline build
-    clips = sample_videos(pipe, prompts + prompts, seeds)
+    clips = sample_videos(pipe, prompts + prompts, seeds, num_frames=NUM_FRAMES, resolution=SIZE)
     videos = out / name / "videos"
     videos.mkdir(parents=True, exist_ok=True)
     paths = []
