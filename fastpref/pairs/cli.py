@@ -28,6 +28,7 @@ from .sampling import SCHEDULERS, check_pipeline
 from .select import PAIRINGS
 
 DEFAULT_PROMPTS = ASSETS / "tiny-prompts.txt"
+DEFAULT_VIDEO_PROMPTS = ASSETS / "tiny-wan-prompts.txt"  # captions naming colour, shape and motion
 DTYPES = ("no", "fp16", "bf16")
 INT_MINIMUM = {
     "num_samples": 2,
@@ -63,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a LoRA directory or file (fastpref-train's output) loaded into the "
         "pipeline: sample the aligned model, for the next round or to measure it",
     )
-    a("--prompts", default=str(DEFAULT_PROMPTS), help="prompts: a text file (one a line) or a parquet/CSV column")
+    a(
+        "--prompts",
+        default=None,
+        help="prompts: a text file (one a line) or a parquet/CSV column (default: the bundled tiny prompts, "
+        "tiny-wan-prompts.txt for a video pipeline)",
+    )
     a("--prompt_column", default=None, help="column of a parquet/CSV --prompts (default: prompt, caption or text)")
     a("--num_prompts", type=int, default=None, help="use the first this many prompts (default: all)")
     a("--num_samples", type=int, default=4, help="images sampled per prompt (K >= 2)")
@@ -141,6 +147,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         )
     if args.reward is None:
         args.reward = DEFAULT_REWARDS[family.media]
+    if args.prompts is None:
+        args.prompts = str(DEFAULT_VIDEO_PROMPTS if family.media == "videos" else DEFAULT_PROMPTS)
     if args.lora_weights is not None and not Path(args.lora_weights).exists():
         raise ValueError(
             f"--lora_weights: expected a LoRA directory or file, got {args.lora_weights!r}, which does not exist"
