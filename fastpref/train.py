@@ -122,6 +122,12 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
     if family.media == "videos":  # video pairs: the clip length and the default size come from the data
         from fastpref.training.video_data import read_video_pairs
 
+        if config.online_pairs_every is not None:
+            raise ValueError(
+                f"--online_pairs_every: on-line pairs are made for image families; {family.__name__} trains on "
+                f"videos: make the set with fastpref-pairs (it writes a video index) and pass it as --dataset_name"
+            )
+
         pairs, config = read_video_pairs(config, family)
     resolution = config.resolution or family.default_resolution(config.pretrained_model_name_or_path)
     config = config.replace(resolution=resolution)

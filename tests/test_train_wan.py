@@ -249,6 +249,7 @@ def test_sspo_self_samples_video_clips_with_checkpoint_replay(tmp_path, monkeypa
         (["--resolution", "34"], r"--resolution: expected a multiple of the VAE downsampling factor 4, got 34"),
         (["--resolution", "20"], r"--resolution: .* multiple of 8 .* got 20"),
         (["--dataset_name", str(ASSETS / "tiny-prefs.parquet")], "an image preference set: this pipeline trains"),
+        (["--online_pairs_every", "5"], "--online_pairs_every: on-line pairs are made for image families"),
     ],
 )
 def test_bad_video_input_is_refused_before_any_write(tmp_path, flags, match):
