@@ -8,6 +8,8 @@
 #   bash benchmarks/run_gpu.sh more         # every other method: bf16, SD1.5-512 + SDXL, B=8, fwd+bwd (~3 min)
 #   bash benchmarks/run_gpu.sh train-quick  # training step, B = 4                (~1-2 min)
 #   bash benchmarks/run_gpu.sh train        # training step, B = 1,4,8             (~2-4 min)
+#   bash benchmarks/run_gpu.sh train-sweep  # the diffusers script's step vs each trainer speed option and the
+#                                           # full stack, SD1.5-512, LoRA r8, bf16, B = 4 (~4-6 min, unmeasured)
 #   bash benchmarks/run_gpu.sh pytest       # pytest-benchmark file               (~1-2 min)
 #   bash benchmarks/run_gpu.sh train-tests  # the trainer's GPU tests: captured step, --cuda_graph runs vs eager twins
 #   bash benchmarks/run_gpu.sh tests        # the whole test suite, kernels compiled   (~3-5 min)
@@ -33,7 +35,7 @@ set -euo pipefail
 jobs=("${@:-quick}")
 for job in "${jobs[@]}"; do
     case "$job" in
-        quick|dpo|dspo|full|more|train-quick|train|train-tests|tests|pytest|one-launch|compile-tests|families|wan) ;;
+        quick|dpo|dspo|full|more|train-quick|train|train-sweep|train-tests|tests|pytest|one-launch|compile-tests|families|wan) ;;
         *) echo "unknown job '$job'" >&2; exit 2 ;;
     esac
 done
@@ -73,8 +75,9 @@ run_job() {
                    --out "$dest/losses_more.csv" ;;
         train-quick) "$PY" benchmarks/bench_train_step.py --quick --out "$dest/train_step_quick.csv" ;;
         train) "$PY" benchmarks/bench_train_step.py --out "$dest/train_step.csv" ;;
+        train-sweep) "$PY" benchmarks/bench_train_step.py --sweep --quick --out "$dest/train_step_sweep_quick.csv" ;;
         train-tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_train_cuda_graph.py tests/test_train_static_step.py \
-                   tests/test_bench_train_step_smoke.py 2>&1 | tee "$dest/pytest_train_gpu.txt" ;;
+                   tests/test_train_speed.py tests/test_train_latent_cache.py tests/test_bench_train_step_smoke.py 2>&1 | tee "$dest/pytest_train_gpu.txt" ;;
         tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$dest/pytest_gpu.txt" ;;
         one-launch) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_one_launch.py 2>&1 | tee "$dest/pytest_one_launch.txt" ;;
         compile-tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_compile_ops.py tests/test_kernels_compile.py \

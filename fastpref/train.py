@@ -58,12 +58,14 @@ from fastpref.training.exits import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_STOPPE
 from fastpref.training.family import ModelFamily, family_class, load_family
 from fastpref.training.finite import NonFiniteError, check_finite
 from fastpref.training.graph import StaticStep, graph_refusal, make_optimizer
+from fastpref.training.latent_cache import cached_encoders, check_cache_flags
 from fastpref.training.logging import MetricsLogger
 from fastpref.training.losses import LossType, get_loss_type
 from fastpref.training.models import frozen_copy, load_trainable_state, trainable_state
 from fastpref.training.online import OnlinePairs, check_online
 from fastpref.training.replay import REPLAY_FILE, CheckpointReplay, self_sampler
 from fastpref.training.sources import preference_sources
+from fastpref.training.speed import SpeedStep, check_speed, prepare_denoiser, set_backends, wants_wrapper
 from fastpref.training.step import TrainStep, preference_loss
 from fastpref.training.stopping import StopRequest
 
@@ -150,6 +152,8 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
         )
         if refusal:
             raise ValueError(refusal)
+    check_speed(config)
+    check_cache_flags(config, family)
     return config, loss_type, pairs, resume
 
 
@@ -165,6 +169,7 @@ def optimizer_and_schedule(config: Config, params: list[torch.nn.Parameter], wor
         params,
         lr,
         static=config.cuda_graph,
+        fused=config.use_fused_adam,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
@@ -193,6 +198,8 @@ def make_step(
         loss_fn, params, optimizer, max_grad_norm=config.max_grad_norm, scaler=scaler, no_sync=no_sync
     )
     step = StaticStep(train_step, use_graph=True, capture_optimizer=scaler is None) if config.cuda_graph else train_step
+    if wants_wrapper(config):  # --sdpa_backend, --compile_denoiser (fastpref.training.speed)
+        step = SpeedStep(step, config)
     return train_step, step
 
 
@@ -214,6 +221,7 @@ def build(config: Config) -> Run:
     dist = init_distributed()
     weight_dtype = DTYPES[config.mixed_precision]
     torch.manual_seed(config.seed)
+    set_backends(config)  # --allow_tf32
 
     family = load_family(config.pretrained_model_name_or_path, dist.device, weight_dtype)
     family.configure(config)  # its family-specific flags (flow matching: the timestep density)
@@ -235,6 +243,9 @@ def build(config: Config) -> Run:
     elif config.reference == "copy" and loss_type.needs_reference:
         reference_model = frozen_copy(denoiser, weight_dtype)
     denoiser.train()
+    for module in (denoiser, reference_model):  # --fp8, --channels_last, --compile_denoiser
+        if module is not None:
+            prepare_denoiser(config, module)
 
     optimizer, lr_scheduler = optimizer_and_schedule(config, params, dist.world_size)
     scaler = (
@@ -304,6 +315,10 @@ def build(config: Config) -> Run:
     )
 
     encoders = Encoders(family, config.resolution, config.random_crop, not config.no_hflip, config.seed)
+    if config.cache_latents:  # the VAE and text encoder run once, here (fastpref.training.latent_cache)
+        encoders, _ = cached_encoders(
+            config, encoders, pairs, loss_type.data, is_main=dist.is_main, barrier=lambda: barrier(dist)
+        )
     layout = LAYOUTS[loss_type.data]
     sampler = (
         ()

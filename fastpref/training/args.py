@@ -27,6 +27,13 @@ VIDEO_FLAGS = ("num_frames", "frame_stride")  # video families only (fastpref.tr
 FAMILY_FLAGS = {**dict.fromkeys(FLOW_MATCHING_DEFAULTS, "flow matching"), **dict.fromkeys(VIDEO_FLAGS, "video")}
 """Flags that only some model families take -> their kind; a family names the kinds it takes in
 ``ModelFamily.flag_kinds`` and refuses any other (``ModelFamily.check_flags``)."""
+SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+"""``--sdpa_backend`` values -> ``torch.nn.attention.SDPBackend`` member names."""
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -214,6 +221,49 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="capture the whole training step in one CUDA graph after 3 eager warm-up steps and "
         "replay it (one process, CUDA only; fp16 captures forward and backward only)",
+    )
+    speed = "speed option (docs/training.md, Speed options): "
+    a(
+        "--cache_latents",
+        action="store_true",
+        help=speed + "encode every training image (VAE posterior mean and std, both flip variants) and caption "
+        "once at start into a safetensors cache, so a step runs no encoder; refused with --random_crop",
+    )
+    a(
+        "--latents_cache_dir",
+        default=None,
+        help=speed + "directory of the --cache_latents files (default: <output_dir>/latents_cache)",
+    )
+    a(
+        "--compile_denoiser",
+        action="store_true",
+        help=speed + "torch.compile the denoiser's repeated blocks (regional compilation); the first step's "
+        "compile time is logged apart as compile_s",
+    )
+    a(
+        "--compile_backend",
+        default="inductor",
+        choices=("inductor", "aot_eager", "eager"),
+        help=speed + "torch.compile backend of --compile_denoiser (aot_eager: no code generation, for tests)",
+    )
+    a("--channels_last", action="store_true", help=speed + "UNet families: channels-last memory format")
+    a(
+        "--use_fused_adam",
+        action="store_true",
+        help=speed + "AdamW(fused=True): one kernel for all parameters (CUDA; on CPU PyTorch's fused CPU AdamW)",
+    )
+    a("--allow_tf32", action="store_true", help=speed + "TF32 matmuls and convolutions for float32 (Ampere+)")
+    a(
+        "--sdpa_backend",
+        default=None,
+        choices=tuple(SDPA_BACKENDS),
+        help=speed + "the one SDPA kernel the denoiser's attention may use (default: PyTorch's choice)",
+    )
+    a(
+        "--fp8",
+        action="store_true",
+        help=speed + "FP8 training of the denoiser's linear layers through torchao (CUDA, compute capability "
+        ">= 8.9, torchao installed; refused otherwise)",
     )
     flow = "flow-matching families (SD3, Flux) only: "
     a(

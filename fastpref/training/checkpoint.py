@@ -50,6 +50,15 @@ SAFE_FLAGS = frozenset(
         "train_data_dir",
         "dataset_streaming",
         "data_argument",  # the data itself is ``data_path``, compared
+        # speed options (fastpref.training.speed) that leave the step's math as it is
+        "cache_latents",
+        "latents_cache_dir",
+        "compile_denoiser",
+        "compile_backend",
+        "channels_last",
+        "use_fused_adam",
+        "allow_tf32",
+        "sdpa_backend",
     }
 )
 """Flags a resume may change: they do not change the math of the steps already taken or to come
