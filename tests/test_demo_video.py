@@ -5,10 +5,11 @@ say."""
 
 import av  # noqa: F401  (the video extra: `make test` installs it; missing, these tests fail)
 import numpy as np
+import pytest
 from helpers import needs_kernels
 from PIL import Image
 
-from fastpref import demo
+from fastpref import demo, demo_video
 from fastpref.demo_video import frame_grid, side_by_side_frames, write_animation
 from fastpref.training.video_data import probe_video
 
@@ -73,3 +74,13 @@ def test_video_demo_runs_end_to_end(tmp_path, capsys):
     assert sum(durations) == 9 * 250  # 9 frames at 4 frames per second
     assert "demo_speeds.csv" in {p.name for p in out.iterdir()}
     assert "win-rate of trained over reference" in capsys.readouterr().out
+
+
+def test_video_demo_defaults_and_refuses_an_image_family(tmp_path):
+    args, _ = demo_video.build_parser().parse_known_args([])
+    assert (args.family, args.max_train_steps) == ("wan", demo_video.DEMO_VIDEO_STEPS)
+    assert demo.build_parser().parse_args([]).max_train_steps != demo_video.DEMO_VIDEO_STEPS  # its own default
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="--family: the video demo takes a video family"):
+        demo_video.main(["--family", "sd15", "--output_dir", str(out)])
+    assert not out.exists()

@@ -93,7 +93,10 @@ def test_video_run_resumes_to_the_uninterrupted_index(tmp_path):
         cli.main([*argv, "--output", str(died)])
     parts = sorted(p.name for p in (tmp_path / "died.parquet.parts").glob("part-*"))
     assert parts == ["part-00000000-00000001.parquet", "part-00000001-00000002.parquet"] and not died.exists()
+    clips = tmp_path / "died.parquet.videos"
+    (clips / ".tmp-p00000002_k00.mp4").write_bytes(b"\x00\x00 torn")  # a clip cut mid-write
     resumed = cli.main([*argv, "--output", str(died)])
+    assert not list(clips.glob(".tmp-*"))
     assert (resumed["prompts_before"], resumed["prompts_now"]) == (2, 1)
     fresh = tmp_path / "fresh.parquet"
     cli.main([*argv, "--output", str(fresh)])
