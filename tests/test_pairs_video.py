@@ -2,6 +2,12 @@
 caption, scores, seeds) with the temporal reward, read by the trainer; a resume after a run
 died mid-way equal to an uninterrupted run; the refusals before any write."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import av  # noqa: F401  (the video extra: `make test` installs it; missing, these tests fail)
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,15 +27,18 @@ MODEL = ASSETS / "tiny-wan"
 PROMPTS = ["a red circle moving left", "a blue square moving up", "a green triangle moving right"]
 FAST = ["--pretrained_model_name_or_path", str(MODEL), "--num_inference_steps", "2", "--no_progress"]
 _calls = [0]
+BLOCK = "FASTPREF_TEST_VIDEO_BLOCK"
 
 
-def failing_after_two(videos, prompts):
-    """The motion-speed reward that raises on its third call: a run that dies after two parts."""
+def blocking_after_two(videos, prompts):
+    """The motion-speed reward (a module:callable reward) that, when the environment sets
+    ``FASTPREF_TEST_VIDEO_BLOCK``, hangs on its third call: a run that has written two part files
+    (one call per part), waiting to be killed."""
     from fastpref.tiny.motion_reward import motion_speed
 
     _calls[0] += 1
-    if _calls[0] == 3:
-        raise RuntimeError("killed")
+    if _calls[0] == 3 and os.environ.get(BLOCK):
+        time.sleep(600)
     return motion_speed(videos)
 
 
@@ -82,27 +91,41 @@ def test_video_index_from_the_tiny_wan_pipeline_is_audited_and_trains(tmp_path):
     assert len(pairs) == 3
 
 
-def test_video_run_resumes_to_the_uninterrupted_index(tmp_path):
+def test_video_run_resumes_after_a_kill_to_the_uninterrupted_index(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     argv = [*FAST, "--prompts", str(prompts), "--num_samples", "2", "--part_size", "1"]
-    argv += ["--reward", f"{__name__}:failing_after_two"]
-    died = tmp_path / "died.parquet"
-    _calls[0] = 0
-    with pytest.raises(RuntimeError, match="killed"):
-        cli.main([*argv, "--output", str(died)])
-    parts = sorted(p.name for p in (tmp_path / "died.parquet.parts").glob("part-*"))
-    assert parts == ["part-00000000-00000001.parquet", "part-00000001-00000002.parquet"] and not died.exists()
+    argv += ["--reward", "test_pairs_video:blocking_after_two"]
+    died, parts = tmp_path / "died.parquet", tmp_path / "died.parquet.parts"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", BLOCK: "1", "PYTHONPATH": os.path.dirname(__file__)}
+    proc = subprocess.Popen(  # writes parts 0 and 1, then hangs in the reward of part 2 (its clips written)
+        [sys.executable, "-m", "fastpref.pairs.cli", *argv, "--output", str(died)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 120
+        while len(list(parts.glob("part-*.parquet"))) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5)  # well inside the hang
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        _, err = proc.communicate()
+    done = sorted(p.name for p in parts.glob("part-*.parquet"))
+    assert done == ["part-00000000-00000001.parquet", "part-00000001-00000002.parquet"], err.decode()[-2000:]
+    assert not died.exists()
     clips = tmp_path / "died.parquet.videos"
     (clips / ".tmp-p00000002_k00.mp4").write_bytes(b"\x00\x00 torn")  # a clip cut mid-write
     resumed = cli.main([*argv, "--output", str(died)])
-    assert not list(clips.glob(".tmp-*"))
-    assert (resumed["prompts_before"], resumed["prompts_now"]) == (2, 1)
+    assert (resumed["prompts_before"], resumed["prompts_now"]) == (2, 1) and not list(clips.glob(".tmp-*"))
     fresh = tmp_path / "fresh.parquet"
     cli.main([*argv, "--output", str(fresh)])
     a, b = pq.read_table(died).to_pydict(), pq.read_table(fresh).to_pydict()
     assert a["prompt_index"] == [0, 1, 2] and a["score_0"] == b["score_0"] and a["score_1"] == b["score_1"]
     assert [p.split("/", 1)[1] for p in a["video_0"]] == [p.split("/", 1)[1] for p in b["video_0"]]
+    for path in a["video_0"] + a["video_1"]:  # every indexed clip whole
+        assert _clip(tmp_path / path).shape == (9, 32, 32, 3)
 
 
 @pytest.mark.parametrize(
