@@ -122,6 +122,17 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
     family = family_class(config.pretrained_model_name_or_path)
     factor = family.check(config.pretrained_model_name_or_path)
     family.check_flags(config)
+    pairs = None
+    if family.media == "videos":  # video pairs: the clip length and the default size come from the data
+        from fastpref.training.video_data import read_video_pairs
+
+        if config.online_pairs_every is not None:
+            raise ValueError(
+                f"--online_pairs_every: on-line pairs are made for image families; {family.__name__} trains on "
+                f"videos: make the set with fastpref-pairs (it writes a video index) and pass it as --dataset_name"
+            )
+
+        pairs, config = read_video_pairs(config, family)
     resolution = config.resolution or family.default_resolution(config.pretrained_model_name_or_path)
     config = config.replace(resolution=resolution)
     if config.resolution % factor:
@@ -129,10 +140,11 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
             f"--resolution: expected a multiple of the VAE downsampling factor {factor}, got {config.resolution}"
         )
     family.check_resolution(config.pretrained_model_name_or_path, config.resolution)
-    sources = preference_sources(
-        config.data_path, config.data_argument, split=config.dataset_split, streaming=config.dataset_streaming
-    )
-    pairs = PreferencePairs(sources, config.data_argument, skip_bad_rows=config.skip_bad_rows)
+    if pairs is None:
+        sources = preference_sources(
+            config.data_path, config.data_argument, split=config.dataset_split, streaming=config.dataset_streaming
+        )
+        pairs = PreferencePairs(sources, config.data_argument, skip_bad_rows=config.skip_bad_rows)
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     refusal = fsdp_refusal(config, os.environ)
     if refusal:

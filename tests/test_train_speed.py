@@ -116,3 +116,31 @@ def test_fp8_converts_only_the_tile_sized_base_linears():
     assert not fp8_filter(torch.nn.Linear(32, 64), "down_blocks.0.attn.to_q.lora_A.default")
     assert not fp8_filter(torch.nn.Linear(40, 64), "mid_block.proj")
     assert not fp8_filter(torch.nn.Conv2d(32, 64, 3), "conv_in")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (--cuda_graph, inductor on CUDA)")
+def test_cuda_graph_with_the_speed_options_matches_the_eager_step():
+    """``--cuda_graph`` with ``--compile_denoiser`` (inductor), ``--channels_last``,
+    ``--use_fused_adam`` (fused and capturable) and ``--sdpa_backend math``: 3 side-stream warm-up
+    steps (the first compiles), the capture and two replays give the eager regular step's losses
+    and weights (fp32; inductor's reassociation only)."""
+    eager = tiny_run("cuda", False, "dpo", random_crop=False)
+    fast = tiny_run(
+        "cuda",
+        True,
+        "dpo",
+        random_crop=False,
+        compile_denoiser=True,
+        channels_last=True,
+        use_fused_adam=True,
+        sdpa_backend="math",
+    )
+    assert fast.optimizer.defaults["fused"] and fast.optimizer.defaults["capturable"]
+    metrics_a, params_a = _steps(eager, 6)
+    metrics_b, params_b = _steps(fast, 6)
+    for step, (a, b) in enumerate(zip(metrics_a, metrics_b, strict=True)):
+        for key in ("loss", "grad_norm"):
+            torch.testing.assert_close(b[key], a[key], rtol=2e-3, atol=1e-5, msg=f"{key} at step {step}")
+    assert float(metrics_b[0]["compile_s"]) > 0
+    for p, q in zip(params_a, params_b, strict=True):
+        torch.testing.assert_close(q, p, rtol=2e-3, atol=1e-5)
