@@ -4,6 +4,14 @@ eager and as the trainer's CUDA-graph step.
     python benchmarks/bench_train_step.py              # B = 1,4,8 pairs, 10 timed steps each
     python benchmarks/bench_train_step.py --quick      # B = 4, 5 timed steps
     python benchmarks/bench_train_step.py --tiny --device cpu --steps 1 --batches 1   # smoke
+    python benchmarks/bench_train_step.py --sweep --quick   # script vs each speed option and the full stack
+
+``--sweep`` (``speed_providers.py``): the diffusers script's step as the script does it
+(on-line VAE and text encoding, eager loss) against fastpref's step with each trainer speed
+option alone and all together, one fresh UNet per provider; steps/s, pairs/s, peak memory,
+compile time (the first call's excess over a timed step) and MFU with the analytic FLOPs of
+``speed_providers.analytic_flops`` (UNet forward FLOPs x 4: policy forward, reference forward,
+a backward of two forwards).
 
 The step follows diffusers' ``train_diffusion_dpo.py`` (bf16 weights, LoRA rank 8 on
 to_q/to_k/to_v/to_out.0 with alpha = rank and gaussian init, AdamW on the LoRA parameters,
@@ -349,11 +357,158 @@ def run(args) -> None:
     print(f"wrote {w.n} rows to {args.out}", flush=True)
 
 
+def unet_forward_flops(unet, batch, dtype, device) -> float:
+    """FLOPs of one UNet forward on the sweep's batch (``FlopCounterMode``: matmuls,
+    convolutions, attention), the unit of ``speed_providers.analytic_flops``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    noisy, t, emb, _ = batch
+    with torch.no_grad(), torch.autocast(device_type=device, dtype=dtype), FlopCounterMode(display=False) as fc:
+        unet(noisy, t, emb)
+    return float(fc.get_total_flops())
+
+
+def time_steps(step, steps: int, device: str) -> list[float]:
+    """Milliseconds of each of ``steps`` calls (CUDA events on CUDA)."""
+    times = []
+    for _ in range(steps):
+        if device == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            step()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            a = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - a) * 1e3)
+    return times
+
+
+def run_sweep(args) -> None:
+    """``--sweep``: the script's step against fastpref's with each speed option and the full
+    stack (``speed_providers``), one fresh UNet per provider; writes the CSV."""
+    import speed_providers as sp
+
+    _require_libs()
+    device, dtype = args.device, torch.bfloat16
+    config = TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG
+    env = csv_io.environment(device)
+    w = csv_io.CsvWriter(args.out, env)
+    peak, peak_src = peak_tflops(env["device"], args.peak_tflops)
+    notes, t0 = [], time.time()
+    enc = sp.build_encoders(args.tiny, device, dtype)
+    kernel = "train_step_sweep_sd15_lora8" + ("_tiny" if args.tiny else "")
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for B in args.batches:
+        inputs = sp.make_inputs(enc, config, B, device, dtype)
+        forward = None
+        for provider in args.providers:
+            why = None if provider == "script" else sp.refusal(provider, args.compile_backend)
+            if why:
+                notes.append(f"SKIP {provider}: {why}")
+                print(notes[-1], flush=True)
+                continue
+            step = eager = unet = None
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            try:
+                unet = build_unet(config, device, dtype)
+                params = [p for p in unet.parameters() if p.requires_grad]
+                if forward is None:
+                    forward = unet_forward_flops(unet, make_batch(config, B, device, dtype), dtype, device)
+                if provider == "script":
+                    step, eager = sp.script_step(unet, params, enc, inputs, dtype, device)
+                else:
+                    step, eager = sp.stack_step(
+                        unet, params, enc, inputs, dtype, device, provider, args.compile_backend
+                    )
+                flags = sp.option_flags(provider)
+                warmup = args.warmup + (4 if flags.get("cuda_graph") else 0)  # 3 side-stream steps and the capture
+                first = None
+                for call in range(warmup):
+                    a = time.perf_counter()
+                    step()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    if call == 0:
+                        first = time.perf_counter() - a
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                times = time_steps(step, args.steps, device)
+                mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+                reserved = torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None
+            except Exception as e:  # record and go on (out of memory, a backend that cannot run)
+                notes.append(f"ERROR {provider} B={B}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                print(notes[-1], flush=True)
+                continue
+            finally:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+                torch._dynamo.reset()  # the next provider's UNet compiles afresh
+            tt = torch.tensor(times, dtype=torch.float64)
+            q = tuple(float(torch.quantile(tt, x)) for x in (0.2, 0.5, 0.8))
+            flops = sp.analytic_flops(forward)
+            row = dict(
+                kernel=kernel,
+                provider=provider,
+                mode="full",
+                x_name="B",
+                x_value=B,
+                dtype="bf16",
+                shape_name="sd15_512" if not args.tiny else "tiny",
+                shape=tuple(inputs["online"][0].shape),
+                extra={"lora_rank": LORA_RANK, "steps": args.steps, "warmup": warmup, "flags": flags},
+            )
+            w.add(metric="train_step_time", unit="ms", y=q, **row)
+            w.add(metric="steps_per_s", unit="1/s", y=1e3 / q[1], **row)
+            w.add(metric="pairs_per_s", unit="1/s", y=B * 1e3 / q[1], **row)
+            w.add(metric="model_tflop_per_step", unit="TFLOP", y=flops / 1e12, **row)
+            if flags.get("compile_denoiser"):  # the first call compiles: its excess over a step
+                w.add(metric="compile_time", unit="s", y=max(first - q[1] * 1e-3, 0.0), **row)
+            if mem is not None:
+                w.add(metric="peak_memory", unit="GiB", y=mem, **row)
+                w.add(metric="peak_reserved_memory", unit="GiB", y=reserved, **row)
+            mfu = None
+            if peak and device == "cuda":
+                mfu = 100.0 * flops / (q[1] * 1e-3) / (peak * 1e12)
+                w.add(metric="mfu", unit="%", y=mfu, **row)
+            w.flush()
+            print(
+                f"B={B:<3d} {provider:16s} step {q[1]:.2f} ms, {1e3 / q[1]:.3f} steps/s, {B * 1e3 / q[1]:.2f} pairs/s"
+                + (f", peak {mem:.2f} GiB" if mem is not None else "")
+                + (f", MFU {mfu:.1f}%" if mfu is not None else ""),
+                flush=True,
+            )
+            del step, eager, unet
+        del inputs
+    w.close()
+    csv_io.write_meta(
+        args.out,
+        {
+            "command": csv_io.command_line(),
+            "env": env,
+            "notes": notes,
+            "elapsed_s": round(time.time() - t0, 1),
+            "peak_tflops": peak,
+            "peak_source": peak_src,
+            "flop_formula": "UNet forward FLOPs (FlopCounterMode) x (1 policy + 1 reference + 2 backward)",
+        },
+    )
+    print(f"wrote {w.n} rows to {args.out}", flush=True)
+
+
 def main(argv=None) -> int:
     """Entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,4,8", help="comma list of B (pairs; batch = 2B)")
-    p.add_argument("--providers", default="eager-diffusers,fastpref,fastpref-cudagraph")
+    p.add_argument(
+        "--providers", help="comma list (default: eager-diffusers,fastpref,fastpref-cudagraph; --sweep: all)"
+    )
+    p.add_argument("--sweep", action="store_true", help="the speed-option sweep (speed_providers.py)")
+    p.add_argument("--compile-backend", default="inductor", help="--sweep: torch.compile backend of +compile")
     p.add_argument("--steps", type=int, default=10, help="timed steps per point")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per point")
     p.add_argument("--quick", action="store_true", help="B=4, 5 timed steps")
@@ -365,12 +520,17 @@ def main(argv=None) -> int:
     if a.quick:
         a.batches, a.steps = "4", 5
     a.batches = [int(x) for x in a.batches.split(",") if x.strip()]
-    a.providers = [x.strip() for x in a.providers.split(",") if x.strip()]
+    import speed_providers
+
+    default = ",".join(speed_providers.SWEEP) if a.sweep else "eager-diffusers,fastpref,fastpref-cudagraph"
+    a.providers = [x.strip() for x in (a.providers or default).split(",") if x.strip()]
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.out is None:
-        name = "train_step" + ("_quick" if a.quick else "") + ("_tiny" if a.tiny else "")
+        name = (
+            "train_step" + ("_sweep" if a.sweep else "") + ("_quick" if a.quick else "") + ("_tiny" if a.tiny else "")
+        )
         a.out = os.path.join(HERE, "results", f"{name}.csv")
-    run(a)
+    (run_sweep if a.sweep else run)(a)
     return 0
 
 

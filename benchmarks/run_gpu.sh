@@ -8,6 +8,8 @@
 #   bash benchmarks/run_gpu.sh more         # every other method: bf16, SD1.5-512 + SDXL, B=8, fwd+bwd (~3 min)
 #   bash benchmarks/run_gpu.sh train-quick  # training step, B = 4                (~1-2 min)
 #   bash benchmarks/run_gpu.sh train        # training step, B = 1,4,8             (~2-4 min)
+#   bash benchmarks/run_gpu.sh train-sweep  # the diffusers script's step vs each trainer speed option and the
+#                                           # full stack, SD1.5-512, LoRA r8, bf16, B = 4 (~4-6 min, unmeasured)
 #   bash benchmarks/run_gpu.sh pytest       # pytest-benchmark file               (~1-2 min)
 #   bash benchmarks/run_gpu.sh train-tests  # the trainer's GPU tests: captured step, --cuda_graph runs vs eager twins
 #   bash benchmarks/run_gpu.sh tests        # the whole test suite, kernels compiled   (~3-5 min)
@@ -15,6 +17,9 @@
 #   bash benchmarks/run_gpu.sh compile-tests # the losses under torch.compile/export on CUDA (triton_op path) (~2-4 min)
 #   bash benchmarks/run_gpu.sh families     # one real-size LoRA DPO step per family at random init: SDXL 1024 px,
 #                                           # SD3-medium and FLUX.1-dev 512 px, bf16, rank 8, SDPA (~4-6 min)
+#   bash benchmarks/run_gpu.sh wan          # one Wan2.1-1.3B-config DPO step, 480x832, 33 frames (else 17, 9), bf16, LoRA r8 (~2-4 min)
+#   bash benchmarks/run_gpu.sh fsdp-memory  # peak memory of one full fine-tuning step with a reference copy, SDXL
+#                                           # 1024 px: unsharded, --fsdp, --fsdp + CPU offload (one GPU) (~3-5 min)
 #
 # The train* and tests jobs need diffusers, which the GPU image lacks: keep its wheel (and
 # importlib_metadata's) in .whl/ (git-ignored) and carry that folder; they are installed
@@ -32,7 +37,7 @@ set -euo pipefail
 jobs=("${@:-quick}")
 for job in "${jobs[@]}"; do
     case "$job" in
-        quick|dpo|dspo|full|more|train-quick|train|train-tests|tests|pytest|one-launch|compile-tests|families) ;;
+        quick|dpo|dspo|full|more|train-quick|train|train-sweep|train-tests|tests|pytest|one-launch|compile-tests|families|wan|fsdp-memory) ;;
         *) echo "unknown job '$job'" >&2; exit 2 ;;
     esac
 done
@@ -45,7 +50,7 @@ if ! "$PY" -c "import fastpref" >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-build-isolation --no-deps -e . || {
         echo "could not install fastpref from this checkout" >&2; exit 2; }
 fi
-case " ${jobs[*]} " in *" train"*|*" tests "*|*" families "*)
+case " ${jobs[*]} " in *" train"*|*" tests "*|*" families "*|*" wan "*|*" fsdp-memory "*)
     if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
         ls .whl/diffusers-*.whl >/dev/null 2>&1 || { echo "the train jobs need diffusers: carry .whl/ with its wheel" >&2; exit 2; }
         "$PY" -m pip install -q --no-deps .whl/diffusers-*.whl .whl/importlib_metadata-*.whl
@@ -72,13 +77,16 @@ run_job() {
                    --out "$dest/losses_more.csv" ;;
         train-quick) "$PY" benchmarks/bench_train_step.py --quick --out "$dest/train_step_quick.csv" ;;
         train) "$PY" benchmarks/bench_train_step.py --out "$dest/train_step.csv" ;;
+        train-sweep) "$PY" benchmarks/bench_train_step.py --sweep --quick --out "$dest/train_step_sweep_quick.csv" ;;
         train-tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_train_cuda_graph.py tests/test_train_static_step.py \
-                   tests/test_bench_train_step_smoke.py 2>&1 | tee "$dest/pytest_train_gpu.txt" ;;
+                   tests/test_train_speed.py tests/test_train_latent_cache.py tests/test_bench_train_step_smoke.py 2>&1 | tee "$dest/pytest_train_gpu.txt" ;;
         tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$dest/pytest_gpu.txt" ;;
         one-launch) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_one_launch.py 2>&1 | tee "$dest/pytest_one_launch.txt" ;;
         compile-tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_compile_ops.py tests/test_kernels_compile.py \
                    2>&1 | tee "$dest/pytest_compile_gpu.txt" ;;
         families) "$PY" benchmarks/bench_family_step.py --steps 5 --out "$dest/family_step.csv" ;;
+        wan)   "$PY" benchmarks/bench_wan_step.py --out "$dest/wan_step.csv" ;;
+        fsdp-memory) "$PY" benchmarks/bench_fsdp_memory.py --family sdxl --out "$dest/fsdp_memory.csv" ;;
         pytest) "$PY" -m pytest benchmarks/test_bench_losses.py --benchmark-only -q -p no:cacheprovider \
                    --benchmark-json="$dest/pytest_benchmark.json" ;;
     esac

@@ -2,6 +2,7 @@
 
     fastpref-demo                    # or: python -m fastpref.demo; the SD1.5 tiny pipeline
     fastpref-demo --family sd3       # any bundled family: sd15, sdxl, sd3, flux
+    fastpref-demo --family wan       # text-to-video: fastpref.demo_video
 
 Trains on the family's bundled preference set (the more colourful of two samples wins), samples
 the reference and the trained model through the family's diffusers pipeline from identical seeds
@@ -135,15 +136,20 @@ def check_demo_args(args: argparse.Namespace, train_args: list[str]) -> Path:
     if args.family not in DEMO_SETTINGS:
         raise ValueError(
             f"--family: fastpref-demo aligns the image families {list(DEMO_SETTINGS)}, got {args.family!r} "
-            "(a video family has its own demo, fastpref.demo_video)"
+            "(a video family runs fastpref.demo_video)"
         )
     for name in ("num_samples", "max_train_steps", "num_inference_steps", "curve_points", "curve_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}: expected an integer >= 1, got {getattr(args, name)}")
+    check_refused_flags(train_args)
+    return bundled_pipeline(args.family)
+
+
+def check_refused_flags(train_args: list[str]) -> None:
+    """ValueError naming a trainer flag of ``DEMO_FLAGS_REFUSED`` among ``train_args``."""
     for flag in DEMO_FLAGS_REFUSED:
         if any(a == flag or a.startswith(flag + "=") for a in train_args):
             raise ValueError(f"{flag}: not a demo flag; choose the bundled pipeline with --family")
-    return bundled_pipeline(args.family)
 
 
 def train_config(args: argparse.Namespace, train_args: list[str], pipeline_dir: Path):
@@ -171,6 +177,13 @@ def train_config(args: argparse.Namespace, train_args: list[str], pipeline_dir: 
 def main(argv: list[str] | None = None) -> dict:
     """Run the demo; returns the measured figures."""
     args, train_args = build_parser().parse_known_args(argv)
+    check_refused_flags(train_args)
+    if family_class(bundled_pipeline(args.family)).media == "videos":  # the video demo: its own reward, outputs
+        from fastpref.demo_video import main as video_demo  # its own defaults (steps, β) and checks
+
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        return video_demo(argv)
     args = with_family_settings(args)
     pipeline_dir = check_demo_args(args, train_args)
     diffusers.utils.logging.set_verbosity_error()

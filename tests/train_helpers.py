@@ -56,7 +56,7 @@ def tiny_run(device, static: bool, loss_type: str, **flags):
     from fastpref import train
     from fastpref.training.config import parse_config
 
-    config = parse_config(
+    defaults = dict(
         pretrained_model_name_or_path=str(DEFAULT_MODEL),
         train_batch_size=1,
         report_to="none",
@@ -65,10 +65,8 @@ def tiny_run(device, static: bool, loss_type: str, **flags):
         lr_warmup_steps=2,
         max_train_steps=6,
         random_crop=True,
-        loss_type=loss_type,
-        cuda_graph=static,
-        **flags,
     )
+    config = parse_config(**{**defaults, **flags}, loss_type=loss_type, cuda_graph=static)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "graph_refusal", lambda **_: None)
         run = train.build(config)

@@ -16,6 +16,7 @@ BUNDLED_DATA = {
     ASSETS / "tiny-sdxl": ASSETS / "tiny-sdxl-prefs.parquet",
     ASSETS / "tiny-sd3": ASSETS / "tiny-sd3-prefs.parquet",
     ASSETS / "tiny-flux": ASSETS / "tiny-flux-prefs.parquet",
+    ASSETS / "tiny-wan": ASSETS / "tiny-wan-prefs.parquet",  # a video index of mp4 files under tiny-wan-prefs/
 }
 """Each bundled tiny pipeline -> its bundled preference set: the data a run on that pipeline
 trains on when neither ``--dataset_name`` nor ``--train_data_dir`` is given."""
@@ -23,9 +24,17 @@ FLOW_MATCHING_DEFAULTS = {"weighting_scheme": "logit_normal", "logit_mean": 0.0,
 """The flow-matching timestep flags (diffusers' names, meanings and defaults, docs/methods.md §7).
 The parser's default is None, so that a DDPM family can refuse them; a flow family fills these."""
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap")
-FAMILY_FLAGS = dict.fromkeys(FLOW_MATCHING_DEFAULTS, "flow matching")
+VIDEO_FLAGS = ("num_frames", "frame_stride")  # video families only (fastpref.training.video_data)
+FAMILY_FLAGS = {**dict.fromkeys(FLOW_MATCHING_DEFAULTS, "flow matching"), **dict.fromkeys(VIDEO_FLAGS, "video")}
 """Flags that only some model families take -> their kind; a family names the kinds it takes in
 ``ModelFamily.flag_kinds`` and refuses any other (``ModelFamily.check_flags``)."""
+SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+"""``--sdpa_backend`` values -> ``torch.nn.attention.SDPBackend`` member names."""
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -60,6 +69,8 @@ INT_MINIMUM = {
     "checkpoints_total_limit": 1,
     "sspo_snapshot_steps": 1,
     "sspo_sample_steps": 1,
+    "num_frames": 1,
+    "frame_stride": 1,
     "lr_warmup_steps": 0,
     "sspo_num_snapshots": 0,
     "online_pairs_every": 1,
@@ -98,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset_name",
         default=None,
         help="local Pick-a-Pic-layout pairs: a parquet file, a directory of them, a parquet glob ('data/*.parquet') "
-        "or a datasets save_to_disk directory (fastpref-pairs writes such a parquet)",
+        "or a datasets save_to_disk directory (fastpref-pairs writes such a parquet); video families: a video "
+        "index (.parquet/.csv with video_0, video_1, label_0, caption) or a directory of them",
     )
     a("--train_data_dir", default=None, help="same as --dataset_name (default: the bundled tiny set)")
     a("--dataset_split", default="train", help="the split of a save_to_disk DatasetDict")
@@ -114,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop rows whose caption, label or images are missing or undecodable (every image is decoded "
         "once at start) and log how many; without it such a row is an error naming file, row and column",
     )
-    a("--resolution", type=int, default=None, help="training resolution (default: the VAE's sample_size)")
+    a(
+        "--resolution",
+        type=int,
+        default=None,
+        help="training resolution (default: the VAE's sample_size; video families: the first video's shorter side)",
+    )
     a("--random_crop", action="store_true", help="random instead of centre crops")
     a("--no_hflip", action="store_true", help="disable random horizontal flips")
     a(
@@ -206,6 +223,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="capture the whole training step in one CUDA graph after 3 eager warm-up steps and "
         "replay it (one process, CUDA only; fp16 captures forward and backward only)",
     )
+    a(
+        "--fsdp",
+        action="store_true",
+        help="torchrun only: shard the denoiser (and a --reference copy) per block with FSDP2, "
+        "checkpoints through torch.distributed.checkpoint (docs/training.md, 'Sharded training (FSDP2)')",
+    )
+    a(
+        "--fsdp_cpu_offload",
+        action="store_true",
+        help="--fsdp: keep the shards of parameters, gradients and optimizer state in host memory",
+    )
+    speed = "speed option (docs/training.md, Speed options): "
+    a(
+        "--cache_latents",
+        action="store_true",
+        help=speed + "encode every training image (VAE posterior mean and std, both flip variants) and caption "
+        "once at start into a safetensors cache, so a step runs no encoder; refused with --random_crop",
+    )
+    a(
+        "--latents_cache_dir",
+        default=None,
+        help=speed + "directory of the --cache_latents files (default: <output_dir>/latents_cache)",
+    )
+    a(
+        "--compile_denoiser",
+        action="store_true",
+        help=speed + "torch.compile the denoiser's repeated blocks (regional compilation); the first step's "
+        "compile time is logged apart as compile_s",
+    )
+    a(
+        "--compile_backend",
+        default="inductor",
+        choices=("inductor", "aot_eager", "eager"),
+        help=speed + "torch.compile backend of --compile_denoiser (aot_eager: no code generation, for tests)",
+    )
+    a("--channels_last", action="store_true", help=speed + "UNet families: channels-last memory format")
+    a(
+        "--use_fused_adam",
+        action="store_true",
+        help=speed + "AdamW(fused=True): one kernel for all parameters (CUDA; on CPU PyTorch's fused CPU AdamW)",
+    )
+    a("--allow_tf32", action="store_true", help=speed + "TF32 matmuls and convolutions for float32 (Ampere+)")
+    a(
+        "--sdpa_backend",
+        default=None,
+        choices=tuple(SDPA_BACKENDS),
+        help=speed + "the one SDPA kernel the denoiser's attention may use (default: PyTorch's choice)",
+    )
+    a(
+        "--fp8",
+        action="store_true",
+        help=speed + "FP8 training of the denoiser's linear layers through torchao (CUDA, compute capability "
+        ">= 8.9, torchao installed; refused otherwise)",
+    )
     flow = "flow-matching families (SD3, Flux) only: "
     a(
         "--weighting_scheme",
@@ -223,6 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=flow + "standard deviation of the logit_normal scheme (default: 1.0)",
     )
     a("--mode_scale", type=float, default=None, help=flow + "scale of the mode scheme (default: 1.29)")
+    video = "video families (Wan) only: "
+    a(
+        "--num_frames",
+        type=int,
+        default=None,
+        help=video + "frames per training clip, 1 + 4k for Wan's VAE (default: the frame count of the "
+        "first row's video_0)",
+    )
+    a(
+        "--frame_stride",
+        type=int,
+        default=None,
+        help=video + "a clip is frames 0, s, 2s, ... of each video, counted from its first frame (default: 1)",
+    )
     a(
         "--online_pairs_every",
         type=int,

@@ -41,20 +41,25 @@ def graph_refusal(*, cuda_available: bool, gradient_checkpointing: bool, world_s
     return None
 
 
-def make_optimizer(params: list[torch.nn.Parameter], lr: float, *, static: bool, **adamw) -> torch.optim.AdamW:
+def make_optimizer(
+    params: list[torch.nn.Parameter], lr: float, *, static: bool, fused: bool = False, **adamw
+) -> torch.optim.AdamW:
     """AdamW for the trainer. ``static``: a 0-dim tensor learning rate on the parameters' device
     (the LR scheduler fills it in place, so a captured step sees each new value), capturable on
     CUDA; elsewhere the single-tensor kernel, the CPU implementation that takes a tensor LR.
     The base LRs a scheduler reads (``initial_lr``, ``defaults["lr"]``) stay Python floats, so
     every schedule computes the float LR of the regular optimizer and only the value stored in
-    the tensor is rounded (to float32)."""
+    the tensor is rounded (to float32). ``fused`` (``--use_fused_adam``): PyTorch's fused kernel
+    (one launch for all parameters; on CUDA also capturable, on CPU the fused CPU kernel)."""
+    if fused:
+        adamw["fused"] = True
     if not static:
         return torch.optim.AdamW(params, lr=lr, **adamw)
     device = params[0].device
     if device.type == "cuda":
         optimizer = torch.optim.AdamW(params, lr=torch.tensor(lr, device=device), capturable=True, **adamw)
     else:
-        optimizer = torch.optim.AdamW(params, lr=torch.tensor(lr), foreach=False, **adamw)
+        optimizer = torch.optim.AdamW(params, lr=torch.tensor(lr), **({"foreach": False} | adamw))
     for group in optimizer.param_groups:
         group["initial_lr"] = lr  # a float base LR: the scheduler computes in float64, as in the eager run
     # ``defaults["lr"]`` is the very tensor the scheduler refills (``add_param_group`` put it in the
