@@ -35,9 +35,10 @@ DEMO_FLAGS_REFUSED = ("--pretrained_model_name_or_path",)  # the demo's --family
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """One family's demo settings: the trainer flags of its run (``train_flags``; any trainer flag
-    given to fastpref-demo overrides them) and its sampling (``num_inference_steps`` steps of
-    the pipeline's sampler, classifier-free guidance ``guidance_scale``).
+    """One family's demo settings: the trainer flags of its run (``train_flags``) and the demo's
+    own flags (``demo_flags``: steps, ``num_inference_steps`` steps of the pipeline's sampler,
+    classifier-free guidance ``guidance_scale``, ``num_samples`` evaluation pairs, ``curve_points``
+    held-out checkpoints); any flag given to fastpref-demo overrides them.
 
     ``beta`` applies to ``loss_type`` only: with another ``--loss_type`` and no ``--beta`` the
     loss keeps its own default β, whose scale differs per loss (docs/methods.md)."""
@@ -50,6 +51,13 @@ class DemoSettings:
     rank: int = 8
     guidance_scale: float = 3.0
     num_inference_steps: int = 20
+    num_samples: int = 64
+    curve_points: int = 3
+
+    def demo_flags(self) -> dict:
+        """The demo's own flags (``build_parser``'s names) this entry sets as their defaults."""
+        names = ("max_train_steps", "guidance_scale", "num_inference_steps", "num_samples", "curve_points")
+        return {name: getattr(self, name) for name in names}
 
     def train_flags(self) -> dict:
         """The trainer flags (``fastpref.training.config.parse_config`` keyword names) of the run,
@@ -104,60 +112,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpref-demo", description=__doc__.splitlines()[0])
     p.add_argument("--family", default="sd15", help=f"bundled tiny pipeline to align: {', '.join(BUNDLED_PIPELINES)}")
     p.add_argument("--output_dir", default="fastpref-demo")
-    p.add_argument("--max_train_steps", type=int, default=None, help="default: the family's (DEMO_SETTINGS)")
-    p.add_argument("--num_samples", type=int, default=64, help="evaluation prompts (>= 64 for the README figures)")
-    p.add_argument("--eval_seed", type=int, default=12345)
-    p.add_argument("--guidance_scale", type=float, default=None, help="default: the family's (DEMO_SETTINGS)")
+    family = "the family's DEMO_SETTINGS entry (image families)"
+    p.add_argument("--max_train_steps", type=int, default=150, help=f"default: {family}, else 150")
     p.add_argument(
-        "--num_inference_steps", type=int, default=None, help="sampler steps of the pipeline; default: the family's"
+        "--num_samples", type=int, default=128, help=f"evaluation prompts (>= 64); default: {family}, else 128"
     )
-    p.add_argument("--curve_points", type=int, default=3, help="checkpoints on the held-out reward curve")
+    p.add_argument("--eval_seed", type=int, default=12345)
+    p.add_argument("--guidance_scale", type=float, default=3.0, help=f"default: {family}, else 3")
+    p.add_argument("--num_inference_steps", type=int, default=20, help=f"sampler steps; default: {family}, else 20")
+    p.add_argument(
+        "--curve_points", type=int, default=5, help=f"checkpoints on the held-out curve; default: {family}, else 5"
+    )
     p.add_argument("--curve_samples", type=int, default=32, help="held-out (prompt, seed) pairs of the curve")
     return p
 
 
-def with_family_settings(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` with the demo flags left unset (None) filled from ``DEMO_SETTINGS[args.family]``
-    (``args.family`` is checked by ``check_demo_args``; an unknown one is left as given)."""
-    settings = DEMO_SETTINGS.get(args.family)
-    if settings is None:
-        return args
-    filled = vars(args).copy()
-    for name in ("max_train_steps", "guidance_scale", "num_inference_steps"):
-        if filled[name] is None:
-            filled[name] = getattr(settings, name)
-    return argparse.Namespace(**filled)
+def parse_demo_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """``(demo flags, trainer flags)`` of ``argv``: ``build_parser``'s flags with the defaults of
+    ``DEMO_SETTINGS[--family]`` (``DemoSettings.demo_flags``) when the family has an entry; a flag
+    given on the command line wins."""
+    parser = build_parser()
+    settings = DEMO_SETTINGS.get(parser.parse_known_args(argv)[0].family)
+    if settings is not None:
+        parser.set_defaults(**settings.demo_flags())
+    return parser.parse_known_args(argv)
 
 
 def check_demo_args(args: argparse.Namespace, train_args: list[str]) -> Path:
-    """The demo's flags (filled by ``with_family_settings``) in range (ValueError naming the flag)
-    before any work; returns the family's bundled pipeline directory."""
-    bundled_pipeline(args.family)  # an unknown or absent family first: it has no settings
-    if args.family not in DEMO_SETTINGS:
-        raise ValueError(
-            f"--family: fastpref-demo aligns the image families {list(DEMO_SETTINGS)}, got {args.family!r} "
-            "(a video family runs fastpref.demo_video)"
-        )
+    """The demo's flags in range (ValueError naming the flag) before any work; returns the
+    family's bundled pipeline directory."""
     for name in ("num_samples", "max_train_steps", "num_inference_steps", "curve_points", "curve_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}: expected an integer >= 1, got {getattr(args, name)}")
-    check_refused_flags(train_args)
-    return bundled_pipeline(args.family)
-
-
-def check_refused_flags(train_args: list[str]) -> None:
-    """ValueError naming a trainer flag of ``DEMO_FLAGS_REFUSED`` among ``train_args``."""
     for flag in DEMO_FLAGS_REFUSED:
         if any(a == flag or a.startswith(flag + "=") for a in train_args):
             raise ValueError(f"{flag}: not a demo flag; choose the bundled pipeline with --family")
+    return bundled_pipeline(args.family)
 
 
 def train_config(args: argparse.Namespace, train_args: list[str], pipeline_dir: Path):
     """The trainer's checked ``Config`` of the demo: ``DEMO_SETTINGS[args.family]`` under the demo's
-    ``args`` (filled by ``with_family_settings``) and the trainer flags ``train_args``, the family's
+    ``args`` (``parse_demo_args``) and the trainer flags ``train_args``, the family's
     bundled pipeline, and a checkpoint every ``max_train_steps // curve_points`` steps for the
     held-out curve. The family's β is set when ``--beta`` is not given and the loss is its
     ``loss_type``."""
+    if args.family not in DEMO_SETTINGS:
+        raise ValueError(f"--family: the image demo has settings for {list(DEMO_SETTINGS)}, got {args.family!r}")
     settings = DEMO_SETTINGS[args.family]
     config = parse_config(
         train_args,
@@ -176,18 +176,14 @@ def train_config(args: argparse.Namespace, train_args: list[str], pipeline_dir: 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the demo; returns the measured figures."""
-    args, train_args = build_parser().parse_known_args(argv)
-    check_refused_flags(train_args)
-    if family_class(bundled_pipeline(args.family)).media == "videos":  # the video demo: its own reward, outputs
-        from fastpref.demo_video import main as video_demo  # its own defaults (steps, β) and checks
-
-        diffusers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
-        return video_demo(argv)
-    args = with_family_settings(args)
+    args, train_args = parse_demo_args(argv)
     pipeline_dir = check_demo_args(args, train_args)
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    if family_class(pipeline_dir).media == "videos":  # the video demo: its own reward and outputs
+        from fastpref.demo_video import main as video_demo  # its own defaults (steps, β)
+
+        return video_demo(argv)
     output_dir = Path(args.output_dir)
     config = train_config(args, train_args, pipeline_dir)
     resolution = config.resolution or family_class(pipeline_dir).default_resolution(pipeline_dir)

@@ -101,8 +101,7 @@ def test_demo_runs_each_other_bundled_family(tmp_path, family):
 
 
 def _demo_config(family, *argv):
-    args, train_args = demo.build_parser().parse_known_args(["--family", family, "--output_dir", "unused", *argv])
-    args = demo.with_family_settings(args)
+    args, train_args = demo.parse_demo_args(["--family", family, "--output_dir", "unused", *argv])
     return args, demo.train_config(args, train_args, bundled.BUNDLED_PIPELINES[family])
 
 
