@@ -3,6 +3,14 @@
     python benchmarks/bench_family_step.py                       # CUDA: SDXL 1024 px, SD3-medium and Flux 512 px
     python benchmarks/bench_family_step.py --families flux --steps 5
     python benchmarks/bench_family_step.py --tiny --device cpu --steps 1   # smoke (the CPU test)
+    python benchmarks/bench_family_step.py --sweep --pairs 2 --steps 5    # CUDA: the flow-family speed sweep
+
+``--sweep`` (``flow_providers.py``; SD3-medium and Flux): a flow_grpo-style step (four sequential
+forwards, flow_grpo's eager loss) against fastpref's step with each trainer speed option that
+applies to a transformer and all of them, one fresh model per provider; steps/s, pairs/s, the
+ratio to ``flow_grpo``, peak memory, compile time and MFU (``bench_train_step``'s FLOP counter
+and peak table, ``speed_providers.analytic_flops``). CSV (default
+``benchmarks/results/family_sweep.csv``) and its ``.meta.json`` (command, device, notes).
 
 The step is the trainer's for that family with cached conditioning: bf16 frozen denoiser, LoRA
 rank 8 (float32, the families' target modules) on the attention projections, SDPA attention,
