@@ -15,7 +15,7 @@ the same pre-noised batch (``bench_family_step.inputs``/``noised``); β = 100 (f
   eps 1e-8), ``zero_grad()``.
 - ``flow_grpo-batched``: the same loss and optimizer with the two forwards over ``2B`` rows
   that yifan123/flow_grpo ``scripts/train_sd3_dpo.py`` at ac4c86e8cae0 actually runs (its
-  lines 903-923: winners and losers concatenated, one policy forward, one reference forward).
+  lines 905-923: winners and losers concatenated, one policy forward, one reference forward).
   Upstream's reference is a second, frozen LoRA adapter (``set_adapter("ref")``), equal to the
   base model at its zero init; here it is the base model with the adapters disabled, as in
   every other provider, so the reference's extra rank-8 matmuls are not timed.
