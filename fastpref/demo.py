@@ -2,6 +2,7 @@
 
     fastpref-demo                    # or: python -m fastpref.demo; the SD1.5 tiny pipeline
     fastpref-demo --family sd3       # any bundled family: sd15, sdxl, sd3, flux
+    fastpref-demo --family wan       # text-to-video: fastpref.demo_video
 
 Trains on the family's bundled preference set (the more colourful of two samples wins), samples
 the reference and the trained model through the family's diffusers pipeline from identical seeds
@@ -107,6 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     pipeline_dir = check_demo_args(args, train_args)
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    if family_class(pipeline_dir).media == "videos":  # the video demo: its own reward and outputs
+        from fastpref.demo_video import main as video_demo  # its own defaults (steps, β)
+
+        return video_demo(argv)
     output_dir = Path(args.output_dir)
     config = train_config(args, train_args, pipeline_dir)
     resolution = config.resolution or family_class(pipeline_dir).default_resolution(pipeline_dir)

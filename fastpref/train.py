@@ -57,6 +57,7 @@ from fastpref.training.distributed import (
 from fastpref.training.exits import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_STOPPED
 from fastpref.training.family import ModelFamily, family_class, load_family
 from fastpref.training.finite import NonFiniteError, check_finite
+from fastpref.training.fsdp import ShardedRun, check_sharded_resume, fsdp_refusal
 from fastpref.training.graph import StaticStep, graph_refusal, make_optimizer
 from fastpref.training.latent_cache import cached_encoders, check_cache_flags
 from fastpref.training.logging import MetricsLogger
@@ -106,6 +107,7 @@ class Run:
     stopped: bool = False  # set by ``train``: a stop signal ended it before --max_train_steps
     online: OnlinePairs | None = None  # --online_pairs_every: the refreshes of the preference set
     source: PairsSource | None = None  # the pairs ``batch`` reads (replaced at each on-line refresh)
+    sharded: ShardedRun | None = None  # --fsdp: the FSDP2 shards, sharded checkpoints and the final gather
 
 
 def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | None]:
@@ -120,6 +122,17 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
     family = family_class(config.pretrained_model_name_or_path)
     factor = family.check(config.pretrained_model_name_or_path)
     family.check_flags(config)
+    pairs = None
+    if family.media == "videos":  # video pairs: the clip length and the default size come from the data
+        from fastpref.training.video_data import read_video_pairs
+
+        if config.online_pairs_every is not None:
+            raise ValueError(
+                f"--online_pairs_every: on-line pairs are made for image families; {family.__name__} trains on "
+                f"videos: make the set with fastpref-pairs (it writes a video index) and pass it as --dataset_name"
+            )
+
+        pairs, config = read_video_pairs(config, family)
     resolution = config.resolution or family.default_resolution(config.pretrained_model_name_or_path)
     config = config.replace(resolution=resolution)
     if config.resolution % factor:
@@ -127,11 +140,15 @@ def validate(config: Config) -> tuple[Config, LossType, PreferencePairs, Path | 
             f"--resolution: expected a multiple of the VAE downsampling factor {factor}, got {config.resolution}"
         )
     family.check_resolution(config.pretrained_model_name_or_path, config.resolution)
-    sources = preference_sources(
-        config.data_path, config.data_argument, split=config.dataset_split, streaming=config.dataset_streaming
-    )
-    pairs = PreferencePairs(sources, config.data_argument, skip_bad_rows=config.skip_bad_rows)
+    if pairs is None:
+        sources = preference_sources(
+            config.data_path, config.data_argument, split=config.dataset_split, streaming=config.dataset_streaming
+        )
+        pairs = PreferencePairs(sources, config.data_argument, skip_bad_rows=config.skip_bad_rows)
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    refusal = fsdp_refusal(config, os.environ)
+    if refusal:
+        raise ValueError(refusal)
     if config.cuda_graph:
         refusal = graph_refusal(
             cuda_available=torch.cuda.is_available(),
@@ -205,7 +222,12 @@ def build(config: Config) -> Run:
     """The run of ``config``, ready to ``train``. Bad input raises ValueError before any write."""
     config, loss_type, pairs, resume = validate(config)
     online_prompts = check_online(config, pairs)
-    resumed = None if resume is None else (resume, check_resume_config(resume, config.as_dict()))
+    if resume is None:
+        resumed = None
+    elif config.fsdp:  # may resume on another number of processes, same global batch
+        resumed = (resume, check_sharded_resume(resume, config, int(os.environ["WORLD_SIZE"])))
+    else:
+        resumed = (resume, check_resume_config(resume, config.as_dict()))
     dist = init_distributed()
     weight_dtype = DTYPES[config.mixed_precision]
     torch.manual_seed(config.seed)
@@ -234,6 +256,10 @@ def build(config: Config) -> Run:
     for module in (denoiser, reference_model):  # --fp8, --channels_last, --compile_denoiser
         if module is not None:
             prepare_denoiser(config, module)
+    sharded = None
+    if config.fsdp:  # shards denoiser and reference copy in place; the trainable parameters are DTensors now
+        sharded = ShardedRun(denoiser, reference_model, config, dist)
+        params = sharded.params
 
     optimizer, lr_scheduler = optimizer_and_schedule(config, params, dist.world_size)
     scaler = (
@@ -242,7 +268,10 @@ def build(config: Config) -> Run:
         else None
     )
     start_step, start_position = 0, 0
-    if resume is not None:
+    if resume is not None and sharded is not None:
+        state = sharded.load_checkpoint(resume, optimizer, lr_scheduler)
+        start_step, start_position = state["step"], state["data_position"]
+    elif resume is not None:
         tensors, state = load_checkpoint(resume, optimizer, lr_scheduler, scaler)
         try:
             load_trainable_state(denoiser, config.reference, tensors)
@@ -261,7 +290,7 @@ def build(config: Config) -> Run:
             replay.restore(resume, state["extra"]["sspo_pool_steps"])
     model = (
         DistributedDataParallel(denoiser, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-        if dist.enabled
+        if dist.enabled and sharded is None
         else denoiser
     )
 
@@ -298,9 +327,8 @@ def build(config: Config) -> Run:
             kl_baseline=kl_baseline,
         )
 
-    train_step, step = make_step(
-        config, loss_fn, params, optimizer, scaler=scaler, no_sync=model.no_sync if dist.enabled else None
-    )
+    no_sync = sharded.no_sync if sharded is not None else model.no_sync if dist.enabled else None
+    train_step, step = make_step(config, loss_fn, params, optimizer, scaler=scaler, no_sync=no_sync)
 
     encoders = Encoders(family, config.resolution, config.random_crop, not config.no_hflip, config.seed)
     if config.cache_latents:  # the VAE and text encoder run once, here (fastpref.training.latent_cache)
@@ -354,6 +382,7 @@ def build(config: Config) -> Run:
         resumed,
         online=online,
         source=source,
+        sharded=sharded,
     )
 
 
@@ -409,6 +438,8 @@ def train(run: Run) -> Path:
     run.stopped = stopping
 
     check_finite(step, None, run.params, where="saving the final weights")
+    if run.sharded is not None and not stopping:  # every process gathers, rank 0 writes
+        run.sharded.save_weights(run.family, output_dir)
     if dist.is_main:
         if stopping:
             print(
@@ -417,11 +448,13 @@ def train(run: Run) -> Path:
                 f"{EXIT_STOPPED}, EX_TEMPFAIL)",
                 file=sys.stderr,
             )
-        else:
+        elif run.sharded is None:
             run.family.save_weights(config.reference, output_dir)
         logger.close()
     barrier(dist)
     cleanup(dist, run.model)
+    if run.sharded is not None:
+        run.sharded.close()
     return output_dir
 
 
@@ -446,7 +479,23 @@ def start_output(run: Run, output_dir: Path) -> MetricsLogger | None:
 
 def write_checkpoint(run: Run, logger: MetricsLogger | None, output_dir: Path, step: int, position: int) -> None:
     """Rank 0: ``checkpoint-<step>`` (trainable tensors, optimizer, schedule, data position,
-    SSPO's pool), then pruning to ``--checkpoints_total_limit``; every rank waits for it."""
+    SSPO's pool), then pruning to ``--checkpoints_total_limit``; every rank waits for it.
+    ``--fsdp``: every process writes its shards (``ShardedRun.save_checkpoint``)."""
+    if run.sharded is not None:
+        if run.dist.is_main:
+            logger.flush()
+        run.sharded.save_checkpoint(
+            output_dir,
+            step,
+            optimizer=run.optimizer,
+            lr_scheduler=run.lr_scheduler,
+            data_position=position,
+            config=run.config.as_dict(),
+        )
+        if run.dist.is_main:
+            prune_checkpoints(output_dir, run.config.checkpoints_total_limit)
+        barrier(run.dist)
+        return
     if run.dist.is_main:
         logger.flush()
         extra, files = {}, {}

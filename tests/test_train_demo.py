@@ -81,7 +81,8 @@ def test_demo_reports_figures_writes_grid_and_heldout_curve(tmp_path, capsys, re
 
 @needs_kernels
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.parametrize("family", [f for f in bundled.available_families() if f != "sd15"])
+# wan: the video demo, with its own outputs (tests/test_demo_video.py)
+@pytest.mark.parametrize("family", [f for f in bundled.available_families() if f not in ("sd15", "wan")])
 def test_demo_runs_each_other_bundled_family(tmp_path, family):
     """Each family another branch bundles runs through the unchanged demo: its pipeline class
     samples, its saved LoRA loads, the curve is written (1 step, tiny sampling)."""
@@ -126,7 +127,7 @@ def test_demo_family_registry_maps_each_available_family_to_its_pipeline_and_dat
     ("argv", "message"),
     [
         (["--family", "flux"], "--family: the bundled tiny flux pipeline is not in this installation"),
-        (["--family", "sd2"], "--family: expected one of ['sd15', 'sdxl', 'sd3', 'flux'], got 'sd2'"),
+        (["--family", "sd2"], "--family: expected one of ['sd15', 'sdxl', 'sd3', 'flux', 'wan'], got 'sd2'"),
         (["--pretrained_model_name_or_path", "x"], "--pretrained_model_name_or_path: not a demo flag"),
         (["--curve_points", "0"], "--curve_points: expected an integer >= 1, got 0"),
         (["--num_samples", "0"], "--num_samples: expected an integer >= 1, got 0"),

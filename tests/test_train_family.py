@@ -144,9 +144,9 @@ def test_family_comes_from_model_index_class_name(tmp_path):
 
 
 def test_unknown_family_fails_before_any_write(tmp_path):
-    model = _pipeline_dir(tmp_path / "wan", "WanPipeline")
+    model = _pipeline_dir(tmp_path / "cogvideox", "CogVideoXPipeline")
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="--pretrained_model_name_or_path: .*'WanPipeline'.*known: "):
+    with pytest.raises(ValueError, match="--pretrained_model_name_or_path: .*'CogVideoXPipeline'.*known: "):
         train.main(["--pretrained_model_name_or_path", str(model), "--output_dir", str(out)])
     assert not out.exists()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,8 @@ class PairsJob:
     sampling: SamplingSettings = SamplingSettings()
     part_size: int = 64
     batch_size: int = 32
+    media: str = "images"  # the pipeline's: "images" (Pick-a-Pic parquet) or "videos" (the video index)
+    num_frames: int | None = None  # videos: frames per clip
 
     def spec(self) -> dict:
         """What determines the output (stored in it and in the parts directory; a resume must match)."""
@@ -133,6 +136,7 @@ class PairsJob:
             "image_format": self.image_format,
             **asdict(self.sampling),
             "part_size": self.part_size,
+            **({"media": self.media, "num_frames": self.num_frames} if self.media == "videos" else {}),
         }
 
     def chunks(self) -> list[tuple[int, int]]:
@@ -149,7 +153,13 @@ def run_job(job: PairsJob, pipe, reward: Reward, output: str | Path, *, overwrit
 
     store = PartStore(output, job.spec())
     state = store.check(overwrite)
-    fmt = ImagePairsFormat(job.image_format)
+    if job.media == "videos":
+        from .video import VideoPairsFormat, score_and_pair_videos
+
+        fmt = VideoPairsFormat(output)
+        pair = partial(score_and_pair_videos, num_frames=job.num_frames)
+    else:
+        fmt, pair = ImagePairsFormat(job.image_format), score_and_pair
     if state == "done":  # a kill between the final rename and the parts' removal leaves them: removed
         import shutil
 
@@ -165,12 +175,14 @@ def run_job(job: PairsJob, pipe, reward: Reward, output: str | Path, *, overwrit
             "reward_mean": None,
         }
     store.start(overwrite)
+    if hasattr(fmt, "prepare"):  # videos: the clips folder
+        fmt.prepare(overwrite)
     chunks, done = job.chunks(), store.done()
     before = sum(end - first for first, end in chunks if (first, end) in done)
     bar = tqdm(
         total=len(job.prompts) * job.num_samples,
         initial=before * job.num_samples,
-        unit="image",
+        unit="video" if job.media == "videos" else "image",
         desc="fastpref-pairs",
         disable=not progress,
     )
@@ -179,7 +191,7 @@ def run_job(job: PairsJob, pipe, reward: Reward, output: str | Path, *, overwrit
         if (first, end) in done:
             continue
         indices = list(range(first, end))
-        rows, scores = score_and_pair(
+        rows, scores = pair(
             pipe,
             reward,
             list(job.prompts[first:end]),

@@ -1,8 +1,11 @@
 """The reward interface and its registry.
 
 A reward is any callable ``reward(images, prompts) -> scores``: ``images`` ``[N, H, W, 3]``
-uint8 (the images as stored in the preference file), ``prompts`` ``N`` strings, ``scores``
-``[N]`` numbers, higher is better. ``load_reward`` resolves ``--reward``:
+uint8 (the images as stored in the preference file; for a video pipeline ``[N, F, H, W, 3]``
+clips as decoded from the stored mp4 files), ``prompts`` ``N`` strings, ``scores`` ``[N]``
+numbers, higher is better. Each registered reward scores one medium (``media``: ``"images"``
+or ``"videos"``); a ``module:callable`` gets what the pipeline makes. ``load_reward`` resolves
+``--reward``:
 
 - a registered name (``REWARDS``: the bundled programmatic rewards and the model-based scorers
   registered by ``clip_rewards`` and ``imagereward``), built from ``RewardOptions`` (the local
@@ -22,9 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastpref.tiny.motion_reward import motion_speed
 from fastpref.tiny.reward import colourfulness
 
 RewardFn = Callable[[np.ndarray, list[str]], np.ndarray]
+MEDIA_NDIM = {"images": 4, "videos": 5}  # images [N, H, W, 3]; videos [N, F, H, W, 3]
+DEFAULT_REWARDS = {"images": "colourfulness", "videos": "motion_speed"}
+"""The bundled reward ``fastpref-pairs`` uses when ``--reward`` is not given, per medium."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class RewardSpec:
     description: str
     build: Callable[[RewardOptions], RewardFn]
     check: Callable[[RewardOptions], None]
+    media: str = "images"
 
 
 REWARDS: dict[str, RewardSpec] = {}
@@ -59,13 +67,15 @@ def _no_check(options: RewardOptions) -> None:
     """A reward that needs nothing (the programmatic ones)."""
 
 
-def register_reward(name: str, description: str, check: Callable[[RewardOptions], None] = _no_check):
-    """Decorator: register ``build(options) -> reward`` as ``--reward name``."""
+def register_reward(
+    name: str, description: str, check: Callable[[RewardOptions], None] = _no_check, media: str = "images"
+):
+    """Decorator: register ``build(options) -> reward`` as ``--reward name``, scoring ``media``."""
 
     def decorate(build: Callable[[RewardOptions], RewardFn]):
         if name in REWARDS:
             raise TypeError(f"reward {name!r} is already registered")
-        REWARDS[name] = RewardSpec(name, description, build, check)
+        REWARDS[name] = RewardSpec(name, description, build, check, media)
         return build
 
     return decorate
@@ -74,6 +84,16 @@ def register_reward(name: str, description: str, check: Callable[[RewardOptions]
 @register_reward("colourfulness", "the bundled tiny set's reward: mean chroma, max - min of R, G, B (fastpref.tiny)")
 def _colourfulness(options: RewardOptions) -> RewardFn:
     return lambda images, prompts: colourfulness(images)
+
+
+@register_reward(
+    "motion_speed",
+    "the bundled tiny video set's temporal reward: how fast the coloured shape moves, pixels per frame "
+    "(fastpref.tiny.motion_reward)",
+    media="videos",
+)
+def _motion_speed(options: RewardOptions) -> RewardFn:
+    return lambda videos, prompts: motion_speed(videos)
 
 
 def _import_model_rewards() -> None:
@@ -99,30 +119,38 @@ def _import_callable(spec: str) -> RewardFn:
     return target
 
 
-def check_reward(name: str, options: RewardOptions = RewardOptions()) -> None:
+def check_reward(name: str, options: RewardOptions = RewardOptions(), media: str = "images") -> None:
     """ValueError (naming the flag, expected and actual) when ``--reward name`` cannot be built
-    with ``options``; loads no weights."""
+    with ``options`` or scores another medium than ``media`` (the pipeline's); loads no weights."""
     if ":" in name:
         _import_callable(name)
         return
     _import_model_rewards()
     if name not in REWARDS:
         raise ValueError(f"--reward: expected one of {sorted(REWARDS)} or module:callable, got {name!r}")
+    if REWARDS[name].media != media:
+        fitting = sorted(n for n, spec in REWARDS.items() if spec.media == media)
+        raise ValueError(
+            f"--reward: {name!r} scores {REWARDS[name].media} and this pipeline makes {media}; expected one of "
+            f"{fitting} or module:callable"
+        )
     REWARDS[name].check(options)
 
 
 class Reward:
-    """A resolved ``--reward``: ``reward(images [N, H, W, 3] uint8, prompts) -> [N] float64``,
-    its output checked (one finite number per image; ValueError naming the reward otherwise)."""
+    """A resolved ``--reward``: ``reward(images [N, H, W, 3] uint8, prompts) -> [N] float64``
+    (``media == "videos"``: clips ``[N, F, H, W, 3]``), its output checked (one finite number per
+    image; ValueError naming the reward otherwise)."""
 
-    def __init__(self, name: str, fn: RewardFn):
-        self.name, self.fn = name, fn
+    def __init__(self, name: str, fn: RewardFn, media: str = "images"):
+        self.name, self.fn, self.media = name, fn, media
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        if images.ndim != MEDIA_NDIM[self.media] or images.shape[-1] != 3 or images.dtype != np.uint8:
+            layout = "[N, H, W, 3]" if self.media == "images" else "[N, F, H, W, 3]"
             raise ValueError(
-                f"reward {self.name!r}: images must be [N, H, W, 3] uint8, got {images.dtype} {images.shape}"
+                f"reward {self.name!r}: {self.media} must be {layout} uint8, got {images.dtype} {images.shape}"
             )
         if len(prompts) != len(images):
             raise ValueError(f"reward {self.name!r}: {len(images)} images but {len(prompts)} prompts")
@@ -135,12 +163,13 @@ class Reward:
         return scores
 
 
-def load_reward(name: str, options: RewardOptions = RewardOptions()) -> Reward:
-    """The reward ``--reward name`` (a registered name or ``module:callable``), checked first."""
-    check_reward(name, options)
+def load_reward(name: str, options: RewardOptions = RewardOptions(), media: str = "images") -> Reward:
+    """The reward ``--reward name`` (a registered name or ``module:callable``) of ``media``
+    (``"images"`` or ``"videos"``), checked first."""
+    check_reward(name, options, media)
     if ":" in name:
-        return Reward(name, _import_callable(name))
-    return Reward(name, REWARDS[name].build(options))
+        return Reward(name, _import_callable(name), media)
+    return Reward(name, REWARDS[name].build(options), media)
 
 
 def reward_names() -> list[str]:

@@ -122,3 +122,48 @@ def sample_images(
         if progress is not None:
             progress(len(generators))
     return np.concatenate(out)
+
+
+def sample_videos(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    num_frames: int,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 3.0,
+    resolution: int | None = None,
+    batch_size: int = 64,
+    progress=None,
+) -> np.ndarray:
+    """One clip per (prompt, seed) through a text-to-video pipeline (``WanPipeline``): ``[N, F,
+    H, W, 3]`` uint8, ``F = num_frames`` (``resolution``: H = W, default the pipeline's). Each
+    clip's start noise comes from its own seed's CPU generator (same seeds, same noise); prompts
+    are encoded at the length the trainer uses (the tokenizer's ``model_max_length``, capped at
+    the pipeline's default 512). ``progress(n)`` after each pipeline call."""
+    from fastpref.training.families.wan import PIPELINE_MAX_SEQUENCE_LENGTH
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"prompts and seeds must have the same length, got {len(prompts)} and {len(seeds)}")
+    length = min(int(pipe.tokenizer.model_max_length), PIPELINE_MAX_SEQUENCE_LENGTH)
+    size = {} if resolution is None else {"height": resolution, "width": resolution}
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]
+        with torch.no_grad():
+            frames = pipe(
+                prompt=prompts[chunk],
+                num_frames=num_frames,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                output_type="np",
+                max_sequence_length=length,
+                **size,
+            ).frames
+        out.append(np.round(np.clip(frames, 0, 1) * 255).astype(np.uint8))
+        if progress is not None:
+            progress(len(generators))
+    return np.concatenate(out)

@@ -1,7 +1,8 @@
 """Output formats of ``fastpref-pairs`` and the atomic part files that make a run resumable.
 
 ``FORMATS`` maps an output kind to its format; images have ``ImagePairsFormat`` (the trainer's
-Pick-a-Pic parquet). A video family would add its own (the video index) under ``"video"``.
+Pick-a-Pic parquet); videos ``video.VideoPairsFormat`` (the video index), registered by
+``fastpref.pairs.video`` under ``"video"``.
 
 A run writes ``<output>.parts/``: ``spec.json`` (what the run makes: model, prompts digest,
 reward, seeds, sampling settings) and one ``part-<first>-<end>.parquet`` per chunk of prompts,
@@ -78,7 +79,7 @@ class ImagePairsFormat:
 
 
 FORMATS = {"image": ImagePairsFormat}
-"""Output kind -> format class. Videos have none until a video family exists."""
+"""Output kind -> format class (``"video"``: added when ``fastpref.pairs.video`` is imported)."""
 
 
 def output_format(kind: str, **options):

@@ -15,6 +15,7 @@ BUNDLED_DATA = {
     DEFAULT_MODEL: DEFAULT_DATA,
     ASSETS / "tiny-sdxl": ASSETS / "tiny-sdxl-prefs.parquet",
     ASSETS / "tiny-sd3": ASSETS / "tiny-sd3-prefs.parquet",
+    ASSETS / "tiny-wan": ASSETS / "tiny-wan-prefs.parquet",  # a video index of mp4 files under tiny-wan-prefs/
 }
 """Each bundled tiny pipeline -> its bundled preference set: the data a run on that pipeline
 trains on when neither ``--dataset_name`` nor ``--train_data_dir`` is given."""
@@ -22,7 +23,8 @@ FLOW_MATCHING_DEFAULTS = {"weighting_scheme": "logit_normal", "logit_mean": 0.0,
 """The flow-matching timestep flags (diffusers' names, meanings and defaults, docs/methods.md §7).
 The parser's default is None, so that a DDPM family can refuse them; a flow family fills these."""
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap")
-FAMILY_FLAGS = dict.fromkeys(FLOW_MATCHING_DEFAULTS, "flow matching")
+VIDEO_FLAGS = ("num_frames", "frame_stride")  # video families only (fastpref.training.video_data)
+FAMILY_FLAGS = {**dict.fromkeys(FLOW_MATCHING_DEFAULTS, "flow matching"), **dict.fromkeys(VIDEO_FLAGS, "video")}
 """Flags that only some model families take -> their kind; a family names the kinds it takes in
 ``ModelFamily.flag_kinds`` and refuses any other (``ModelFamily.check_flags``)."""
 SDPA_BACKENDS = {
@@ -66,6 +68,8 @@ INT_MINIMUM = {
     "checkpoints_total_limit": 1,
     "sspo_snapshot_steps": 1,
     "sspo_sample_steps": 1,
+    "num_frames": 1,
+    "frame_stride": 1,
     "lr_warmup_steps": 0,
     "sspo_num_snapshots": 0,
     "online_pairs_every": 1,
@@ -104,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset_name",
         default=None,
         help="local Pick-a-Pic-layout pairs: a parquet file, a directory of them, a parquet glob ('data/*.parquet') "
-        "or a datasets save_to_disk directory (fastpref-pairs writes such a parquet)",
+        "or a datasets save_to_disk directory (fastpref-pairs writes such a parquet); video families: a video "
+        "index (.parquet/.csv with video_0, video_1, label_0, caption) or a directory of them",
     )
     a("--train_data_dir", default=None, help="same as --dataset_name (default: the bundled tiny set)")
     a("--dataset_split", default="train", help="the split of a save_to_disk DatasetDict")
@@ -120,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop rows whose caption, label or images are missing or undecodable (every image is decoded "
         "once at start) and log how many; without it such a row is an error naming file, row and column",
     )
-    a("--resolution", type=int, default=None, help="training resolution (default: the VAE's sample_size)")
+    a(
+        "--resolution",
+        type=int,
+        default=None,
+        help="training resolution (default: the VAE's sample_size; video families: the first video's shorter side)",
+    )
     a("--random_crop", action="store_true", help="random instead of centre crops")
     a("--no_hflip", action="store_true", help="disable random horizontal flips")
     a(
@@ -212,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="capture the whole training step in one CUDA graph after 3 eager warm-up steps and "
         "replay it (one process, CUDA only; fp16 captures forward and backward only)",
     )
+    a(
+        "--fsdp",
+        action="store_true",
+        help="torchrun only: shard the denoiser (and a --reference copy) per block with FSDP2, "
+        "checkpoints through torch.distributed.checkpoint (docs/training.md, 'Sharded training (FSDP2)')",
+    )
+    a(
+        "--fsdp_cpu_offload",
+        action="store_true",
+        help="--fsdp: keep the shards of parameters, gradients and optimizer state in host memory",
+    )
     speed = "speed option (docs/training.md, Speed options): "
     a(
         "--cache_latents",
@@ -272,6 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=flow + "standard deviation of the logit_normal scheme (default: 1.0)",
     )
     a("--mode_scale", type=float, default=None, help=flow + "scale of the mode scheme (default: 1.29)")
+    video = "video families (Wan) only: "
+    a(
+        "--num_frames",
+        type=int,
+        default=None,
+        help=video + "frames per training clip, 1 + 4k for Wan's VAE (default: the frame count of the "
+        "first row's video_0)",
+    )
+    a(
+        "--frame_stride",
+        type=int,
+        default=None,
+        help=video + "a clip is frames 0, s, 2s, ... of each video, counted from its first frame (default: 1)",
+    )
     a(
         "--online_pairs_every",
         type=int,

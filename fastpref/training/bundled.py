@@ -11,6 +11,7 @@ BUNDLED_PIPELINES = {
     "sdxl": ASSETS / "tiny-sdxl",
     "sd3": ASSETS / "tiny-sd3",
     "flux": ASSETS / "tiny-flux",
+    "wan": ASSETS / "tiny-wan",
 }
 """Family name -> its bundled tiny pipeline (diffusers layout). A family whose directory, or whose
 ``BUNDLED_DATA`` preference set, is not in this installation is listed but not available."""

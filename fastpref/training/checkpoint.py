@@ -50,6 +50,7 @@ SAFE_FLAGS = frozenset(
         "train_data_dir",
         "dataset_streaming",
         "data_argument",  # the data itself is ``data_path``, compared
+        "fsdp_cpu_offload",  # where FSDP2 keeps the shards, not what they hold
         # speed options (fastpref.training.speed) that leave the step's math as it is
         "cache_latents",
         "latents_cache_dir",
@@ -179,6 +180,10 @@ def verify_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{str(path)!r} is not a checkpoint directory")
+    from .fsdp import is_sharded_checkpoint, verify_sharded_checkpoint
+
+    if is_sharded_checkpoint(path):  # --fsdp's layout (fastpref.training.fsdp)
+        return verify_sharded_checkpoint(path)
     for name in (STATE_FILE, *TENSOR_FILES):
         if not (path / name).is_file():
             raise ValueError(f"{str(path / name)!r} is missing")
@@ -203,6 +208,10 @@ def verify_checkpoint(path: str | Path) -> dict:
 def is_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a complete checkpoint directory written by ``save_checkpoint``."""
     path = Path(path)
+    from .fsdp import is_sharded_checkpoint
+
+    if is_sharded_checkpoint(path):
+        return (path / STATE_FILE).is_file()
     return all(
         (path / name).is_file()
         for name in (STATE_FILE, "trainable.safetensors", "optimizer.safetensors", "rng.safetensors")

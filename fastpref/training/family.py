@@ -52,6 +52,7 @@ class ModelFamily(ABC):
 
     class_names: tuple[str, ...] = ()  # model_index.json ``_class_name`` values this family trains
     flag_kinds: tuple[str, ...] = ()  # kinds of family-specific flags (args.FAMILY_FLAGS) it takes
+    media: str = "images"  # what its preference data holds: "images" (Pick-a-Pic parquet) or "videos"
     denoiser: torch.nn.Module
     device: torch.device
     weight_dtype: torch.dtype
@@ -67,14 +68,21 @@ class ModelFamily(ABC):
 
     @classmethod
     @abstractmethod
-    def default_resolution(cls, path: Path) -> int:
-        """The training resolution when ``--resolution`` is not given (pixels, square)."""
+    def default_resolution(cls, path: Path) -> int | None:
+        """The training resolution when ``--resolution`` is not given (pixels, square); None: the
+        data's (video families: the first video's shorter side)."""
 
     @classmethod
     def check_resolution(cls, path: Path, resolution: int) -> None:
         """Refuse a training ``resolution`` (pixels, already a multiple of ``check``'s factor) that
         the denoiser cannot take (patching, packing, position tables): ValueError naming
         ``--resolution``, expected and actual. Reads configuration files only; default: any."""
+        return None
+
+    @classmethod
+    def check_num_frames(cls, path: Path, num_frames: int) -> None:
+        """Video families: refuse a clip length ``--num_frames`` the VAE cannot encode (ValueError
+        naming the flag, expected and actual). Reads configuration files only; default: any."""
         return None
 
     @classmethod

@@ -20,7 +20,11 @@ class NonFiniteError(RuntimeError):
 def weights_finite(params: list[torch.Tensor]) -> bool:
     """Whether every element of ``params`` (any shapes, dtypes, one device) is finite; one host
     read. Call only where the host synchronises anyway (logging steps, checkpoints)."""
-    flags = torch.stack([torch.isfinite(p.detach()).all() for p in params])
+    from .fsdp import _dtensor_local, all_finite_across, is_sharded
+
+    flags = torch.stack([torch.isfinite(_dtensor_local(p.detach())).all() for p in params])
+    if is_sharded(params):  # FSDP2: each process checks its shards, every process learns the verdict
+        return bool(all_finite_across(flags))  # host-ok: logging or checkpoint step
     return bool(flags.all())  # host-ok: logging or checkpoint step
 
 

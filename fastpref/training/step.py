@@ -109,6 +109,8 @@ class TrainStep:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2's sharded gradients: the norm is a DTensor
+            grad_norm = grad_norm.full_tensor()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
