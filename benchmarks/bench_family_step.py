@@ -3,6 +3,14 @@
     python benchmarks/bench_family_step.py                       # CUDA: SDXL 1024 px, SD3-medium and Flux 512 px
     python benchmarks/bench_family_step.py --families flux --steps 5
     python benchmarks/bench_family_step.py --tiny --device cpu --steps 1   # smoke (the CPU test)
+    python benchmarks/bench_family_step.py --sweep --pairs 2 --steps 5    # CUDA: the flow-family speed sweep
+
+``--sweep`` (``flow_providers.py``; SD3-medium and Flux): a flow_grpo-style step (four sequential
+forwards, flow_grpo's eager loss) against fastpref's step with each trainer speed option that
+applies to a transformer and all of them, one fresh model per provider; steps/s, pairs/s, the
+ratio to ``flow_grpo``, peak memory, compile time and MFU (``bench_train_step``'s FLOP counter
+and peak table, ``speed_providers.analytic_flops``). CSV (default
+``benchmarks/results/family_sweep.csv``) and its ``.meta.json`` (command, device, notes).
 
 The step is the trainer's for that family with cached conditioning: bf16 frozen denoiser, LoRA
 rank 8 (float32, the families' target modules) on the attention projections, SDPA attention,
@@ -22,9 +30,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
@@ -192,13 +205,25 @@ def forward(family: str, model, noisy: torch.Tensor, batch: dict, dtype: torch.d
     return FluxPipeline._unpack_latents(out.float(), h * 8, w * 8, 8)  # pixel size at VAE factor 8 -> latent side h
 
 
+def build(family: str, tiny: bool, device: torch.device, dtype: torch.dtype):
+    """The family's denoiser at random init (seed 0), initialised on ``device`` in ``dtype``, with
+    float32 rank-8 LoRA adapters: ``(model, trainable params)``."""
+    cls, config, *_ = FAMILIES[family]
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # a 12 B-parameter float32 init on the host would take minutes
+    try:
+        with torch.device(device):
+            model = cls(**(TINY[family] if tiny else config))
+    finally:
+        torch.set_default_dtype(default)
+    return model, add_lora(model, 8, dtype, LORA_TARGETS)
+
+
 def bench(family: str, *, pairs: int, steps: int, warmup: int, tiny: bool, device: torch.device) -> dict:
     """Time ``steps`` LoRA DPO steps of ``family`` after ``warmup``; returns the CSV row."""
-    cls, config, *_ = FAMILIES[family]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    model = cls(**(TINY[family] if tiny else config)).to(device)
-    params = add_lora(model, 8, dtype, LORA_TARGETS)
+    model, params = build(family, tiny, device, dtype)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     batch = inputs(family, pairs, tiny, device, dtype, torch.Generator().manual_seed(1))
     noisy, target = noised(family, batch)
@@ -249,15 +274,139 @@ def bench(family: str, *, pairs: int, steps: int, warmup: int, tiny: bool, devic
     )
 
 
+def perturb_lora(params: list[torch.nn.Parameter], std: float) -> None:
+    """Seeded nonzero adapters (``N(0, std)`` on every LoRA matrix, drawn on the host): the
+    policy differs from the reference, so the sweep's first-step losses compare real numbers."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def sweep(args, device: torch.device) -> list[dict]:
+    """``--sweep``: every provider of ``flow_providers`` for every family, one fresh model each;
+    returns the CSV rows (one per family and provider that ran) and writes CSV and meta."""
+    import bench_train_step as ts
+    import csv_io
+    import flow_providers as fp
+    import speed_providers as sp
+
+    # bf16 at real size on CUDA; float32 for --tiny (the smoke test compares the providers' losses)
+    dtype = torch.bfloat16 if device.type == "cuda" and not args.tiny else torch.float32
+    env = csv_io.environment(device.type)
+    peak, peak_src = ts.peak_tflops(env["device"], args.peak_tflops)
+    notes, rows, t0 = [], [], time.time()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for family in args.families:
+        batch = inputs(family, args.pairs, args.tiny, device, dtype, torch.Generator().manual_seed(1))
+        noisy, target = noised(family, batch)
+        flops = None
+        for provider in args.providers:
+            why = fp.refusal(provider, args.compile_backend)
+            if why:
+                notes.append(f"SKIP {family} {provider}: {why}")
+                print(notes[-1], flush=True)
+                continue
+            model = params = step = None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            try:
+                model, params = build(family, args.tiny, device, dtype)
+                perturb_lora(params, args.lora_std)
+                run = functools.partial(forward, family, model, dtype=dtype)
+                if flops is None:  # one 2B-row forward, the unit of the analytic step FLOPs
+                    with torch.no_grad():
+                        flops = sp.analytic_flops(ts.count_flops(functools.partial(run, noisy, batch)))
+                step = fp.make_step(provider, model, params, run, noisy, target, batch, args.compile_backend)
+                first_s, loss = None, None
+                for call in range(max(args.warmup, 1)):
+                    begin = time.perf_counter()
+                    out = step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    if call == 0:
+                        first_s, loss = time.perf_counter() - begin, float(out)  # host-ok: after the call
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                times = ts.time_steps(step, args.steps, device.type)
+                peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+            except Exception as e:  # record and go on (out of memory, a backend that cannot run)
+                notes.append(f"ERROR {family} {provider}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                print(notes[-1], flush=True)
+                continue
+            finally:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+                torch._dynamo.reset()  # the next provider's model compiles afresh
+                del model, params, step
+            ms = statistics.median(times)
+            flags = fp.flow_flags(provider)
+            row = dict(
+                family=family,
+                provider=provider,
+                flags=" ".join(f"{k}={v}" for k, v in flags.items()),
+                resolution=TINY_SHAPES[family][-1] if args.tiny else FAMILIES[family][-1],
+                pairs=args.pairs,
+                step_ms=round(ms, 3),
+                steps_per_s=round(1e3 / ms, 4),
+                pairs_per_s=round(args.pairs * 1e3 / ms, 4),
+                ratio_vs_flow_grpo=None,
+                peak_memory_gib=None if peak_mem is None else round(peak_mem, 3),
+                compile_s=round(max(first_s - ms * 1e-3, 0.0), 3) if flags.get("compile_denoiser") else None,
+                model_tflop_per_step=flops / 1e12,
+                mfu_pct=round(100.0 * flops / (ms * 1e-3) / (peak * 1e12), 2)
+                if peak and device.type == "cuda"
+                else None,
+                first_loss=loss,
+            )
+            rows.append(row)
+        base = [r for r in rows if r["family"] == family and r["provider"] == fp.BASELINE]
+        for r in rows:
+            if r["family"] == family and base:
+                r["ratio_vs_flow_grpo"] = round(r["steps_per_s"] / base[0]["steps_per_s"], 4)
+        for r in rows:
+            if r["family"] == family:
+                print(r, flush=True)
+        del batch, noisy, target
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if rows:
+        with open(out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    meta = {
+        "command": csv_io.command_line(),
+        "env": env,
+        "notes": notes,
+        "elapsed_s": round(time.time() - t0, 1),
+        "peak_tflops": peak,
+        "peak_source": peak_src,
+        "flop_formula": "denoiser forward FLOPs over 2B rows (FlopCounterMode) x (1 policy + 1 reference + 2 backward)",
+    }
+    csv_io.write_meta(str(out), meta)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", choices=list(FAMILIES), help="default: all (--sweep: sd3 flux)")
     parser.add_argument("--pairs", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="scaled-down configurations (CPU smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="benchmarks/results/family_step.csv")
+    parser.add_argument(
+        "--out", help="CSV path (default benchmarks/results/family_step.csv, --sweep: family_sweep.csv)"
+    )
+    parser.add_argument(
+        "--sweep", action="store_true", help="flow families: flow_grpo's step vs fastpref's speed options"
+    )
+    parser.add_argument("--providers", help="--sweep: comma list (default: all of flow_providers.FLOW_SWEEP)")
+    parser.add_argument("--compile-backend", default="inductor", help="--sweep: torch.compile backend of +compile")
+    parser.add_argument("--peak-tflops", type=float, help="--sweep: dense bf16 peak of the device for MFU")
+    parser.add_argument("--lora-std", type=float, default=0.02, help="--sweep: std of the seeded LoRA weights")
     args = parser.parse_args(argv)
     for name in ("pairs", "steps"):
         if getattr(args, name) < 1:
@@ -265,6 +414,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     if device.type != "cuda" and not args.tiny:
         raise ValueError(f"--device: real-size configurations need CUDA, got {args.device!r} (use --tiny on CPU)")
+    if args.sweep:
+        import flow_providers
+
+        args.families = args.families or ["sd3", "flux"]
+        if "sdxl" in args.families:
+            raise ValueError(f"--families: --sweep is for the flow families (sd3, flux), got {args.families}")
+        args.providers = [p.strip() for p in (args.providers or ",".join(flow_providers.FLOW_SWEEP)).split(",") if p]
+        for provider in args.providers:
+            flow_providers.flow_flags(provider)  # unknown names: ValueError naming --providers
+        args.out = args.out or "benchmarks/results/family_sweep.csv"
+        return sweep(args, device)
+    args.out = args.out or "benchmarks/results/family_step.csv"
+    args.families = args.families or list(FAMILIES)
     rows = []
     for family in args.families:
         row = bench(family, pairs=args.pairs, steps=args.steps, warmup=args.warmup, tiny=args.tiny, device=device)

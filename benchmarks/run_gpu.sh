@@ -17,6 +17,9 @@
 #   bash benchmarks/run_gpu.sh compile-tests # the losses under torch.compile/export on CUDA (triton_op path) (~2-4 min)
 #   bash benchmarks/run_gpu.sh families     # one real-size LoRA DPO step per family at random init: SDXL 1024 px,
 #                                           # SD3-medium and FLUX.1-dev 512 px, bf16, rank 8, SDPA (~4-6 min)
+#   bash benchmarks/run_gpu.sh flow-sweep   # flow families: a flow_grpo-style step (four sequential forwards) vs
+#                                           # fastpref's with each speed option and the full stack, SD3-medium and
+#                                           # FLUX.1-dev 512 px, LoRA r8, bf16, 2 pairs (~4-5 min, unmeasured)
 #   bash benchmarks/run_gpu.sh wan          # one Wan2.1-1.3B-config DPO step, 480x832, 33 frames (else 17, 9), bf16, LoRA r8 (~2-4 min)
 #   bash benchmarks/run_gpu.sh fsdp-memory  # peak memory of one full fine-tuning step with a reference copy, SDXL
 #                                           # 1024 px: unsharded, --fsdp, --fsdp + CPU offload (one GPU) (~3-5 min)
@@ -37,7 +40,7 @@ set -euo pipefail
 jobs=("${@:-quick}")
 for job in "${jobs[@]}"; do
     case "$job" in
-        quick|dpo|dspo|full|more|train-quick|train|train-sweep|train-tests|tests|pytest|one-launch|compile-tests|families|wan|fsdp-memory) ;;
+        quick|dpo|dspo|full|more|train-quick|train|train-sweep|train-tests|tests|pytest|one-launch|compile-tests|families|wan|fsdp-memory|flow-sweep) ;;
         *) echo "unknown job '$job'" >&2; exit 2 ;;
     esac
 done
@@ -50,7 +53,7 @@ if ! "$PY" -c "import fastpref" >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-build-isolation --no-deps -e . || {
         echo "could not install fastpref from this checkout" >&2; exit 2; }
 fi
-case " ${jobs[*]} " in *" train"*|*" tests "*|*" families "*|*" wan "*|*" fsdp-memory "*)
+case " ${jobs[*]} " in *" train"*|*" tests "*|*" families "*|*" wan "*|*" fsdp-memory "*|*" flow-sweep "*)
     if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
         ls .whl/diffusers-*.whl >/dev/null 2>&1 || { echo "the train jobs need diffusers: carry .whl/ with its wheel" >&2; exit 2; }
         "$PY" -m pip install -q --no-deps .whl/diffusers-*.whl .whl/importlib_metadata-*.whl
@@ -79,12 +82,15 @@ run_job() {
         train) "$PY" benchmarks/bench_train_step.py --out "$dest/train_step.csv" ;;
         train-sweep) "$PY" benchmarks/bench_train_step.py --sweep --quick --out "$dest/train_step_sweep_quick.csv" ;;
         train-tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_train_cuda_graph.py tests/test_train_static_step.py \
-                   tests/test_train_speed.py tests/test_train_latent_cache.py tests/test_bench_train_step_smoke.py 2>&1 | tee "$dest/pytest_train_gpu.txt" ;;
+                   tests/test_train_speed.py tests/test_train_latent_cache.py tests/test_bench_train_step_smoke.py \
+                   tests/test_bench_family_sweep.py 2>&1 | tee "$dest/pytest_train_gpu.txt" ;;
         tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$dest/pytest_gpu.txt" ;;
         one-launch) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_one_launch.py 2>&1 | tee "$dest/pytest_one_launch.txt" ;;
         compile-tests) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_compile_ops.py tests/test_kernels_compile.py \
                    2>&1 | tee "$dest/pytest_compile_gpu.txt" ;;
         families) "$PY" benchmarks/bench_family_step.py --steps 5 --out "$dest/family_step.csv" ;;
+        flow-sweep) "$PY" benchmarks/bench_family_step.py --sweep --pairs 2 --steps 5 --warmup 2 \
+                   --out "$dest/family_sweep.csv" ;;
         wan)   "$PY" benchmarks/bench_wan_step.py --out "$dest/wan_step.csv" ;;
         fsdp-memory) "$PY" benchmarks/bench_fsdp_memory.py --family sdxl --out "$dest/fsdp_memory.csv" ;;
         pytest) "$PY" -m pytest benchmarks/test_bench_losses.py --benchmark-only -q -p no:cacheprovider \

@@ -188,11 +188,16 @@ def script_step(unet, params, enc, inputs, dtype, device):
 def refusal(provider: str, compile_backend: str) -> str | None:
     """Why the trainer would refuse ``provider``'s flags here (``check_speed`` and
     ``graph_refusal``), or None."""
+    return flags_refusal(option_flags(provider), compile_backend)
+
+
+def flags_refusal(flags: dict, compile_backend: str) -> str | None:
+    """Why the trainer would refuse the speed ``flags`` (``Config`` fields) here, or None."""
     from fastpref.training.config import parse_config
     from fastpref.training.graph import graph_refusal
     from fastpref.training.speed import check_speed
 
-    config = parse_config(compile_backend=compile_backend, **option_flags(provider))
+    config = parse_config(compile_backend=compile_backend, **flags)
     try:
         check_speed(config)
     except ValueError as error:
