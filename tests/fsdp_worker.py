@@ -4,7 +4,7 @@ costs seconds of start-up per process), run in order from a JSON list of jobs
 
 ``kill_at`` kills every process on the spot (``os._exit``; it must be the last job) in the middle
 of writing sharded ``checkpoint-<kill_at>``, after each has written its DCP shards and before
-the rename. Each call of the family's ``save_weights`` leaves a
+the rename. Each call of a family's ``save_weights`` (SD1.5, SD3, Wan) leaves a
 ``saved-by-rank-<RANK>`` file in the output directory. The jobs share one process group: the
 trainer's ``cleanup`` only waits for every process here (a default group destroyed and made again
 in one torchrun worker hangs its rendezvous); the worker leaves the group at the end."""
@@ -18,18 +18,27 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from fastpref import train
+from fastpref.training.families.sd3 import StableDiffusion3Family
 from fastpref.training.families.stable_diffusion import StableDiffusionFamily
+from fastpref.training.families.wan import WanFamily
 
 
-def main() -> None:
-    jobs = json.loads(Path(sys.argv[1]).read_text())
-    real_save, real_weights = dcp.save, StableDiffusionFamily.save_weights
+def mark_saves(cls) -> None:
+    """``cls.save_weights`` leaves ``saved-by-rank-<RANK>`` in the output directory first."""
+    real_weights = cls.save_weights
 
     def save_weights(self, reference, output_dir):
         (Path(output_dir) / f"saved-by-rank-{os.environ['RANK']}").write_text("")
         return real_weights(self, reference, output_dir)
 
-    StableDiffusionFamily.save_weights = save_weights
+    cls.save_weights = save_weights
+
+
+def main() -> None:
+    jobs = json.loads(Path(sys.argv[1]).read_text())
+    real_save = dcp.save
+    for cls in (StableDiffusionFamily, StableDiffusion3Family, WanFamily):
+        mark_saves(cls)
     train.cleanup = lambda state, model=None: dist.barrier()
     for job in jobs:
         kill = job.get("kill_at")
