@@ -11,9 +11,10 @@ from safetensors.torch import load_file, save_file
 from train_helpers import tiny_run, write_pairs
 
 from fastpref import train
-from fastpref.training.args import DEFAULT_MODEL
+from fastpref.training.args import ASSETS, DEFAULT_MODEL
 from fastpref.training.config import parse_config
 from fastpref.training.families.sdxl import StableDiffusionXLFamily
+from fastpref.training.families.wan import WanFamily
 from fastpref.training.latent_cache import CachedEncoders, check_cache_flags
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer's device
@@ -104,3 +105,16 @@ def test_sdxl_and_a_cache_dir_without_the_flag_are_refused():
         check_cache_flags(config, StableDiffusionXLFamily)
     with pytest.raises(ValueError, match="--latents_cache_dir: needs --cache_latents"):
         check_cache_flags(parse_config(latents_cache_dir="x"), train.family_class(DEFAULT_MODEL))
+
+
+def test_a_video_model_is_refused_naming_the_flag_before_anything_is_written(tmp_path):
+    """Wan: the clips are decoded and their frames sampled per step, so nothing stands for a cache."""
+    config = parse_config(pretrained_model_name_or_path=str(ASSETS / "tiny-wan"), cache_latents=True)
+    message = "--cache_latents: not supported for WanFamily .*video clips are not cached.*frames"
+    with pytest.raises(ValueError, match=message):
+        check_cache_flags(config, WanFamily)
+    out = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", str(ASSETS / "tiny-wan"), "--cache_latents", "--output_dir", str(out)]
+    with pytest.raises(ValueError, match=message):
+        train.main([*argv, "--report_to", "none", "--max_train_steps", "1"])
+    assert not out.exists()

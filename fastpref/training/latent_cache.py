@@ -58,6 +58,11 @@ def check_cache_flags(config, family_cls: type[ModelFamily]) -> None:
         raise ValueError(
             "--cache_latents with --dataset_streaming: refused, the cache is built over the whole data set"
         )
+    if family_cls.media == "videos":
+        raise ValueError(
+            f"--cache_latents: not supported for {family_cls.__name__} (a video model): video clips are "
+            f"not cached, each step decodes its clips and samples their frames anew; drop --cache_latents"
+        )
     if family_cls.prepare_images is not ModelFamily.prepare_images:
         raise ValueError(
             f"--cache_latents: not supported for {family_cls.__name__} (its images carry extra "
