@@ -12,7 +12,10 @@ tensors ([4, 4, 8, 8], B = 2; bfloat16, or float32 with --dtype fp32) in one pro
   PyTorch's; Triton's launcher, the same for any Triton kernel, is not part of it;
 * ``eager-diffusers``: ``reference_blocks.diffusers_dpo`` (β_dpo = 2500, the same loss), the
   diffusers script's loss block, run for real (its ops on tiny CPU tensors cost about their
-  host overhead):
+  host overhead);
+* ``autograd-floor``: a do-nothing ``torch.autograd.Function`` of the same call shape (forward
+  returns an empty 0-dim loss, backward an empty gradient): what any autograd Function pays
+  per forward+backward on this host, the floor under ``fastpref``'s figure:
 
 ``host_us``: CPU time of this thread per call (``time.thread_time_ns``, not wall time, so that
 other processes on a shared machine count less), the minimum over ``--rounds`` interleaved
@@ -72,12 +75,26 @@ def stubbed_launches():
             cls.run = original
 
 
+class _Floor(torch.autograd.Function):
+    """No work: an empty 0-dim loss forward, an empty gradient backward."""
+
+    @staticmethod
+    def forward(ctx, model_pred, ref_pred, target):
+        ctx.like = model_pred
+        return model_pred.new_empty((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return torch.empty_like(ctx.like), None, None
+
+
 def providers():
     import fastpref
 
     return {
         "fastpref": lambda x, r, t: fastpref.diffusion_dpo_loss(x, r, t, beta=5000.0),
         "eager-diffusers": lambda x, r, t: reference_blocks.diffusers_dpo(x, r, t, beta_dpo=2500.0),
+        "autograd-floor": lambda x, r, t: (_Floor.apply(x, r, t), {}),
     }
 
 
@@ -141,6 +158,7 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     out, paired = measure(dtype=dtype, rounds=args.rounds, calls=args.calls)
     ratio = out["fastpref"]["host_us"] / out["eager-diffusers"]["host_us"]
+    floor = out["autograd-floor"]["host_us"] / out["eager-diffusers"]["host_us"]
     meta = {
         "command": "python benchmarks/bench_host.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__,
@@ -160,10 +178,15 @@ def main(argv=None):
         f"fastpref / eager-diffusers host time: {ratio:.3f}x (minima), {paired:.3f}x (median of the rounds' "
         f"ratios)   ({meta['command']}; torch {meta['torch']})"
     )
+    print(f"autograd-floor / eager-diffusers: {floor:.3f}x (the least any autograd Function costs here)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": out, "ratio": ratio, "ratio_median_of_rounds": paired}, f, indent=1)
-    return out
+            json.dump(
+                {"meta": meta, "rows": out, "ratio": ratio, "ratio_median_of_rounds": paired, "floor_ratio": floor},
+                f,
+                indent=1,
+            )
+    return out, ratio, floor
 
 
 if __name__ == "__main__":
