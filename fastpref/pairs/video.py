@@ -23,7 +23,7 @@ import pyarrow as pa
 from .rewards import Reward
 from .sampling import sample_videos
 from .select import label_0, select_pairs
-from .writer import FORMATS
+from .writer import FORMATS, PAIR_FIELDS
 
 WAN_NUM_FRAMES = 81  # WanPipeline.__call__'s default num_frames
 
@@ -52,19 +52,7 @@ class VideoPairsFormat:
     """The video index (module docstring) of an output parquet ``output``."""
 
     kind = "video"
-    SCHEMA = pa.schema(
-        [
-            ("video_0", pa.string()),
-            ("video_1", pa.string()),
-            ("label_0", pa.float64()),
-            ("caption", pa.string()),
-            ("score_0", pa.float64()),
-            ("score_1", pa.float64()),
-            ("seed_0", pa.int64()),
-            ("seed_1", pa.int64()),
-            ("prompt_index", pa.int64()),
-        ]
-    )
+    SCHEMA = pa.schema([("video_0", pa.string()), ("video_1", pa.string()), *PAIR_FIELDS])
 
     def __init__(self, output: str | Path, fps: int = 8, crf: int = 10):
         self.root = Path(output).parent

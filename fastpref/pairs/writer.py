@@ -31,6 +31,19 @@ SPEC_FILE = "spec.json"
 PART = re.compile(r"part-(\d{8})-(\d{8})\.parquet")
 
 
+PAIR_FIELDS = [
+    ("label_0", pa.float64()),
+    ("caption", pa.string()),
+    ("score_0", pa.float64()),
+    ("score_1", pa.float64()),
+    ("seed_0", pa.int64()),
+    ("seed_1", pa.int64()),
+    ("prompt_index", pa.int64()),
+]
+"""The columns after the two media columns, shared by every pairs format: the label, the caption,
+and for audit and regeneration each sample's reward and seed and its prompt's line."""
+
+
 class ImagePairsFormat:
     """Image pairs in the Pick-a-Pic layout the trainer reads (``fastpref.training.data``):
     ``jpg_0``, ``jpg_1`` (encoded images; JPEG quality 95 like Pick-a-Pic, or PNG),
@@ -39,19 +52,7 @@ class ImagePairsFormat:
     ``seed_1`` (each image's sampling seed) and ``prompt_index`` (its line in the prompts file)."""
 
     kind = "image"
-    SCHEMA = pa.schema(
-        [
-            ("jpg_0", pa.binary()),
-            ("jpg_1", pa.binary()),
-            ("label_0", pa.float64()),
-            ("caption", pa.string()),
-            ("score_0", pa.float64()),
-            ("score_1", pa.float64()),
-            ("seed_0", pa.int64()),
-            ("seed_1", pa.int64()),
-            ("prompt_index", pa.int64()),
-        ]
-    )
+    SCHEMA = pa.schema([("jpg_0", pa.binary()), ("jpg_1", pa.binary()), *PAIR_FIELDS])
 
     def __init__(self, image_format: str = "jpeg", quality: int = 95):
         if image_format not in ("jpeg", "png"):
