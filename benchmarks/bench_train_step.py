@@ -273,22 +273,10 @@ def run(args) -> None:
                     if call == capture_at and device == "cuda":
                         torch.cuda.synchronize()
                         pool = (torch.cuda.memory_reserved() - reserved) / 2**30
-                times = []
                 if device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                for _ in range(args.steps):
-                    if device == "cuda":
-                        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        s.record()
-                        step()
-                        e.record()
-                        torch.cuda.synchronize()
-                        times.append(s.elapsed_time(e))
-                    else:
-                        a = time.perf_counter()
-                        step()
-                        times.append((time.perf_counter() - a) * 1e3)
+                times = time_steps(step, args.steps, device)
                 mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
                 reserved_peak = torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None
                 # a replay dispatches nothing to count: the captured provider counts its eager

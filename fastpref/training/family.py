@@ -41,6 +41,19 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def check_pipeline_dir(path: Path, subfolders, what: str, note: str = "") -> None:
+    """Refuse ``path`` unless it is a directory holding every one of ``subfolders``: ValueError
+    naming --pretrained_model_name_or_path, ``what`` pipeline was expected (``note`` after the
+    subfolder list, e.g. which are optional) and what is missing."""
+    missing = [s for s in subfolders if not (path / s).is_dir()]
+    if not path.is_dir() or missing:
+        raise ValueError(
+            f"--pretrained_model_name_or_path: expected a local diffusers {what} directory with subfolders "
+            f"{list(subfolders)}{note}, got {str(path)!r}"
+            + (f" (missing {missing})" if path.is_dir() else " (not a directory)")
+        )
+
+
 class ModelFamily(ABC):
     """One pipeline architecture: its frozen encoders, trainable denoiser and noise schedule.
 

@@ -24,7 +24,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..family import register, to_device
+from ..family import check_pipeline_dir, register, to_device
 from ..flow import FlowMatchingFamily
 from ..models import add_lora, cast, set_attention, vae_decode, vae_encode
 
@@ -87,13 +87,7 @@ class FluxFamily(FlowMatchingFamily):
     @classmethod
     def check(cls, path: Path) -> int:
         path = Path(path)
-        missing = [s for s in PIPELINE_SUBFOLDERS if not (path / s).is_dir()]
-        if not path.is_dir() or missing:
-            raise ValueError(
-                f"--pretrained_model_name_or_path: expected a local diffusers FluxPipeline directory with "
-                f"subfolders {list(PIPELINE_SUBFOLDERS)}, got {str(path)!r}"
-                + (f" (missing {missing})" if path.is_dir() else " (not a directory)")
-            )
+        check_pipeline_dir(path, PIPELINE_SUBFOLDERS, "FluxPipeline")
         scheduler = _read_json(path / "scheduler" / "scheduler_config.json").get("_class_name")
         if scheduler != "FlowMatchEulerDiscreteScheduler":
             raise ValueError(

@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..family import register, to_device
+from ..family import check_pipeline_dir, register, to_device
 from ..flow import FlowMatchingFamily
 from ..models import add_lora, cast, set_attention, vae_decode, vae_encode
 
@@ -77,13 +77,7 @@ class StableDiffusion3Family(FlowMatchingFamily):
     @classmethod
     def check(cls, path: Path) -> int:
         path = Path(path)
-        missing = [s for s in PIPELINE_SUBFOLDERS if not (path / s).is_dir()]
-        if not path.is_dir() or missing:
-            raise ValueError(
-                f"--pretrained_model_name_or_path: expected a local diffusers StableDiffusion3Pipeline "
-                f"directory with subfolders {list(PIPELINE_SUBFOLDERS)} (text_encoder_3 optional), got "
-                f"{str(path)!r}" + (f" (missing {missing})" if path.is_dir() else " (not a directory)")
-            )
+        check_pipeline_dir(path, PIPELINE_SUBFOLDERS, "StableDiffusion3Pipeline", " (text_encoder_3 optional)")
         scheduler = _read_json(path / "scheduler" / "scheduler_config.json").get("_class_name")
         if scheduler != "FlowMatchEulerDiscreteScheduler":
             raise ValueError(

@@ -23,7 +23,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..family import ModelFamily, register, to_device
+from ..family import ModelFamily, check_pipeline_dir, register, to_device
 from ..models import add_lora, cast, set_attention, vae_decode, vae_encode
 from ..replay import ddim_sample
 
@@ -114,13 +114,7 @@ class StableDiffusionXLFamily(ModelFamily):
     @classmethod
     def check(cls, path: Path) -> int:
         path = Path(path)
-        missing = [s for s in PIPELINE_SUBFOLDERS if not (path / s).is_dir()]
-        if not path.is_dir() or missing:
-            raise ValueError(
-                f"--pretrained_model_name_or_path: expected a local diffusers Stable Diffusion XL "
-                f"directory with subfolders {list(PIPELINE_SUBFOLDERS)}, got {str(path)!r}"
-                + (f" (missing {missing})" if path.is_dir() else " (not a directory)")
-            )
+        check_pipeline_dir(path, PIPELINE_SUBFOLDERS, "Stable Diffusion XL")
         with open(path / "unet" / "config.json") as f:
             embed = json.load(f).get("addition_embed_type")
         if embed != "text_time":

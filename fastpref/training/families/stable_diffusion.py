@@ -13,7 +13,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..family import ModelFamily, register, to_device
+from ..family import ModelFamily, check_pipeline_dir, register, to_device
 from ..models import add_lora, cast, set_attention, vae_decode, vae_encode
 from ..replay import ddim_sample
 
@@ -49,13 +49,7 @@ class StableDiffusionFamily(ModelFamily):
     @classmethod
     def check(cls, path: Path) -> int:
         path = Path(path)
-        missing = [s for s in PIPELINE_SUBFOLDERS if not (path / s).is_dir()]
-        if not path.is_dir() or missing:
-            raise ValueError(
-                f"--pretrained_model_name_or_path: expected a local diffusers Stable Diffusion "
-                f"directory with subfolders {list(PIPELINE_SUBFOLDERS)}, got {str(path)!r}"
-                + (f" (missing {missing})" if path.is_dir() else " (not a directory)")
-            )
+        check_pipeline_dir(path, PIPELINE_SUBFOLDERS, "Stable Diffusion")
         with open(path / "vae" / "config.json") as f:
             return 2 ** (len(json.load(f)["block_out_channels"]) - 1)
 

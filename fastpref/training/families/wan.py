@@ -31,7 +31,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from ..family import register, to_device
+from ..family import check_pipeline_dir, register, to_device
 from ..flow import FlowMatchingFamily
 from ..models import add_lora, cast
 
@@ -100,13 +100,7 @@ class WanFamily(FlowMatchingFamily):
     @classmethod
     def check(cls, path: Path) -> int:
         path = Path(path)
-        missing = [s for s in PIPELINE_SUBFOLDERS if not (path / s).is_dir()]
-        if not path.is_dir() or missing:
-            raise ValueError(
-                f"--pretrained_model_name_or_path: expected a local diffusers Wan directory with subfolders "
-                f"{list(PIPELINE_SUBFOLDERS)}, got {str(path)!r}"
-                + (f" (missing {missing})" if path.is_dir() else " (not a directory)")
-            )
+        check_pipeline_dir(path, PIPELINE_SUBFOLDERS, "Wan")
         index = json.loads((path / "model_index.json").read_text())
         if (index.get("transformer_2") or [None])[0] is not None:
             raise ValueError(
