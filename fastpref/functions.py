@@ -28,7 +28,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastpref import ops
-from fastpref._validate import compute_dtype
 from fastpref.kernels import REGISTRY, Method
 from fastpref.kernels.head import encode_options, plan
 from fastpref.loss_metrics import LossMetrics
@@ -71,16 +70,16 @@ def _floats(method, floats):
 
 class _Fused(torch.autograd.Function):
     """The eager path: apply(model_pred, ref_pred, target, (plan, floats, inputs, count, out)) ->
-    loss. The output buffer's pieces are handed back through the list `out` rather than as
-    outputs (made under no grad inside forward, they need none of autograd's output handling)."""
+    loss. The output buffer is handed back through the list `out` rather than as an output
+    (made under no grad inside forward, it needs none of autograd's output handling)."""
 
     @staticmethod
     def forward(ctx, model_pred, ref_pred, target, args):
         hp, floats, inputs, count, out = args
-        loss, _, pieces, ints, saved = ops.forward(model_pred, ref_pred, target, hp, floats, inputs, count)
-        ctx.saved = saved  # the inputs (or their row copies) and the coefficients: no version checks
+        loss, buf, saved = ops.forward(model_pred, ref_pred, target, hp, floats, inputs, count)
+        ctx.saved = saved  # the inputs (or their row copies) and the buffer: no version checks
         ctx.shape = model_pred.shape
-        out += pieces, ints
+        out.append(buf)
         return loss
 
     @staticmethod
@@ -114,10 +113,10 @@ class FusedLossFunction(torch.autograd.Function):
         inputs = [launch.inputs.get(name) for name in method.inputs]
         count = _count(method, model_pred.shape[0], launch.count)
         floats = _floats(method, launch.floats)
-        loss, buf, _, ints, saved = ops.forward(model_pred, ref_pred, target, hp, floats, inputs, count)
+        loss, buf, saved = ops.forward(model_pred, ref_pred, target, hp, floats, inputs, count)
         start = len(method.layout.ints) * (8 // buf.element_size())
         stats = buf[start : start + method.layout.size(model_pred.shape[0] // 2 if method.paired else 0)]
-        ints = buf.new_empty(0, dtype=torch.int64) if ints is None else ints
+        ints = buf[:start].view(torch.int64) if method.layout.ints else buf.new_empty(0, dtype=torch.int64)
         ctx.saved = saved
         ctx.shape = model_pred.shape
         ctx.mark_non_differentiable(stats, ints)
@@ -153,17 +152,10 @@ def call(model_pred, ref_pred, target, method, floats=_EMPTY, options=_EMPTY, in
         loss, buf = torch.ops.fastpref.fused_loss(
             model_pred, ref_pred, target, inputs, method.name, encoded, values, count
         )
-        acc = compute_dtype(model_pred, ref_pred, target)
-        pieces = buf.split_with_sizes(method.layout.pieces(pairs, rows, acc.itemsize))
-        ints = pieces[0].view(torch.int64) if method.layout.ints else None
-    else:
-        out = []
-        loss = _apply(
-            model_pred, ref_pred, target, (_plan(method, options), _floats(method, floats), inputs, count, out)
-        )
-        pieces, ints = out
-        return loss, LossMetrics.of_call(method.layout, pieces, ints, pairs, drop)
-    return loss, method.layout.named(pieces, ints, pairs, drop)
+        return loss, method.layout.metrics(buf, pairs, drop)
+    out = []
+    loss = _apply(model_pred, ref_pred, target, (_plan(method, options), _floats(method, floats), inputs, count, out))
+    return loss, LossMetrics.of_call(method.layout, out[0], pairs, drop)
 
 
 def run(model_pred, ref_pred, target, launch, drop=()):

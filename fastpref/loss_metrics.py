@@ -26,18 +26,18 @@ class LossMetrics(MutableMapping):
         self._source = None
 
     @classmethod
-    def of_call(cls, layout, pieces, ints, pairs, drop=()):
-        """The metrics of a call, from `Layout.named`'s arguments (its views made on first access)."""
+    def of_call(cls, layout, buf, pairs, drop=()):
+        """The metrics of a call, from `Layout.metrics`' arguments (its views made on first access)."""
         metrics = cls.__new__(cls)
         metrics._views = None
-        metrics._source = (layout, pieces, ints, pairs, drop)
+        metrics._source = (layout, buf, pairs, drop)
         return metrics
 
     def _all(self):
         views = self._views
         if views is None:
-            layout, pieces, ints, pairs, drop = self._source
-            views = self._views = layout.named(pieces, ints, pairs, drop)
+            layout, buf, pairs, drop = self._source
+            views = self._views = layout.metrics(buf, pairs, drop)
             self._source = None
         return views
 

@@ -71,10 +71,11 @@ def forward(model_pred, ref_pred, target, hp, floats, inputs, count):
 
     floats: the head's float parameters in `hp.float_names` order; inputs: its extra tensors in
     descriptor order (None where absent); count: pairs B or kept rows. Returns (loss, buf,
-    pieces, ints, saved): the 0-dim loss; the output buffer (accumulation dtype) and its
-    `Layout.pieces` views (the partials last: empty when traced, where `buf` holds no partials),
-    `ints` the int64 view of its ints piece; saved: what `backward` needs, (p, r, t, coef) with
-    r None unless the method reads it there (has_b)."""
+    saved): the 0-dim loss; the one output buffer (accumulation dtype, laid out as
+    `hp.buffer` says: the int64 metrics, the stats, the coefficients, then the row sums, except
+    when traced, where those have a tensor of their own); saved: what `backward` needs,
+    (p, r, t, buf, coefficients' start) with r None unless the method reads it there (has_b).
+    No tensor view is made: the kernels take the buffer and the start of each piece."""
     method = hp.method
     rows = model_pred.shape[0]
     n = model_pred.numel() // rows
@@ -88,34 +89,27 @@ def forward(model_pred, ref_pred, target, hp, floats, inputs, count):
         partials = _runtime.empty((geo.planes, rows, geo.splits), acc, device)
         _reduce.row_sums(p, r, t, partials, geo, rows, n)
         loss, buf = torch.ops.fastpref.head(partials, inputs, method.name, hp.encoded, floats, rows, count, n)
-        pieces = buf.split_with_sizes(hp.pieces(pairs, rows, acc))
+        starts = hp.buffer(pairs, rows, acc).starts
     else:
+        layout = hp.buffer(pairs, rows, acc, geo.planes * rows * geo.splits)
+        starts = layout.starts
         loss = _runtime.empty((), acc, device)
-        sizes = hp.pieces(pairs, rows, acc, geo.planes * rows * geo.splits)
-        buf = _runtime.empty(sum(sizes), acc, device)
-        pieces = buf.split_with_sizes(sizes)
-    coef = pieces[-2]
-    ints, stats = (pieces[0].view(torch.int64), pieces[1]) if method.layout.ints else (None, pieces[0])
-    if type(p) is torch.Tensor:
+        buf = _runtime.empty(layout.total, acc, device)
         pairs_f = _runtime.float_pairs(tuple(floats))
-        ints_ptr = buf if ints is None else ints  # (a head without int metrics does not read it)
-        partials = pieces[-1]
         if _runtime.ONE_LAUNCH:
-            _fused.row_sums_head(
-                hp, p, r, t, partials, geo, rows, n, count, pairs_f, inputs, loss, stats, ints_ptr, coef
-            )
+            _fused.row_sums_head(hp, p, r, t, geo, rows, n, count, pairs_f, inputs, loss, buf, starts)
         else:
-            _reduce.row_sums(p, r, t, partials, geo, rows, n)
-            _head.run_head(hp, partials, geo.splits, rows, count, n, pairs_f, inputs, loss, stats, ints_ptr, coef)
-    return loss, buf, pieces, ints, (p, r if method.has_b else None, t, coef)
+            _reduce.row_sums(p, r, t, buf, geo, rows, n, starts[0])
+            _head.run_head(hp, buf, geo.splits, rows, count, n, pairs_f, inputs, loss, buf, starts)
+    return loss, buf, (p, r if method.has_b else None, t, buf, starts[2])
 
 
 def backward(saved, grad_loss, shape):
     """The gradient w.r.t. model_pred (a new contiguous tensor of `shape`, model_pred's shape, in
     its dtype) from `forward`'s `saved` and the incoming gradient (0-dim)."""
-    p, r, t, coef = saved
+    p, r, t, buf, coef_start = saved
     rows = shape[0]
-    return _grad.elementwise_grad(p, r, t, coef, grad_loss, r is not None, rows, p.numel() // rows, shape)
+    return _grad.elementwise_grad(p, r, t, buf, coef_start, grad_loss, r is not None, rows, p.numel() // rows, shape)
 
 
 # ---- the operators ---------------------------------------------------------------------------
@@ -132,28 +126,27 @@ def _fused_loss(
     count: int,
 ) -> tuple[Tensor, Tensor]:
     hp = _head.find_plan(method, options)
-    loss, buf, pieces, _, _ = forward(model_pred, ref_pred, target, hp, floats, inputs, count)
-    return loss, buf[: buf.numel() - pieces[-1].numel()]  # the same buffer as traced: no partials
+    loss, buf, _ = forward(model_pred, ref_pred, target, hp, floats, inputs, count)
+    return loss, buf[: _op_buffer(hp, model_pred.shape[0], buf.dtype).total]  # as traced: no partials
+
+
+def _op_buffer(hp, rows, acc):
+    """The `kernels.head.Buffer` of the operators' output buffer (no room for the partials)."""
+    return hp.buffer(rows // 2 if hp.method.paired else 0, rows, acc)
 
 
 def _fused_loss_fake(model_pred, ref_pred, target, inputs, method, options, floats, count):
     hp = _head.find_plan(method, options)
     acc = compute_dtype(model_pred, ref_pred, target)
-    rows = model_pred.shape[0]
-    total = sum(hp.pieces(rows // 2 if hp.method.paired else 0, rows, acc))
+    total = _op_buffer(hp, model_pred.shape[0], acc).total
     return model_pred.new_empty((), dtype=acc), model_pred.new_empty((total,), dtype=acc)
-
-
-def _coef_start(hp, rows, acc):
-    """Where the coefficients start in the operator's buffer."""
-    return sum(hp.pieces(rows // 2 if hp.method.paired else 0, rows, acc)[:-2])
 
 
 def _fused_loss_backward(
     model_pred: Tensor, ref_pred: Tensor | None, target: Tensor, buf: Tensor, grad_loss: Tensor, coef_start: int
 ) -> Tensor:
-    coef = buf[coef_start : coef_start + 2 * model_pred.shape[0]]
-    return backward((_rows(model_pred), _rows(ref_pred), _rows(target), coef), grad_loss, model_pred.shape)
+    saved = _rows(model_pred), _rows(ref_pred), _rows(target), buf, coef_start
+    return backward(saved, grad_loss, model_pred.shape)
 
 
 def _fused_loss_backward_fake(model_pred, ref_pred, target, buf, grad_loss, coef_start):
@@ -172,19 +165,17 @@ def _head_op(
 ) -> tuple[Tensor, Tensor]:
     hp = _head.find_plan(method, options)
     acc, device = partials.dtype, partials.device
-    sizes = hp.pieces(rows // 2 if hp.method.paired else 0, rows, acc)
-    loss, buf = _runtime.empty((), acc, device), _runtime.empty((sum(sizes),), acc, device)
-    pieces = buf.split_with_sizes(sizes)
-    ints, stats = (pieces[0].view(torch.int64), pieces[1]) if hp.method.layout.ints else (buf, pieces[0])
+    layout = _op_buffer(hp, rows, acc)
+    loss, buf = _runtime.empty((), acc, device), _runtime.empty(layout.total, acc, device)
     floats = _runtime.float_pairs(tuple(floats))
-    _head.run_head(hp, partials, partials.shape[2], rows, count, n, floats, inputs, loss, stats, ints, pieces[-2])
+    starts = (0, *layout.starts[1:])  # the partials: a tensor of their own
+    _head.run_head(hp, partials, partials.shape[2], rows, count, n, floats, inputs, loss, buf, starts)
     return loss, buf
 
 
 def _head_op_fake(partials, inputs, method, options, floats, rows, count, n):
     hp = _head.find_plan(method, options)
-    total = sum(hp.pieces(rows // 2 if hp.method.paired else 0, rows, partials.dtype))
-    return partials.new_empty(()), partials.new_empty((total,))
+    return partials.new_empty(()), partials.new_empty((_op_buffer(hp, rows, partials.dtype).total,))
 
 
 def _setup_context(ctx, inputs, output):
@@ -192,7 +183,7 @@ def _setup_context(ctx, inputs, output):
     ctx.nones = _none_like(extra), _none_like(floats)
     hp = _head.find_plan(method, options)
     buf = output[1]
-    ctx.coef_start = _coef_start(hp, model_pred.shape[0], buf.dtype)
+    ctx.coef_start = _op_buffer(hp, model_pred.shape[0], buf.dtype).starts[2]
     ctx.save_for_backward(model_pred, ref_pred if hp.method.has_b else None, target, buf)
     ctx.mark_non_differentiable(buf)
     ctx.set_materialize_grads(False)

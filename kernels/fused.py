@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime
-from .head import HeadPlan, runtime_values
+from .head import HeadPlan, place_outputs, runtime_values
 from .reduce import BLOCK, row_partials
 
 
@@ -36,6 +36,7 @@ def _row_sums_head_kernel(
     stride_r,
     stride_t,
     args,
+    starts,
     HAS_REF: tl.constexpr,
     CROSS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -46,7 +47,20 @@ def _row_sums_head_kernel(
     SP: tl.constexpr,
 ):
     row_partials(
-        p_ptr, r_ptr, t_ptr, part_ptr, n, chunk, rows, splits, stride_p, stride_r, stride_t, HAS_REF, CROSS, BLOCK
+        p_ptr,
+        r_ptr,
+        t_ptr,
+        part_ptr + starts[0],
+        n,
+        chunk,
+        rows,
+        splits,
+        stride_p,
+        stride_r,
+        stride_t,
+        HAS_REF,
+        CROSS,
+        BLOCK,
     )
     # Every thread's stores of this program happen before the release of its ticket.
     tl.debug_barrier()
@@ -56,19 +70,20 @@ def _row_sums_head_kernel(
         # Every other program has released its partials (acquired above); no program touches
         # the counter again in this launch, so the next launch finds it at zero.
         tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
-        HEAD(*args, C, ACC, NP, SP)
+        HEAD(*place_outputs(args, starts, C), C, ACC, NP, SP)
 
 
-def row_sums_head(hp: HeadPlan, p, r, t, partials, geo, rows, n, count, float_pairs, inputs, loss, stats, ints, coef):
-    """`reduce.row_sums` then `head.run_head` in one launch: same arguments, same outputs."""
+def row_sums_head(hp: HeadPlan, p, r, t, geo, rows, n, count, float_pairs, inputs, loss, buf, starts):
+    """`reduce.row_sums` then `head.run_head` in one launch, the partials the last piece of `buf`:
+    same arguments, same outputs."""
     r_arg = r if r is not None else p
-    values = runtime_values(partials, rows, count, geo.splits, n, loss, stats, ints, coef, float_pairs)
-    head = hp.launch(partials.dtype, count if hp.method.paired else rows, geo.splits)
+    values = runtime_values(buf, rows, count, geo.splits, n, loss, buf, float_pairs)
+    head = hp.launch(buf.dtype, count if hp.method.paired else rows, geo.splits)
     _row_sums_head_kernel.run(
         p,
         r_arg,
         t,
-        partials,
+        buf,
         _runtime.ticket(p.device),
         n,
         geo.chunk,
@@ -78,6 +93,7 @@ def row_sums_head(hp: HeadPlan, p, r, t, partials, geo, rows, n, count, float_pa
         r_arg.stride()[0],
         t.stride()[0],
         hp.args(values, inputs),
+        starts,
         HAS_REF=r is not None,
         CROSS=hp.method.cross,
         BLOCK=BLOCK,

@@ -32,6 +32,7 @@ def _grad_kernel(
     r_ptr,
     t_ptr,
     coef_ptr,
+    coef_start,
     gout_ptr,
     grad_ptr,
     n,
@@ -44,6 +45,7 @@ def _grad_kernel(
     RNE_BF16: tl.constexpr,
 ):
     ACC: tl.constexpr = coef_ptr.dtype.element_ty
+    coef_ptr += coef_start  # (the coefficients are a piece of the call's output buffer)
     row = tl.program_id(0).to(tl.int64)
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
@@ -67,11 +69,12 @@ def _grad_kernel(
         tl.store(grad_ptr + row * n + idx, val.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def elementwise_grad(p, r, t, coef, grad_output, has_b, rows, n, shape):
+def elementwise_grad(p, r, t, coef, coef_start, grad_output, has_b, rows, n, shape):
     """Gradient of the loss w.r.t. p (`rows` rows of `n` elements, rows `stride(0)` apart, as
     `reduce.row_sums` takes them): a new contiguous tensor of `shape` and p's dtype.
 
-    coef: the 2R coefficients (a, then b) in the accumulation dtype, 1-D or [2, R];
+    coef: a tensor holding the 2R coefficients (a, then b) in the accumulation dtype from its
+    element `coef_start` on (the call's output buffer);
     grad_output: 0-dim tensor; r may be None when has_b is False."""
     grad = _runtime.empty_like(p) if p.shape == shape else _runtime.empty(shape, p.dtype, p.device)
     r_arg = r if r is not None else p
@@ -80,6 +83,7 @@ def elementwise_grad(p, r, t, coef, grad_output, has_b, rows, n, shape):
         r_arg,
         t,
         coef,
+        coef_start,
         grad_output,
         grad,
         n,

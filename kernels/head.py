@@ -10,6 +10,7 @@ passes the constexprs C, ACC, NP, SP.
 """
 
 import operator
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
@@ -18,9 +19,39 @@ from . import _runtime
 from .method import RUNTIME, Method
 
 
+@triton.constexpr_function
+def _output_slot(C, which):
+    return C.outputs[which]
+
+
 @triton.jit
-def _head_kernel(args, HEAD: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
-    HEAD(*args, C, ACC, NP, SP)
+def _moved(args, SLOT: tl.constexpr, start):
+    """args with its pointer at SLOT moved `start` elements on (no-op for SLOT -1)."""
+    if SLOT >= 0:
+        args = args[:SLOT] + (args[SLOT] + start,) + args[SLOT + 1 :]
+    return args
+
+
+@triton.jit
+def place_outputs(args, starts, C: tl.constexpr):
+    """The head's arguments with its output pointers (method.OUTPUT_POINTERS: partials, stats,
+    coefficients, int64 metrics), each passed as the start of the one output buffer, moved to
+    their pieces: `starts` = (partials, stats, coefficients) offsets; the int64 metrics start the
+    buffer, read through a bitcast pointer."""
+    args = _moved(args, _output_slot(C, 0), starts[0])
+    args = _moved(args, _output_slot(C, 1), starts[1])
+    args = _moved(args, _output_slot(C, 2), starts[2])
+    INTS: tl.constexpr = _output_slot(C, 3)
+    if INTS >= 0:
+        args = args[:INTS] + (args[INTS].to(tl.pointer_type(tl.int64), bitcast=True),) + args[INTS + 1 :]
+    return args
+
+
+@triton.jit
+def _head_kernel(
+    args, starts, HEAD: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr
+):
+    HEAD(*place_outputs(args, starts, C), C, ACC, NP, SP)
 
 
 def _strides(x):
@@ -36,6 +67,15 @@ def encode_options(method: Method, options):
     if any(name not in method.option_names for name in options):
         method.config(options)  # raises: names the unknown option and the choices
     return "|".join([str(options.get(o.name, o.default)) for o in method.options])
+
+
+class Buffer(NamedTuple):
+    """A call's output buffer: `sizes` its pieces (`Layout.pieces`), `total` their sum, `starts`
+    where the partials, stats and coefficients start (`Layout.starts`)."""
+
+    sizes: tuple
+    total: int
+    starts: tuple
 
 
 class HeadPlan:
@@ -63,12 +103,15 @@ class HeadPlan:
         self._buffers = {}
         self._launches = {}
 
-    def pieces(self, pairs, rows, acc, partials=0):
-        """`Layout.pieces` of a call's output buffer in the accumulation dtype `acc`, cached."""
+    def buffer(self, pairs, rows, acc, partials=0):
+        """The `Buffer` of a call's output buffer in the accumulation dtype `acc` (with room for
+        `partials` row sums at its end), cached."""
         key = (pairs, rows, acc, partials)
         found = self._buffers.get(key)
         if found is None:
-            found = self._buffers[key] = self.method.layout.pieces(pairs, rows, acc.itemsize, partials)
+            layout = self.method.layout
+            sizes = layout.pieces(pairs, rows, acc.itemsize, partials)
+            found = self._buffers[key] = Buffer(sizes, sum(sizes), layout.starts(pairs, rows, acc.itemsize))
         return found
 
     def launch(self, acc, count, splits):
@@ -122,20 +165,24 @@ def find_plan(name, encoded) -> HeadPlan:
     return found
 
 
-def run_head(hp: HeadPlan, partials, splits, rows, count, n, float_pairs, inputs, loss, stats, ints, coef):
+def run_head(hp: HeadPlan, partials, splits, rows, count, n, float_pairs, inputs, loss, buf, starts):
     """Launch the head of plan `hp` on the partial sums of `rows` rows of `n` elements.
 
     count: the number of pairs B for paired methods, the rows N (or kept rows) for row methods;
     float_pairs: the hyperparameters as fp32 (hi, lo) pairs in `hp.float_names` order; inputs:
-    the extra tensors in descriptor order. Writes the 0-dim `loss`, the `stats` and int64 `ints`
-    metrics and the [2, rows] coefficients `coef` (pieces of one buffer: `HeadPlan.pieces`; the
-    stats are the buffer itself, they start it)."""
+    the extra tensors in descriptor order. Writes the 0-dim `loss` and, into the one output
+    buffer `buf` (`HeadPlan.buffer`), the int64 and float metrics and the [2, rows]
+    coefficients; `partials`: the row sums ([planes, rows, splits]; `buf` itself where they are
+    its last piece); starts: (partials, stats, coefficients) offsets, the partials' one counted
+    from `partials`."""
     _head_kernel.run(
-        hp.args(runtime_values(partials, rows, count, splits, n, loss, stats, ints, coef, float_pairs), inputs),
+        hp.args(runtime_values(partials, rows, count, splits, n, loss, buf, float_pairs), inputs),
+        starts,
         **hp.launch(partials.dtype, count if hp.method.paired else rows, splits),
     )
 
 
-def runtime_values(partials, rows, count, splits, n, loss, stats, ints, coef, float_pairs):
-    """The flat value list a plan picks the head's arguments from: RUNTIME, then the float pairs."""
-    return (partials, rows, count, count, splits, _runtime.f64_pair(1.0 / n), loss, stats, ints, coef, *float_pairs)
+def runtime_values(partials, rows, count, splits, n, loss, buf, float_pairs):
+    """The flat value list a plan picks the head's arguments from: RUNTIME, then the float pairs
+    (the output buffer for each of its output pointers: `place_outputs` moves them)."""
+    return (partials, rows, count, count, splits, _runtime.f64_pair(1.0 / n), loss, buf, buf, buf, *float_pairs)

@@ -19,6 +19,7 @@ by metric name), ACC the accumulation dtype, NP / SP the padded pair / split cou
 import dataclasses
 import inspect
 
+import torch
 import triton.language as tl
 
 CHECKS = ("positive_finite", "finite", "nonnegative", "unit_interval", "open_unit_interval", "positive_int")
@@ -55,6 +56,11 @@ RUNTIME = (
     "coef_ptr",
 )
 """The head parameters the launch fills itself (in this order in `head.runtime_values`)."""
+
+OUTPUT_POINTERS = ("part_ptr", "stats_ptr", "coef_ptr", "ints_ptr")
+"""The head's pointers into the call's one output buffer (`Layout.pieces`): the launch passes the
+buffer itself for each, with the start of each piece (`Layout.starts`), and the head kernel
+moves the pointers there (`head.place_outputs`): no tensor view is made per piece."""
 
 POSITIONAL_INPUTS = ("timesteps", "labels")
 """Extra inputs passed positionally after target (in this order); the others are keyword arguments."""
@@ -123,20 +129,19 @@ class Layout:
             + (2 * rows, partials)
         )
 
-    def named(self, pieces, ints, pairs, drop=()):
-        """Metric dict of the buffer's pieces (`pieces` sizes; ints: the int64 view of the ints
-        piece, if any): views, no copies, no launches."""
-        first = 1 if self.ints else 0
-        out = dict(zip(self.scalars, pieces[first].unbind(0), strict=True))
-        vectors = first + 1 + len(self.vectors)
-        out.update(zip(self.vectors, pieces[first + 1 : vectors], strict=True))
-        for name, piece in zip(self.matrices, pieces[vectors : vectors + len(self.matrices)], strict=True):
-            out[name] = piece.view(pairs, pairs)
-        if self.ints:
-            out.update(zip(self.ints, ints.unbind(0), strict=True))
-        for key in drop:
-            del out[key]
-        return out
+    def starts(self, pairs, rows, acc_bytes):
+        """(partials, stats, coefficients): where those pieces start in the buffer (`pieces`), in
+        elements of the accumulation dtype (the int64 metrics, if any, start it)."""
+        stats = len(self.ints) * (8 // acc_bytes)
+        coef = stats + self.size(pairs)
+        return coef + 2 * rows, stats, coef
+
+    def metrics(self, buf, pairs, drop=()):
+        """Metric dict of views into a call's output buffer `buf` (`pieces`' layout; its pieces
+        after the stats are not read): no copies, no launches."""
+        start = len(self.ints) * (8 // buf.element_size())
+        ints = buf[:start].view(torch.int64) if self.ints else None
+        return self.unpack(buf[start : start + self.size(pairs)], ints, pairs, drop)
 
     def unpack(self, stats, ints, pairs, drop=()):
         """Metric dict of views into the stats/ints buffers (no copies, no launches); the
@@ -165,12 +170,15 @@ class Layout:
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
     """The compile-time constants of one head launch (the constexpr `C`): the method's name, its
-    metric layout and its options as (name, value) pairs, read as attributes (``C.safeguard``).
+    metric layout, its options as (name, value) pairs, read as attributes (``C.safeguard``), and
+    `outputs`: where the head's OUTPUT_POINTERS are among its runtime arguments (-1: a pointer it
+    does not take), so the launch can point them into the one output buffer (head.py).
     Hashable with a stable repr, so Triton caches one compiled head per configuration."""
 
     method: str
     layout: Layout
     options: tuple = ()
+    outputs: tuple = ()
 
     def __getattr__(self, name):
         for key, value in object.__getattribute__(self, "options"):
@@ -260,7 +268,9 @@ class Method:
                     f"{[(o.name, o.choices) for o in self.options]}"
                 )
             merged[name] = value
-        return HeadConfig(self.name, self.layout, tuple(sorted(merged.items())))
+        params = self.head_params()
+        outputs = tuple(params.index(name) if name in params else -1 for name in OUTPUT_POINTERS)
+        return HeadConfig(self.name, self.layout, tuple(sorted(merged.items())), outputs)
 
     def preset(self, name):
         """The keyword arguments of preset `name`."""

@@ -135,6 +135,7 @@ def _row_sums_kernel(
     r_ptr,
     t_ptr,
     part_ptr,
+    part_start,
     n,
     chunk,
     rows,
@@ -147,7 +148,20 @@ def _row_sums_kernel(
     BLOCK: tl.constexpr,
 ):
     row_partials(
-        p_ptr, r_ptr, t_ptr, part_ptr, n, chunk, rows, splits, stride_p, stride_r, stride_t, HAS_REF, CROSS, BLOCK
+        p_ptr,
+        r_ptr,
+        t_ptr,
+        part_ptr + part_start,
+        n,
+        chunk,
+        rows,
+        splits,
+        stride_p,
+        stride_r,
+        stride_t,
+        HAS_REF,
+        CROSS,
+        BLOCK,
     )
 
 
@@ -175,12 +189,12 @@ def geometry(rows, n, has_ref, cross, device):
     return RowGeometry(grid, planes, splits, chunk, launch)
 
 
-def row_sums(p, r, t, partials, geo, rows, n):
+def row_sums(p, r, t, partials, geo, rows, n, part_start=0):
     """Partial per-row sums of p, r, t (`rows` rows of `n` elements, each row contiguous, rows
     `stride(0)` apart: a contiguous [R, ...] tensor or an [R, n] view; r may be None), written
-    into `partials` ([planes, R, splits] in the accumulation dtype; any tensor whose storage
-    starts there: the kernel takes its pointer), with `geo` = `geometry(rows, n, r is not None,
-    cross)`.
+    into `partials` ([planes, R, splits] in the accumulation dtype) from its element
+    `part_start` on (the call's output buffer, whose last piece they are, or a tensor of their
+    own), with `geo` = `geometry(rows, n, r is not None, cross)`.
 
     cross=True (paired [2B, n] input, r given) adds the per-pair S_wl plane (rows 0..B-1).
     The planes are S_pt, S_rt, S_pr, S_ptr, S_mr, S_wl in that order (`heads.common.S_PT` ...)."""
@@ -190,6 +204,7 @@ def row_sums(p, r, t, partials, geo, rows, n):
         r_arg,
         t,
         partials,
+        part_start,
         n,
         geo.chunk,
         rows,

@@ -31,19 +31,19 @@ SCRIPT = textwrap.dedent("""
 
     for has_ref, cross in ((True, False), (False, False), (True, True)):
         build(reduce._row_sums_kernel,
-              dict(p_ptr="*bf16", r_ptr="*fp16", t_ptr="*fp32", part_ptr="*fp32", n="i32", chunk="i32", rows="i32",
-                   splits="i32", stride_p="i32", stride_r="i32", stride_t="i32"),
+              dict(p_ptr="*bf16", r_ptr="*fp16", t_ptr="*fp32", part_ptr="*fp32", part_start="i32", n="i32",
+                   chunk="i32", rows="i32", splits="i32", stride_p="i32", stride_r="i32", stride_t="i32"),
               dict(HAS_REF=has_ref, CROSS=cross, BLOCK=reduce.BLOCK))
     for dtype, has_b in (("*bf16", True), ("*fp32", False), ("*fp16", True)):
         build(grad._grad_kernel,
-              dict(p_ptr=dtype, r_ptr="*fp32", t_ptr="*fp32", coef_ptr="*fp32", gout_ptr="*fp32", grad_ptr=dtype,
-                   n="i32", rows="i32", stride_p="i32", stride_r="i32", stride_t="i32"),
+              dict(p_ptr=dtype, r_ptr="*fp32", t_ptr="*fp32", coef_ptr="*fp32", coef_start="i32", gout_ptr="*fp32",
+                   grad_ptr=dtype, n="i32", rows="i32", stride_p="i32", stride_r="i32", stride_t="i32"),
               dict(HAS_B=has_b, BLOCK=grad.BLOCK, RNE_BF16=False))
     # Every registered head, with the options that change its code the most: the head kernel's
     # runtime tuple is typed from the head's own parameter names (kernels/method.py).
     from kernels.registry import REGISTRY
     types = dict(part_ptr="*fp32", rows="i32", B="i32", count="i32", splits="i32", inv_n=("fp32", "fp32"),
-                 loss_ptr="*fp32", stats_ptr="*fp32", ints_ptr="*i64", coef_ptr="*fp32", labels="*i64",
+                 loss_ptr="*fp32", stats_ptr="*fp32", ints_ptr="*fp32", coef_ptr="*fp32", labels="*i64",
                  timesteps="*i64", kl_tensor="*fp32", emb_w="*fp32", emb_l="*fp32", emb_w_len="i32")
     # Each method with its default options, then with each other choice of each option.
     cases = [(name, {}) for name in REGISTRY]
@@ -53,14 +53,15 @@ SCRIPT = textwrap.dedent("""
         method = REGISTRY[name]
         args = tuple(types.get(p, ("i32", "i32") if p.endswith("_strides") else ("fp32", "fp32"))
                      for p in method.head_params())
-        sig = dict(args=args, HEAD="constexpr", C="constexpr", ACC="constexpr", NP="constexpr", SP="constexpr")
+        sig = dict(args=args, starts=("i32", "i32", "i32"),
+                   HEAD="constexpr", C="constexpr", ACC="constexpr", NP="constexpr", SP="constexpr")
         kernel = triton.compile(ASTSource(head._head_kernel, signature=sig, constexprs=dict(
             HEAD=method.head, C=method.config(options), ACC=tl.float32, NP=8, SP=4)), target=target)
         if options == {} and name in ("dpo", "sdpo", "sft"):  # the opt-in one-launch forward, same heads
             cross = method.cross
             fsig = dict(p_ptr="*bf16", r_ptr="*bf16", t_ptr="*fp32", part_ptr="*fp32", ticket_ptr="*i32", n="i32",
                         chunk="i32", rows="i32", splits="i32", stride_p="i32", stride_r="i32", stride_t="i32",
-                        args=args)
+                        args=args, starts=("i32", "i32", "i32"))
             fsig.update({k: "constexpr" for k in ("HAS_REF", "CROSS", "BLOCK", "HEAD", "C", "ACC", "NP", "SP")})
             one = triton.compile(ASTSource(fused._row_sums_head_kernel, signature=fsig, constexprs=dict(
                 HAS_REF=method.needs_ref, CROSS=cross, BLOCK=reduce.BLOCK, HEAD=method.head, C=method.config({}),
