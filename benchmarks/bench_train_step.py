@@ -20,7 +20,7 @@ grad-norm clip 1.0): policy forward, reference forward with the adapters disable
 ``reference_blocks.diffusers_dpo`` (beta_dpo 2500) or ``fastpref.diffusion_dpo_loss``
 (beta 5000, the same loss). Provider ``fastpref-cudagraph`` is the same step run by the
 trainer's ``--cuda_graph`` machinery (``fastpref.training.graph.StaticStep`` around a
-``TrainStep``, capturable AdamW with a tensor LR, built by ``fastpref.train.optimizer_and_schedule``
+``TrainStep``, capturable AdamW with a tensor LR, built by ``fastpref.training.run.optimizer_and_schedule``
 and ``make_step`` from a ``--cuda_graph`` config): 3 eager warm-up steps, capture, then timed
 replays (CUDA only; autocast without its weight cache, as the trainer runs it). Inputs are
 random: 512 px latents ``[2B, 4, 64, 64]``, text embeddings ``[2B, 77, 768]``, timesteps shared
@@ -180,25 +180,26 @@ def train_step(unet, opt, params, batch, loss_fn, dtype, device):
 def graphed_step(unet, params, batch, dtype, device):
     """The trainer's captured step (``fastpref-cudagraph``): returns ``(step, eager_step)``;
     ``step()`` replays after ``WARMUP_STEPS`` side-stream calls and one capture. Optimizer and
-    step come from the trainer's own builders (``fastpref.train.optimizer_and_schedule`` and
+    step come from the trainer's own builders (``fastpref.training.run.optimizer_and_schedule`` and
     ``make_step``) for the config ``--cuda_graph --learning_rate 1e-8``; only the model (random
     SD1.5 weights) and the pre-noised batch are the benchmark's."""
     import fastpref
-    from fastpref import train
     from fastpref.training.config import parse_config
+    from fastpref.training.models import adapters_disabled
+    from fastpref.training.run import make_step, optimizer_and_schedule
 
     config = parse_config(cuda_graph=True, learning_rate=1e-8)
-    opt, _ = train.optimizer_and_schedule(config, params)
+    opt, _ = optimizer_and_schedule(config, params)
 
     def loss_fn(b):
         noisy, t, emb, target = b
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
             model_pred = unet(noisy, t, emb).sample
-            with train.adapters_disabled(unet), torch.no_grad():
+            with adapters_disabled(unet), torch.no_grad():
                 ref_pred = unet(noisy, t, emb).sample
         return fastpref.diffusion_dpo_loss(model_pred, ref_pred, target, beta=5000.0)
 
-    inner, static = train.make_step(config, loss_fn, params, opt)
+    inner, static = make_step(config, loss_fn, params, opt)
     return (lambda: static([batch])), (lambda: inner([batch]))
 
 

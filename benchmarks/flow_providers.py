@@ -20,7 +20,7 @@ the same pre-noised batch (``bench_family_step.inputs``/``noised``); β = 100 (f
   base model at its zero init; here it is the base model with the adapters disabled, as in
   every other provider, so the reference's extra rank-8 matmuls are not timed.
 - ``fastpref``: fastpref's step through the trainer's builders (``parse_config``,
-  ``prepare_denoiser``, ``fastpref.train.optimizer_and_schedule``, ``make_step``): the policy
+  ``prepare_denoiser``, ``fastpref.training.run.optimizer_and_schedule``, ``make_step``): the policy
   forward over ``2B`` rows, the reference forward with the adapters disabled under
   ``no_grad``, the fused ``fastpref.diffusion_dpo_loss``.
 - ``+<option>``: ``fastpref`` with one speed option (``speed_providers.OPTIONS``):
@@ -67,7 +67,7 @@ def flow_grpo_step(model, params, forward, noisy, target, batch, *, sequential: 
     returns ``step() -> loss`` (0-d float32 tensor)."""
     import reference_blocks as rb
 
-    from fastpref.train import adapters_disabled
+    from fastpref.training.models import adapters_disabled
 
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
     parts = halves(noisy, batch)
@@ -95,22 +95,23 @@ def fastpref_step(model, params, forward, noisy, target, batch, provider: str, c
     """fastpref's step with ``provider``'s options, built as ``fastpref-train`` builds it;
     returns ``step() -> loss``. The caller has checked ``refusal``; ``model`` is this provider's own."""
     import fastpref
-    from fastpref import train
     from fastpref.training.config import parse_config
+    from fastpref.training.models import adapters_disabled
+    from fastpref.training.run import make_step, optimizer_and_schedule
     from fastpref.training.speed import prepare_denoiser, set_backends
 
     config = parse_config(learning_rate=LR, compile_backend=compile_backend, **flow_flags(provider))
     set_backends(config)
     prepare_denoiser(config, model)
-    opt, _ = train.optimizer_and_schedule(config, params)
+    opt, _ = optimizer_and_schedule(config, params)
 
     def loss_fn(_):
         model_pred = forward(noisy, batch)
-        with train.adapters_disabled(model), torch.no_grad():
+        with adapters_disabled(model), torch.no_grad():
             ref_pred = forward(noisy, batch)
         return fastpref.diffusion_dpo_loss(model_pred, ref_pred, target, beta=BETA)
 
-    _, step = train.make_step(config, loss_fn, params, opt)
+    _, step = make_step(config, loss_fn, params, opt)
     run = functools.partial(step, [None])
     return lambda: run()["loss"]
 

@@ -7,7 +7,7 @@ and all of them together.
   forward, reference forward (adapters disabled, ``no_grad``), the eager diffusers loss
   (``reference_blocks.diffusers_dpo``), backward, clip 1.0, AdamW (foreach), zero_grad.
 - ``fastpref``: the same on-line encoding with fastpref's fused loss, run by the trainer's
-  ``TrainStep`` (``fastpref.train.make_step``).
+  ``TrainStep`` (``fastpref.training.run.make_step``).
 - ``+<option>``: ``fastpref`` with one trainer speed option (docs/training.md, Speed options):
   ``+cache_latents`` (posterior mean/std and text embeddings precomputed: no encoder in the step),
   ``+channels_last``, ``+fused_adam``, ``+tf32``, ``+sdpa_flash`` (CUDA: flash; CPU: flash too),
@@ -18,7 +18,7 @@ and all of them together.
 Every option goes through the trainer's own code: the flags become a ``Config``, refused by
 ``fastpref.training.speed.check_speed`` exactly as ``fastpref-train`` refuses them (the refusal
 is the provider's SKIP note), and the model, optimizer and step come from ``prepare_denoiser``,
-``fastpref.train.optimizer_and_schedule`` and ``fastpref.train.make_step``.
+``fastpref.training.run.optimizer_and_schedule`` and ``make_step``.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def make_loss_fn(
     import reference_blocks as rb
 
     import fastpref
-    from fastpref import train
+    from fastpref.training.models import adapters_disabled
 
     def loss_fn(batch):
         if cached:
@@ -160,7 +160,7 @@ def make_loss_fn(
         noisy = enc.scheduler.add_noise(latents, noise, t)
         with torch.autocast(device_type=device, dtype=dtype, cache_enabled=not graph):
             model_pred = unet(noisy, t, emb).sample
-            with train.adapters_disabled(unet), torch.no_grad():
+            with adapters_disabled(unet), torch.no_grad():
                 ref_pred = unet(noisy, t, emb).sample
         if diffusers_loss:
             return rb.diffusers_dpo(model_pred, ref_pred, noise, beta_dpo=2500.0, loss_type="sigmoid")[0], {}
@@ -211,18 +211,18 @@ def stack_step(unet, params, enc, inputs, dtype, device, provider: str, compile_
     """fastpref's step with ``provider``'s options through the trainer's builders; returns
     ``(step, eager_step)`` (the captured provider's eager twin is its inner ``TrainStep``, for
     counting FLOPs). The caller has checked ``refusal``; ``unet`` is this provider's own."""
-    from fastpref import train
     from fastpref.training.config import parse_config
+    from fastpref.training.run import make_step, optimizer_and_schedule
     from fastpref.training.speed import prepare_denoiser, set_backends
 
     config = parse_config(learning_rate=1e-8, compile_backend=compile_backend, **option_flags(provider))
     set_backends(config)
     prepare_denoiser(config, unet)
-    opt, _ = train.optimizer_and_schedule(config, params)
+    opt, _ = optimizer_and_schedule(config, params)
     loss_fn = make_loss_fn(
         unet, enc, dtype, device, cached=config.cache_latents, diffusers_loss=False, graph=config.cuda_graph
     )
-    inner, step = train.make_step(config, loss_fn, params, opt)
+    inner, step = make_step(config, loss_fn, params, opt)
     batch = inputs["cached" if config.cache_latents else "online"]
     return functools.partial(step, [batch]), functools.partial(inner, [batch])
 

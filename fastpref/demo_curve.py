@@ -55,7 +55,7 @@ def heldout_curve(
 ) -> list[dict]:
     """One row per step of ``steps`` (``CURVE_COLUMNS``) from the run's checkpoints.
 
-    ``run``: the finished ``fastpref.train.Run`` (its family converts each checkpoint's
+    ``run``: the finished ``fastpref.training.run.Run`` (its family converts each checkpoint's
     trainable tensors with ``save_weights``); ``new_pipeline()``: a fresh reference pipeline;
     ``sample(pipe)``: the held-out set's ``[N, H, W, 3]`` uint8 images from ``pipe``. Step 0 is
     the reference, the last step the run's final weights in ``output_dir``, the others

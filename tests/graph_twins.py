@@ -6,8 +6,9 @@ that could reuse stale inputs, the subject's prediction errors must be those of 
 batch, told apart from every earlier step's, so a step computed on an earlier step's inputs
 cannot pass for the fresh one.
 
-The runs go through ``fastpref.train.main``; the hooks replace three names that ``train``
-imports (``make_optimizer``, ``StaticStep``, ``graph_refusal``) for the duration of one run.
+The runs go through ``fastpref.train.main``; the hooks replace, for the duration of one run,
+three names that the trainer's builders import: ``make_optimizer`` and ``StaticStep`` in
+``fastpref.training.run``, ``graph_refusal`` in ``fastpref.training.validation``.
 """
 
 import csv
@@ -18,6 +19,8 @@ import pytest
 import torch
 
 from fastpref import train
+from fastpref.training import run as run_module
+from fastpref.training import validation
 from fastpref.training.graph import StaticStep, make_optimizer
 
 
@@ -97,11 +100,11 @@ def run_trainer(argv: list[str], output_dir, *, static_step=None, graph_on_cpu: 
         return make_optimizer(params, lr, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "make_optimizer", recording_optimizer)
+        patch.setattr(run_module, "make_optimizer", recording_optimizer)
         if static_step is not None:
-            patch.setattr(train, "StaticStep", static_step)
+            patch.setattr(run_module, "StaticStep", static_step)
         if graph_on_cpu:
-            patch.setattr(train, "graph_refusal", lambda **_: None)
+            patch.setattr(validation, "graph_refusal", lambda **_: None)
         train.main([*argv, "--output_dir", str(output_dir)])
     final = [p.detach().to("cpu", torch.float64, copy=True) for p in seen["params"]]
     return Run(read_rows(output_dir), seen["initial"], final)

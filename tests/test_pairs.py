@@ -14,7 +14,6 @@ import torch
 from pairs_helpers import BLOCK_AFTER, FAST_PAIRS
 from PIL import Image
 
-from fastpref import train
 from fastpref.pairs import cli
 from fastpref.pairs.generate import sample_seed
 from fastpref.pairs.sampling import load_pipeline, sample_images
@@ -24,6 +23,7 @@ from fastpref.training.args import BUNDLED_DATA, DEFAULT_MODEL
 from fastpref.training.config import parse_config
 from fastpref.training.data import PreferencePairs, parquet_files
 from fastpref.training.family import family_class
+from fastpref.training.validation import validate
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a purple square", "a red square"]
 
@@ -191,7 +191,7 @@ def test_pairs_from_every_bundled_pipeline_train(pipeline, tmp_path):
     assert 1 <= len(table["caption"]) <= 3 and read_spec(out)["model"] == str(pipeline.resolve())
     for blob, score in zip(table["jpg_0"] + table["jpg_1"], table["score_0"] + table["score_1"], strict=True):
         assert score == pytest.approx(chroma64(decode(blob)[None])[0], rel=1e-12)
-    _, _, pairs, _ = train.validate(
+    _, _, pairs, _ = validate(
         parse_config(pretrained_model_name_or_path=str(pipeline), dataset_name=str(out), report_to="none")
     )
     assert len(pairs) == len(table["caption"])

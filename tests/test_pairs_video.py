@@ -13,13 +13,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from fastpref import train
 from fastpref.pairs import cli
 from fastpref.pairs.generate import sample_seed
 from fastpref.pairs.sampling import load_pipeline, sample_videos
 from fastpref.pairs.writer import read_spec
 from fastpref.training.args import ASSETS
 from fastpref.training.config import parse_config
+from fastpref.training.validation import validate
 from fastpref.training.video_data import read_video
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -85,7 +85,7 @@ def test_video_index_from_the_tiny_wan_pipeline_is_audited_and_trains(tmp_path):
     again = sample_videos(pipe, [PROMPTS[1]], [table["seed_1"][1]], num_frames=9, num_inference_steps=2, resolution=32)
     stored = _clip(tmp_path / table["video_1"][1])
     assert np.abs(again[0].astype(np.int16) - stored).mean() < 3.0
-    _, _, pairs, _ = train.validate(
+    _, _, pairs, _ = validate(
         parse_config(pretrained_model_name_or_path=str(MODEL), dataset_name=str(out), report_to="none")
     )
     assert len(pairs) == 3

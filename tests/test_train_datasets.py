@@ -13,6 +13,7 @@ from fastpref import train
 from fastpref.training.args import DEFAULT_MODEL
 from fastpref.training.batches import LAYOUTS
 from fastpref.training.config import parse_config
+from fastpref.training.validation import validate
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -54,7 +55,7 @@ def config(**flags):
 
 
 def pairs_of(**flags):
-    _, _, pairs, _ = train.validate(config(**flags))
+    _, _, pairs, _ = validate(config(**flags))
     return pairs
 
 

@@ -15,6 +15,7 @@ from fastpref.training.args import ASSETS, DEFAULT_MODEL
 from fastpref.training.config import parse_config
 from fastpref.training.families.sdxl import StableDiffusionXLFamily
 from fastpref.training.families.wan import WanFamily
+from fastpref.training.family import family_class
 from fastpref.training.latent_cache import CachedEncoders, check_cache_flags
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer's device
@@ -96,7 +97,7 @@ def test_cache_rebuilt_when_data_or_flags_change_and_refused_when_it_does_not_ma
 def test_flags_the_cache_cannot_honour_are_refused(flags, match):
     config = parse_config(pretrained_model_name_or_path=str(DEFAULT_MODEL), cache_latents=True, **flags)
     with pytest.raises(ValueError, match=match):
-        check_cache_flags(config, train.family_class(DEFAULT_MODEL))
+        check_cache_flags(config, family_class(DEFAULT_MODEL))
 
 
 def test_sdxl_and_a_cache_dir_without_the_flag_are_refused():
@@ -104,7 +105,7 @@ def test_sdxl_and_a_cache_dir_without_the_flag_are_refused():
     with pytest.raises(ValueError, match="not supported for StableDiffusionXLFamily"):
         check_cache_flags(config, StableDiffusionXLFamily)
     with pytest.raises(ValueError, match="--latents_cache_dir: needs --cache_latents"):
-        check_cache_flags(parse_config(latents_cache_dir="x"), train.family_class(DEFAULT_MODEL))
+        check_cache_flags(parse_config(latents_cache_dir="x"), family_class(DEFAULT_MODEL))
 
 
 def test_a_video_model_is_refused_naming_the_flag_before_anything_is_written(tmp_path):

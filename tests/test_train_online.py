@@ -15,6 +15,7 @@ from fastpref.pairs import cli as pairs_cli
 from fastpref.pairs.generate import sample_seed
 from fastpref.training.args import DEFAULT_MODEL
 from fastpref.training.config import parse_config
+from fastpref.training.validation import validate
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -57,7 +58,7 @@ def test_refresh_raises_the_reward_over_a_short_run(tmp_path):
     # fastpref-pairs samples the same images (same prompts, seeds and settings): the step-0 reward is the
     # base model's, and the trained LoRA loaded with --lora_weights scores higher
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(train.validate(config(out))[2].captions[:8]))
+    prompts.write_text("\n".join(validate(config(out))[2].captions[:8]))
     argv = ["--prompts", str(prompts), "--num_samples", "4", "--num_inference_steps", "6", "--batch_size", "8"]
     base = pairs_cli.main([*argv, "--no_progress", "--output", str(tmp_path / "base.parquet")])
     assert base["reward_mean"] == pytest.approx(rewards[0], rel=1e-9)

@@ -98,7 +98,7 @@ def test_fp8_refused_without_torchao_or_an_fp8_gpu(monkeypatch):
 
 
 def test_channels_last_refused_for_a_transformer_family_before_any_write(tmp_path, monkeypatch):
-    from fastpref import train
+    from fastpref.training.validation import validate
 
     pipeline = tmp_path / "sd3"
     (pipeline / "transformer").mkdir(parents=True)
@@ -107,7 +107,7 @@ def test_channels_last_refused_for_a_transformer_family_before_any_write(tmp_pat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="--sdpa_backend cudnn"):
-        train.validate(_config(sdpa_backend="cudnn", output_dir=str(out)))
+        validate(_config(sdpa_backend="cudnn", output_dir=str(out)))
     assert not out.exists()
 
 

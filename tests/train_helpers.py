@@ -54,6 +54,7 @@ def tiny_run(device, static: bool, loss_type: str, **flags):
     import torch
 
     from fastpref import train
+    from fastpref.training import validation
     from fastpref.training.config import parse_config
 
     defaults = dict(
@@ -68,7 +69,7 @@ def tiny_run(device, static: bool, loss_type: str, **flags):
     )
     config = parse_config(**{**defaults, **flags}, loss_type=loss_type, cuda_graph=static)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "graph_refusal", lambda **_: None)
+        patch.setattr(validation, "graph_refusal", lambda **_: None)
         run = train.build(config)
     run.family.set_attention(False)  # PyTorch SDPA even where xformers runs (deterministic on CUDA)
     assert run.dist.device.type == torch.device(device).type, (run.dist.device, device)

@@ -1,5 +1,5 @@
 """The trainer's one configuration object: the parsed, checked flags of ``fastpref-train``,
-read-only. ``fastpref.train.build(config)`` makes a run from it."""
+read-only. ``fastpref.training.run.build(config)`` makes a run from it."""
 
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ class ModelFamily(ABC):
                 )
 
     def configure(self, config) -> None:
-        """Take the family-specific flags of ``config`` after ``load`` (``fastpref.train.build``
+        """Take the family-specific flags of ``config`` after ``load`` (``fastpref.training.run.build``
         calls it; ``check_flags`` has passed). The default takes none."""
         return None
 

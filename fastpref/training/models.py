@@ -5,6 +5,7 @@ are imported where used, so importing the trainer (``fastpref-train --help``) st
 import copy
 import importlib.util
 import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -71,6 +72,16 @@ def add_lora(
 def frozen_copy(model: torch.nn.Module, weight_dtype: torch.dtype) -> torch.nn.Module:
     """A frozen reference copy of ``model`` in ``weight_dtype``."""
     return cast(copy.deepcopy(model).requires_grad_(False).eval(), weight_dtype)
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """LoRA's reference: ``model`` with its adapters off for the duration."""
+    model.disable_adapters()
+    try:
+        yield model
+    finally:
+        model.enable_adapters()
 
 
 def trainable_state(model: torch.nn.Module, reference: str) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ denoiser, and the step wrapper that times the compiling first step apart (``comp
 ``--cache_latents`` lives in ``fastpref.training.latent_cache``.
 
 ``check_speed`` refuses every unsupported combination from the flags and configuration files
-alone, so ``fastpref.train.validate`` calls it before anything is loaded or written; the
+alone, so ``fastpref.training.validation.validate`` calls it before anything is loaded or written; the
 ``apply_*`` functions then act on the loaded model.
 """
 

@@ -352,7 +352,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 1
 
 
 def read_video_pairs(config, family) -> tuple[VideoPreferencePairs, object]:
-    """The trainer's video data (``fastpref.train.validate`` for a family with ``media ==
+    """The trainer's video data (``fastpref.training.validation.validate`` for a family with ``media ==
     "videos"``): the pairs of ``config.data_path`` and ``config`` with ``num_frames`` filled in
     (given, or the first row's ``video_0``'s frame count) and ``resolution`` defaulting to that
     video's shorter side. The family checks the clip length (``check_num_frames``) before any

@@ -159,7 +159,7 @@ class WanFamily(FlowMatchingFamily):
         )
 
     def configure(self, config) -> None:
-        """The flow-matching flags, and ``--num_frames`` (required: ``fastpref.train.validate``
+        """The flow-matching flags, and ``--num_frames`` (required: ``fastpref.training.validation.validate``
         fills it from the data) and ``--frame_stride`` (None: 1)."""
         super().configure(config)
         num_frames = getattr(config, "num_frames", None)
