@@ -2,9 +2,9 @@
 gloo processes (tests/fsdp_worker.py) runs every 2-process job; the 1-process runs go in-process.
 Checked: 2 processes with FSDP2 against 1 process without it at the same global batch, both
 reference modes; the tiny SDXL, SD3 (flow matching), Flux and Wan (video) pipelines on their
-bundled data through the whole trainer, each in LoRA mode and the transformers also with the
-sharded frozen reference copy; a bitwise resume at the same world size; a kill mid-checkpoint and
-a resume of it on 1 process; rank 0 alone writes final weights that load."""
+bundled data through the whole trainer, each in LoRA mode and with the sharded frozen reference
+copy; a bitwise resume at the same world size; a kill mid-checkpoint and a resume of it on 1
+process; rank 0 alone writes final weights that load."""
 
 import csv
 import json
@@ -35,15 +35,9 @@ COMMON = [*FAST, "--gradient_accumulation_steps", "2", "--adam_epsilon", "1e-2",
 STEPS = ["--max_train_steps", "2"]
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 # the families past SD1.5, each on its bundled data (pipeline, --reference): 2 steps, no
-# accumulation, no checkpoints; LoRA on all four, the sharded frozen copy on the transformers
-FAMILY_JOBS = (
-    ("tiny-sd3", "lora"),
-    ("tiny-wan", "lora"),
-    ("tiny-sdxl", "lora"),
-    ("tiny-flux", "lora"),
-    ("tiny-sd3", "copy"),
-    ("tiny-wan", "copy"),
-    ("tiny-flux", "copy"),
+# accumulation, no checkpoints; LoRA and the sharded frozen reference copy on each
+FAMILY_JOBS = tuple(
+    (name, mode) for mode in ("lora", "copy") for name in ("tiny-sd3", "tiny-wan", "tiny-sdxl", "tiny-flux")
 )
 # LR 1e-4 (LoRA) and 1e-5 (copy: every weight moves) keep step 2's loss off its saturated ends
 FAMILY_LR = {"lora": "1e-4", "copy": "1e-5"}
@@ -172,8 +166,8 @@ def test_two_processes_match_one_process_in_both_reference_modes(two, tmp_path):
 def test_families_match_one_process(two, tmp_path, name, mode):
     """SD3 (flow matching), Wan (video, 5-D latents), SDXL (time-id conditioning) and Flux (packed
     latents, two kinds of blocks) through the whole trainer: 1 pair on each of 2 FSDP2 processes
-    against 2 pairs on one process without FSDP, LoRA and (the transformers) the sharded frozen
-    reference copy; rank 0 alone writes the LoRA file or the denoiser directory."""
+    against 2 pairs on one process without FSDP, LoRA and the sharded frozen reference copy; rank 0
+    alone writes the LoRA file or the denoiser directory."""
     one, sharded = tmp_path / name, two / f"{name}-{mode}"
     train.main([*_family_argv(name, mode), "--train_batch_size", "2", "--output_dir", str(one)])
     rows_one, rows_two = _rows(one), _rows(sharded)
