@@ -31,6 +31,7 @@ from fastpref import ops
 from fastpref._validate import compute_dtype
 from fastpref.kernels import REGISTRY, Method
 from fastpref.kernels.head import encode_options, plan
+from fastpref.loss_metrics import LossMetrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +141,8 @@ def _count(method, rows, count):
 
 def call(model_pred, ref_pred, target, method, floats=_EMPTY, options=_EMPTY, inputs=_EMPTY, count=None, drop=()):
     """Run `method` (its float hyperparameters, options and extra inputs by name; count as in
-    `Launch`) and name its outputs: (loss, metrics dict of views into the output buffer)."""
+    `Launch`) and name its outputs: (loss, metrics of views into the output buffer: a
+    `LossMetrics` whose views are made on first access in eager mode, a dict when traced)."""
     rows = model_pred.shape[0]
     pairs = rows // 2 if method.paired else 0
     count = _count(method, rows, count)
@@ -160,6 +162,7 @@ def call(model_pred, ref_pred, target, method, floats=_EMPTY, options=_EMPTY, in
             model_pred, ref_pred, target, (_plan(method, options), _floats(method, floats), inputs, count, out)
         )
         pieces, ints = out
+        return loss, LossMetrics.of_call(method.layout, pieces, ints, pairs, drop)
     return loss, method.layout.named(pieces, ints, pairs, drop)
 
 

@@ -82,31 +82,31 @@ def forward(model_pred, ref_pred, target, hp, floats, inputs, count):
     acc = compute_dtype(model_pred, ref_pred, target)
     device = model_pred.device
     geo = _reduce.geometry(rows, n, r is not None, method.cross, device)
-    _, planes, splits, _ = geo
     pairs = rows // 2 if method.paired else 0
     if type(p) is not torch.Tensor:
         # A traced triton_op (CUDA): Inductor sees the row-sum launch; the head is an operator.
-        partials = _runtime.empty((planes, rows, splits), acc, device)
-        _reduce.row_sums(p, r, t, partials, geo, rows, n, method.cross)
+        partials = _runtime.empty((geo.planes, rows, geo.splits), acc, device)
+        _reduce.row_sums(p, r, t, partials, geo, rows, n)
         loss, buf = torch.ops.fastpref.head(partials, inputs, method.name, hp.encoded, floats, rows, count, n)
         pieces = buf.split_with_sizes(hp.pieces(pairs, rows, acc))
     else:
         loss = _runtime.empty((), acc, device)
-        sizes = hp.pieces(pairs, rows, acc, planes * rows * splits)
-        buf = _runtime.empty((sum(sizes),), acc, device)
+        sizes = hp.pieces(pairs, rows, acc, geo.planes * rows * geo.splits)
+        buf = _runtime.empty(sum(sizes), acc, device)
         pieces = buf.split_with_sizes(sizes)
-    coef, partials = pieces[-2], pieces[-1]
+    coef = pieces[-2]
     ints, stats = (pieces[0].view(torch.int64), pieces[1]) if method.layout.ints else (None, pieces[0])
     if type(p) is torch.Tensor:
         pairs_f = _runtime.float_pairs(tuple(floats))
         ints_ptr = buf if ints is None else ints  # (a head without int metrics does not read it)
+        partials = pieces[-1]
         if _runtime.ONE_LAUNCH:
             _fused.row_sums_head(
                 hp, p, r, t, partials, geo, rows, n, count, pairs_f, inputs, loss, stats, ints_ptr, coef
             )
         else:
-            _reduce.row_sums(p, r, t, partials, geo, rows, n, method.cross)
-            _head.run_head(hp, partials, splits, rows, count, n, pairs_f, inputs, loss, stats, ints_ptr, coef)
+            _reduce.row_sums(p, r, t, partials, geo, rows, n)
+            _head.run_head(hp, partials, geo.splits, rows, count, n, pairs_f, inputs, loss, stats, ints_ptr, coef)
     return loss, buf, pieces, ints, (p, r if method.has_b else None, t, coef)
 
 

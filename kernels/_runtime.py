@@ -34,27 +34,45 @@ def _torch_empty(shape, dtype, device):
 _allocate = _torch_empty
 
 
+def _torch_empty_like(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_allocate_like = _torch_empty_like
+
+
 def empty(shape, dtype, device):
     """Allocate a kernel output. Tests swap the allocator to poison outputs (see `poisoned_outputs`)."""
     return _allocate(shape, dtype, device)
+
+
+def empty_like(x):
+    """Allocate a contiguous kernel output of x's shape, dtype and device (as `empty`: poisoned
+    inside `poisoned_outputs`; cheaper on the host than `empty` with the shape spelled out)."""
+    return _allocate_like(x)
 
 
 @contextlib.contextmanager
 def poisoned_outputs():
     """Within this block every kernel output starts as NaN (floats) or INT_MIN (ints), so a
     value the kernel forgets to write cannot pass for a correct one."""
-    global _allocate
+    global _allocate, _allocate_like
 
     def poisoned(shape, dtype, device):
+        shape = (shape,) if isinstance(shape, int) else shape
         if dtype.is_floating_point:
             return torch.full(shape, float("nan"), dtype=dtype, device=device)
         return torch.full(shape, torch.iinfo(dtype).min, dtype=dtype, device=device)
 
-    previous, _allocate = _allocate, poisoned
+    def poisoned_like(x):
+        return poisoned(x.shape, x.dtype, x.device)
+
+    previous = _allocate, _allocate_like
+    _allocate, _allocate_like = poisoned, poisoned_like
     try:
         yield
     finally:
-        _allocate = previous
+        _allocate, _allocate_like = previous
 
 
 @functools.cache

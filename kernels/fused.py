@@ -61,9 +61,9 @@ def _row_sums_head_kernel(
 
 def row_sums_head(hp: HeadPlan, p, r, t, partials, geo, rows, n, count, float_pairs, inputs, loss, stats, ints, coef):
     """`reduce.row_sums` then `head.run_head` in one launch: same arguments, same outputs."""
-    grid, _, splits, chunk = geo
     r_arg = r if r is not None else p
-    values = runtime_values(partials, rows, count, splits, n, loss, stats, ints, coef, float_pairs)
+    values = runtime_values(partials, rows, count, geo.splits, n, loss, stats, ints, coef, float_pairs)
+    head = hp.launch(partials.dtype, count if hp.method.paired else rows, geo.splits)
     _row_sums_head_kernel.run(
         p,
         r_arg,
@@ -71,22 +71,22 @@ def row_sums_head(hp: HeadPlan, p, r, t, partials, geo, rows, n, count, float_pa
         partials,
         _runtime.ticket(p.device),
         n,
-        chunk,
+        geo.chunk,
         rows,
-        splits,
-        p.stride(0),
-        r_arg.stride(0),
-        t.stride(0),
+        geo.splits,
+        p.stride()[0],
+        r_arg.stride()[0],
+        t.stride()[0],
         hp.args(values, inputs),
         HAS_REF=r is not None,
         CROSS=hp.method.cross,
         BLOCK=BLOCK,
-        HEAD=hp.method.head,
-        C=hp.config,
-        ACC=_runtime.tl_dtype(partials.dtype),
-        NP=_runtime.next_pow2(count if hp.method.paired else rows),
-        SP=_runtime.next_pow2(splits),
+        HEAD=head["HEAD"],
+        C=head["C"],
+        ACC=head["ACC"],
+        NP=head["NP"],
+        SP=head["SP"],
         num_warps=4,
-        grid=grid,
+        grid=geo.grid,
         warmup=False,
     )

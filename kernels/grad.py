@@ -14,6 +14,8 @@ stored as their bits; compiled kernels keep the plain conversion. (float16 goes 
 numpy under the interpreter, which already rounds to nearest even.)
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -71,7 +73,7 @@ def elementwise_grad(p, r, t, coef, grad_output, has_b, rows, n, shape):
 
     coef: the 2R coefficients (a, then b) in the accumulation dtype, 1-D or [2, R];
     grad_output: 0-dim tensor; r may be None when has_b is False."""
-    grad = _runtime.empty(shape, p.dtype, p.device)
+    grad = _runtime.empty_like(p) if p.shape == shape else _runtime.empty(shape, p.dtype, p.device)
     r_arg = r if r is not None else p
     _runtime.launcher(_grad_kernel, p).run(
         p,
@@ -82,14 +84,16 @@ def elementwise_grad(p, r, t, coef, grad_output, has_b, rows, n, shape):
         grad,
         n,
         rows,
-        p.stride(0),
-        r_arg.stride(0),
-        t.stride(0),
-        HAS_B=has_b,
-        BLOCK=BLOCK,
-        RNE_BF16=_runtime.INTERPRET and p.dtype == torch.bfloat16,
-        num_warps=8,
-        grid=(rows, -(-n // BLOCK)),  # (triton.cdiv is a slow constexpr_function on the host)
-        warmup=False,
+        p.stride()[0],
+        r_arg.stride()[0],
+        t.stride()[0],
+        **_launch(has_b, _runtime.INTERPRET and p.dtype == torch.bfloat16, rows, n),
     )
     return grad
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch(has_b, rne_bf16, rows, n):
+    """The launch's constexpr, grid and option keywords (built once per shape)."""
+    grid = (rows, -(-n // BLOCK))  # (triton.cdiv is a slow constexpr_function on the host)
+    return dict(HAS_B=has_b, BLOCK=BLOCK, RNE_BF16=rne_bf16, num_warps=8, grid=grid, warmup=False)

@@ -61,6 +61,7 @@ class HeadPlan:
         index = tuple(slots[p] for p in params)
         self.pick = operator.itemgetter(*index) if len(index) > 1 else (lambda values: (values[index[0]],))
         self._buffers = {}
+        self._launches = {}
 
     def pieces(self, pairs, rows, acc, partials=0):
         """`Layout.pieces` of a call's output buffer in the accumulation dtype `acc`, cached."""
@@ -68,6 +69,25 @@ class HeadPlan:
         found = self._buffers.get(key)
         if found is None:
             found = self._buffers[key] = self.method.layout.pieces(pairs, rows, acc.itemsize, partials)
+        return found
+
+    def launch(self, acc, count, splits):
+        """The head launch's keywords (the constexprs HEAD, C, ACC, NP, SP; grid, warps) for
+        accumulation dtype `acc`, `count` pairs (paired methods) or rows and `splits` partials
+        per row; cached."""
+        key = (acc, count, splits)
+        found = self._launches.get(key)
+        if found is None:
+            found = self._launches[key] = dict(
+                HEAD=self.method.head,
+                C=self.config,
+                ACC=_runtime.tl_dtype(acc),
+                NP=_runtime.next_pow2(count),
+                SP=_runtime.next_pow2(splits),
+                num_warps=4,
+                grid=(1,),
+                warmup=False,
+            )
         return found
 
     def args(self, values, inputs):
@@ -112,14 +132,7 @@ def run_head(hp: HeadPlan, partials, splits, rows, count, n, float_pairs, inputs
     stats are the buffer itself, they start it)."""
     _head_kernel.run(
         hp.args(runtime_values(partials, rows, count, splits, n, loss, stats, ints, coef, float_pairs), inputs),
-        HEAD=hp.method.head,
-        C=hp.config,
-        ACC=_runtime.tl_dtype(partials.dtype),
-        NP=_runtime.next_pow2(count if hp.method.paired else rows),
-        SP=_runtime.next_pow2(splits),
-        num_warps=4,
-        grid=(1,),
-        warmup=False,
+        **hp.launch(partials.dtype, count if hp.method.paired else rows, splits),
     )
 
 

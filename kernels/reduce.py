@@ -20,6 +20,7 @@ for fp64 inputs: the dtype of the partials buffer).
 """
 
 import functools
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
@@ -150,26 +151,39 @@ def _row_sums_kernel(
     )
 
 
+class RowGeometry(NamedTuple):
+    """The launch geometry of one row reduction (`geometry`): `grid` (rows, or pairs in CROSS
+    mode) x splits programs, the partials buffer [planes, rows, splits], `chunk` elements per
+    program, and `launch`: the launch's constexpr, grid and option keywords, built once."""
+
+    grid: tuple
+    planes: int
+    splits: int
+    chunk: int
+    launch: dict
+
+
 @functools.lru_cache(maxsize=4096)
 def geometry(rows, n, has_ref, cross, device):
-    """(grid, planes, splits, chunk) of the row reduction of `rows` rows of `n` elements: the
-    grid is (rows, or pairs in CROSS mode) x splits programs, the partials buffer
-    [planes, rows, splits]. Cached per shape, so a call computes nothing here."""
+    """The `RowGeometry` of the row reduction of `rows` rows of `n` elements (paired rows with
+    `cross`); cached per shape, so a call computes nothing here."""
     programs_per_split = rows // 2 if cross else rows
     splits, chunk = _runtime.row_split(programs_per_split, n, BLOCK, device)
     planes = 6 if cross else 5 if has_ref else 1
-    return (programs_per_split, splits), planes, splits, chunk
+    grid = (programs_per_split, splits)
+    launch = dict(HAS_REF=has_ref, CROSS=cross, BLOCK=BLOCK, num_warps=4, grid=grid, warmup=False)
+    return RowGeometry(grid, planes, splits, chunk, launch)
 
 
-def row_sums(p, r, t, partials, geo, rows, n, cross=False):
+def row_sums(p, r, t, partials, geo, rows, n):
     """Partial per-row sums of p, r, t (`rows` rows of `n` elements, each row contiguous, rows
     `stride(0)` apart: a contiguous [R, ...] tensor or an [R, n] view; r may be None), written
-    into `partials` ([planes, R, splits] in the accumulation dtype, from `geometry`; any tensor
-    whose storage starts there: the kernel takes its pointer).
+    into `partials` ([planes, R, splits] in the accumulation dtype; any tensor whose storage
+    starts there: the kernel takes its pointer), with `geo` = `geometry(rows, n, r is not None,
+    cross)`.
 
     cross=True (paired [2B, n] input, r given) adds the per-pair S_wl plane (rows 0..B-1).
     The planes are S_pt, S_rt, S_pr, S_ptr, S_mr, S_wl in that order (`heads.common.S_PT` ...)."""
-    grid, _, splits, chunk = geo
     r_arg = r if r is not None else p
     _runtime.launcher(_row_sums_kernel, p).run(
         p,
@@ -177,18 +191,13 @@ def row_sums(p, r, t, partials, geo, rows, n, cross=False):
         t,
         partials,
         n,
-        chunk,
+        geo.chunk,
         rows,
-        splits,
-        p.stride(0),
-        r_arg.stride(0),
-        t.stride(0),
-        HAS_REF=r is not None,
-        CROSS=cross,
-        BLOCK=BLOCK,
-        num_warps=4,
-        grid=grid,
-        warmup=False,
+        geo.splits,
+        p.stride()[0],
+        r_arg.stride()[0],
+        t.stride()[0],
+        **geo.launch,
     )
 
 
@@ -196,6 +205,6 @@ def partial_sums(p, r, t, acc_dtype, cross=False):
     """`row_sums` into a new buffer: (partials [planes, R, splits] in acc_dtype, splits)."""
     rows, n = p.shape
     geo = geometry(rows, n, r is not None, cross, p.device)
-    partials = _runtime.empty((geo[1], rows, geo[2]), acc_dtype, p.device)
-    row_sums(p, r, t, partials, geo, rows, n, cross)
-    return partials, geo[2]
+    partials = _runtime.empty((geo.planes, rows, geo.splits), acc_dtype, p.device)
+    row_sums(p, r, t, partials, geo, rows, n)
+    return partials, geo.splits
