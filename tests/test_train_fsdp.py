@@ -1,9 +1,10 @@
 """--fsdp (FSDP2 shards, DCP checkpoints) on the bundled tiny model. One torchrun launch of two
 gloo processes (tests/fsdp_worker.py) runs every 2-process job; the 1-process runs go in-process.
 Checked: 2 processes with FSDP2 against 1 process without it at the same global batch, both
-reference modes, and in LoRA mode on the tiny SD3 (flow matching) and Wan (video) pipelines with
-their bundled data; a bitwise resume at the same world size; a kill mid-checkpoint and a resume of
-it on 1 process; rank 0 alone writes final weights that load."""
+reference modes; the tiny SDXL, SD3 (flow matching), Flux and Wan (video) pipelines on their
+bundled data through the whole trainer, each in LoRA mode and with the sharded frozen reference
+copy; a bitwise resume at the same world size; a kill mid-checkpoint and a resume of it on 1
+process; rank 0 alone writes final weights that load."""
 
 import csv
 import json
@@ -25,6 +26,7 @@ from train_helpers import FAST
 from fastpref import train
 from fastpref.training.args import ASSETS, DEFAULT_MODEL
 from fastpref.training.checkpoint import resolve_resume, verify_checkpoint
+from fastpref.training.logging import MetricsLogger
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), needs_kernels]
 
@@ -32,10 +34,29 @@ pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), needs_kernels
 COMMON = [*FAST, "--gradient_accumulation_steps", "2", "--adam_epsilon", "1e-2", "--checkpointing_steps", "1"]
 STEPS = ["--max_train_steps", "2"]
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-# the families past SD1.5 (LoRA, each on its bundled data): 2 steps, no accumulation, no checkpoints;
-# LR 1e-4 keeps step 2's loss off its saturated ends
-FAMILIES = ("tiny-sd3", "tiny-wan")
-FAMILY_RUN = [*FAST, *STEPS, "--adam_epsilon", "1e-2", "--learning_rate", "1e-4"]
+# the families past SD1.5, each on its bundled data (pipeline, --reference): 2 steps, no
+# accumulation, no checkpoints; LoRA and the sharded frozen reference copy on each
+FAMILY_JOBS = tuple(
+    (name, mode) for mode in ("lora", "copy") for name in ("tiny-sd3", "tiny-wan", "tiny-sdxl", "tiny-flux")
+)
+# LR 1e-4 (LoRA) and 1e-5 (copy: every weight moves) keep step 2's loss off its saturated ends
+FAMILY_LR = {"lora": "1e-4", "copy": "1e-5"}
+DENOISER_DIR = {"tiny-sdxl": "unet"}  # --reference copy writes the denoiser here; the others: transformer
+
+
+def _family_argv(name: str, mode: str) -> list[str]:
+    """One family job's flags, 1 pair per micro-step per process (the 1-process run adds its own)."""
+    return [*FAST, *STEPS, "--adam_epsilon", "1e-2", "--learning_rate", FAMILY_LR[mode], "--reference", mode] + [
+        "--pretrained_model_name_or_path",
+        str(ASSETS / name),
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _no_curves(monkeypatch):
+    """No curves.png in this file's in-process runs (matplotlib, over a second a run;
+    tests/test_train_e2e.py checks the plot). The worker skips it alike."""
+    monkeypatch.setattr(MetricsLogger, "plot", lambda self, keys: None)
 
 
 def _rows(out: Path) -> dict[int, dict]:
@@ -58,7 +79,7 @@ def _torchrun_env(monkeypatch, world_size: int = 1) -> None:
 @pytest.fixture(scope="module")
 def two(tmp_path_factory) -> Path:
     """The 2-process jobs, one torchrun launch: ``lora`` and ``copy`` straight; ``resumed`` (from
-    ``lora/checkpoint-1``); one LoRA run per name in ``FAMILIES``; ``killed`` (every process killed
+    ``lora/checkpoint-1``); one run per ``FAMILY_JOBS`` entry (``<name>-<mode>``); ``killed`` (every process killed
     while writing checkpoint-2), last."""
     root = tmp_path_factory.mktemp("fsdp2")
     one_batch = [*COMMON, *STEPS, "--fsdp", "--train_batch_size", "1"]
@@ -70,11 +91,8 @@ def two(tmp_path_factory) -> Path:
             + [str(root / "lora" / "checkpoint-1")]
         },
         *(
-            {
-                "argv": [*FAMILY_RUN, "--fsdp", "--pretrained_model_name_or_path", str(ASSETS / name)]
-                + ["--output_dir", str(root / name)]
-            }
-            for name in FAMILIES
+            {"argv": [*_family_argv(name, mode), "--fsdp", "--output_dir", str(root / f"{name}-{mode}")]}
+            for name, mode in FAMILY_JOBS
         ),
         {"argv": [*one_batch, "--output_dir", str(root / "killed")], "kill_at": 2},
     ]
@@ -91,7 +109,7 @@ def two(tmp_path_factory) -> Path:
         check=False,
     )
     assert run.returncode != 0, "the last job kills its processes: torchrun must report the failure"
-    for name in ("lora", "copy", "resumed", *FAMILIES):  # every job before the kill finished
+    for name in ("lora", "copy", "resumed", *(f"{n}-{m}" for n, m in FAMILY_JOBS)):  # each job before the kill ran
         assert (root / name / "args.json").is_file(), run.stdout[-3000:]
     return root
 
@@ -144,15 +162,15 @@ def test_two_processes_match_one_process_in_both_reference_modes(two, tmp_path):
         assert (two / mode / "checkpoint-2" / "dcp" / ".metadata").is_file()
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_flow_and_video_families_match_one_process(two, tmp_path, name):
-    """SD3 (a flow-matching transformer) and Wan (a video transformer, 5-D latents) in LoRA mode:
-    1 pair on each of 2 FSDP2 processes against 2 pairs on one process without FSDP; rank 0 alone
-    writes the LoRA file."""
-    one = tmp_path / name
-    argv = [*FAMILY_RUN, "--pretrained_model_name_or_path", str(ASSETS / name), "--train_batch_size", "2"]
-    train.main([*argv, "--output_dir", str(one)])
-    rows_one, rows_two = _rows(one), _rows(two / name)
+@pytest.mark.parametrize(("name", "mode"), FAMILY_JOBS, ids=[f"{n}-{m}" for n, m in FAMILY_JOBS])
+def test_families_match_one_process(two, tmp_path, name, mode):
+    """SD3 (flow matching), Wan (video, 5-D latents), SDXL (time-id conditioning) and Flux (packed
+    latents, two kinds of blocks) through the whole trainer: 1 pair on each of 2 FSDP2 processes
+    against 2 pairs on one process without FSDP, LoRA and the sharded frozen reference copy; rank 0
+    alone writes the LoRA file or the denoiser directory."""
+    one, sharded = tmp_path / name, two / f"{name}-{mode}"
+    train.main([*_family_argv(name, mode), "--train_batch_size", "2", "--output_dir", str(one)])
+    rows_one, rows_two = _rows(one), _rows(sharded)
     assert sorted(rows_one) == sorted(rows_two) == [1, 2]
     assert float(rows_one[2]["loss"]) != pytest.approx(float(rows_one[1]["loss"]), rel=1e-3)  # it trained
     for step in rows_one:
@@ -161,11 +179,26 @@ def test_flow_and_video_families_match_one_process(two, tmp_path, name):
             # rounding of the MSEs (~1e-8, summed in another order over 2 processes) moves them ~1e-4
             rel = 1e-3 if key in ("loss", "grad_norm") else 1e-4
             assert float(rows_two[step][key]) == pytest.approx(float(rows_one[step][key]), rel=rel, abs=1e-6)
-    a, b = (load_file(d / "pytorch_lora_weights.safetensors") for d in (one, two / name))
-    assert sorted(a) == sorted(b) and any(a[k].abs().max() > 1e-5 for k in a)  # the zero-started halves moved
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-6)
-    assert sorted(p.name for p in (two / name).glob("saved-by-rank-*")) == ["saved-by-rank-0"]
+    assert sorted(p.name for p in sharded.glob("saved-by-rank-*")) == ["saved-by-rank-0"]
+    if mode == "lora":
+        a, b = (load_file(d / "pytorch_lora_weights.safetensors") for d in (one, sharded))
+        assert sorted(a) == sorted(b) and any(a[k].abs().max() > 1e-5 for k in a)  # the zero-started halves moved
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-6)
+        return
+    # the sharded frozen copy is the pretrained model: the reference error of the LoRA job (adapters
+    # off, same items, noise and timesteps) at every step
+    lora_rows = _rows(two / f"{name}-lora")
+    for step in rows_two:
+        assert float(rows_two[step]["ref_mse"]) == pytest.approx(float(lora_rows[step]["ref_mse"]), rel=1e-5)
+    folder = DENOISER_DIR.get(name, "transformer")
+    a, b, base = (load_file(d / folder / "diffusion_pytorch_model.safetensors") for d in (one, sharded, ASSETS / name))
+    assert sorted(a) == sorted(b) == sorted(base)
+    for key in a:  # float32 rounding (a few ulps) apart ...
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7)
+    # ... while the 2 steps moved the weights 50x further (LR 1e-5: a sign error or a lost gradient
+    # shard would show at this size)
+    assert max((a[k] - base[k]).abs().max() for k in a) > 5e-6
 
 
 def test_resume_at_the_same_world_size_is_bitwise_identical(two):
