@@ -158,7 +158,7 @@ def compute_dtype(model_pred, ref_pred=None, target=None, *more):
         return f64
     if ref_pred is not None and ref_pred.dtype is f64:
         return f64
-    return f64 if any(t is not None and t.dtype is f64 for t in more) else torch.float32
+    return f64 if more and any(t is not None and t.dtype is f64 for t in more) else torch.float32
 
 
 def check_range(name, value, low, high, low_open=False):

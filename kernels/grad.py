@@ -76,7 +76,8 @@ def elementwise_grad(p, r, t, coef, coef_start, grad_output, has_b, rows, n, sha
     coef: a tensor holding the 2R coefficients (a, then b) in the accumulation dtype from its
     element `coef_start` on (the call's output buffer);
     grad_output: 0-dim tensor; r may be None when has_b is False."""
-    grad = _runtime.empty_like(p) if p.shape == shape else _runtime.empty(shape, p.dtype, p.device)
+    # p is model_pred itself, or its [R, n] rows (a 2-D model_pred's are its shape): same rank, same shape
+    grad = _runtime.empty_like(p) if p.dim() == len(shape) else _runtime.empty(shape, p.dtype, p.device)
     r_arg = r if r is not None else p
     _runtime.launcher(_grad_kernel, p).run(
         p,
