@@ -8,8 +8,11 @@ tensors ([4, 4, 8, 8], B = 2; bfloat16, or float32 with --dtype fp32) in one pro
 
 * ``fastpref``: ``fastpref.diffusion_dpo_loss`` (β = 5000), with every Triton launch stubbed
   out (``JITFunction.run`` / ``InterpretedFunction.run`` replaced by a no-op that counts it):
-  what is left is fastpref's own host work (validation, allocation, views, autograd) plus
-  PyTorch's; Triton's launcher, the same for any Triton kernel, is not part of it;
+  what is left is fastpref's own host work (validation, two allocations, launch arguments,
+  autograd) plus PyTorch's; Triton's launcher, the same for any Triton kernel, is not part of
+  it. The metrics are not read: their views are made on first access (fastpref/loss_metrics.py);
+* ``fastpref-metrics-read``: the same call, then every metric read (``dict(metrics)``: the ten
+  views made), what a trainer that logs every metric every step pays;
 * ``eager-diffusers``: ``reference_blocks.diffusers_dpo`` (β_dpo = 2500, the same loss), the
   diffusers script's loss block, run for real (its ops on tiny CPU tensors cost about their
   host overhead);
@@ -91,8 +94,13 @@ class _Floor(torch.autograd.Function):
 def providers():
     import fastpref
 
+    def metrics_read(x, r, t):
+        loss, metrics = fastpref.diffusion_dpo_loss(x, r, t, beta=5000.0)
+        return loss, dict(metrics)  # every metric's view made, as a trainer logging each step does
+
     return {
         "fastpref": lambda x, r, t: fastpref.diffusion_dpo_loss(x, r, t, beta=5000.0),
+        "fastpref-metrics-read": metrics_read,
         "eager-diffusers": lambda x, r, t: reference_blocks.diffusers_dpo(x, r, t, beta_dpo=2500.0),
         "autograd-floor": lambda x, r, t: (_Floor.apply(x, r, t), {}),
     }
@@ -168,10 +176,10 @@ def main(argv=None):
         "machine": platform.machine(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
-    print(f"{'provider':<16} {'host us/call (min)':>19} {'median':>8} {'aten ops':>9} {'launches':>9}")
+    print(f"{'provider':<22} {'host us/call (min)':>19} {'median':>8} {'aten ops':>9} {'launches':>9}")
     for name, row in out.items():
         print(
-            f"{name:<16} {row['host_us']:>19.1f} {row['host_us_median']:>8.1f} "
+            f"{name:<22} {row['host_us']:>19.1f} {row['host_us_median']:>8.1f} "
             f"{row['aten_ops']:>9} {row['launches']:>9}"
         )
     print(

@@ -47,6 +47,7 @@ class Launch:
 
 
 _EMPTY = {}
+_NO_INPUTS = ()
 _PLANS = {}
 
 
@@ -78,7 +79,6 @@ class _Fused(torch.autograd.Function):
         hp, floats, inputs, count, out = args
         loss, buf, saved = ops.forward(model_pred, ref_pred, target, hp, floats, inputs, count)
         ctx.saved = saved  # the inputs (or their row copies) and the buffer: no version checks
-        ctx.shape = model_pred.shape
         out.append(buf)
         return loss
 
@@ -88,12 +88,12 @@ class _Fused(torch.autograd.Function):
         # one), so backward runs only when it does.
         if torch.is_grad_enabled():  # create_graph=True: this gradient is not differentiable
             return _once(ctx, grad_loss)
-        return ops.backward(ctx.saved, grad_loss, ctx.shape), None, None, None
+        return ops.backward(ctx.saved, grad_loss), None, None, None
 
 
 @once_differentiable
 def _once(ctx, grad_loss):
-    return ops.backward(ctx.saved, grad_loss, ctx.shape), None, None, None
+    return ops.backward(ctx.saved, grad_loss), None, None, None
 
 
 # `_Fused.apply` without `Function.apply`'s Python preamble (argument binding for setup_context,
@@ -118,7 +118,6 @@ class FusedLossFunction(torch.autograd.Function):
         stats = buf[start : start + method.layout.size(model_pred.shape[0] // 2 if method.paired else 0)]
         ints = buf[:start].view(torch.int64) if method.layout.ints else buf.new_empty(0, dtype=torch.int64)
         ctx.saved = saved
-        ctx.shape = model_pred.shape
         ctx.mark_non_differentiable(stats, ints)
         ctx.set_materialize_grads(False)  # no zero-filled grads for the metric outputs
         return loss, stats, ints
@@ -128,7 +127,7 @@ class FusedLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_stats, grad_ints):
         grad = None
         if ctx.needs_input_grad[0] and grad_loss is not None:
-            grad = ops.backward(ctx.saved, grad_loss, ctx.shape)
+            grad = ops.backward(ctx.saved, grad_loss)
         return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
@@ -144,13 +143,14 @@ def call(model_pred, ref_pred, target, method, floats=_EMPTY, options=_EMPTY, in
     `LossMetrics` whose views are made on first access in eager mode, a dict when traced)."""
     rows = model_pred.shape[0]
     pairs = rows // 2 if method.paired else 0
-    count = _count(method, rows, count)
-    inputs = [inputs.get(name) for name in method.inputs] if method.inputs else []
+    if count is None:
+        count = pairs if method.paired else rows
+    inputs = [inputs.get(name) for name in method.inputs] if method.inputs else _NO_INPUTS
     if ops.traced(model_pred):
         values = [float(x) for x in _floats(method, floats)]
         encoded = encode_options(method, options)
         loss, buf = torch.ops.fastpref.fused_loss(
-            model_pred, ref_pred, target, inputs, method.name, encoded, values, count
+            model_pred, ref_pred, target, list(inputs), method.name, encoded, values, count
         )
         return loss, method.layout.metrics(buf, pairs, drop)
     out = []

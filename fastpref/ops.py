@@ -74,7 +74,8 @@ def forward(model_pred, ref_pred, target, hp, floats, inputs, count):
     saved): the 0-dim loss; the one output buffer (accumulation dtype, laid out as
     `hp.buffer` says: the int64 metrics, the stats, the coefficients, then the row sums, except
     when traced, where those have a tensor of their own); saved: what `backward` needs,
-    (p, r, t, buf, coefficients' start) with r None unless the method reads it there (has_b).
+    (p, r, t, buf, coefficients' start, rows, n, model_pred's shape or None where p is
+    model_pred) with r None unless the method reads it there (has_b).
     No tensor view is made: the kernels take the buffer and the start of each piece."""
     method = hp.method
     rows = model_pred.shape[0]
@@ -101,15 +102,15 @@ def forward(model_pred, ref_pred, target, hp, floats, inputs, count):
         else:
             _reduce.row_sums(p, r, t, buf, geo, rows, n, starts[0])
             _head.run_head(hp, buf, geo.splits, rows, count, n, pairs_f, inputs, loss, buf, starts)
-    return loss, buf, (p, r if method.has_b else None, t, buf, starts[2])
+    shape = None if p is model_pred else model_pred.shape  # (the gradient's shape: p's, or this)
+    return loss, buf, (p, r if method.has_b else None, t, buf, starts[2], rows, n, shape)
 
 
-def backward(saved, grad_loss, shape):
-    """The gradient w.r.t. model_pred (a new contiguous tensor of `shape`, model_pred's shape, in
-    its dtype) from `forward`'s `saved` and the incoming gradient (0-dim)."""
-    p, r, t, buf, coef_start = saved
-    rows = shape[0]
-    return _grad.elementwise_grad(p, r, t, buf, coef_start, grad_loss, r is not None, rows, p.numel() // rows, shape)
+def backward(saved, grad_loss):
+    """The gradient w.r.t. model_pred (a new contiguous tensor of model_pred's shape and dtype)
+    from `forward`'s `saved` and the incoming gradient (0-dim)."""
+    p, r, t, buf, coef_start, rows, n, shape = saved
+    return _grad.elementwise_grad(p, r, t, buf, coef_start, grad_loss, r is not None, rows, n, shape)
 
 
 # ---- the operators ---------------------------------------------------------------------------
@@ -145,8 +146,10 @@ def _fused_loss_fake(model_pred, ref_pred, target, inputs, method, options, floa
 def _fused_loss_backward(
     model_pred: Tensor, ref_pred: Tensor | None, target: Tensor, buf: Tensor, grad_loss: Tensor, coef_start: int
 ) -> Tensor:
-    saved = _rows(model_pred), _rows(ref_pred), _rows(target), buf, coef_start
-    return backward(saved, grad_loss, model_pred.shape)
+    rows = model_pred.shape[0]
+    p = _rows(model_pred)
+    saved = p, _rows(ref_pred), _rows(target), buf, coef_start, rows, model_pred.numel() // rows, model_pred.shape
+    return backward(saved, grad_loss)
 
 
 def _fused_loss_backward_fake(model_pred, ref_pred, target, buf, grad_loss, coef_start):

@@ -71,13 +71,14 @@ def _grad_kernel(
 
 def elementwise_grad(p, r, t, coef, coef_start, grad_output, has_b, rows, n, shape):
     """Gradient of the loss w.r.t. p (`rows` rows of `n` elements, rows `stride(0)` apart, as
-    `reduce.row_sums` takes them): a new contiguous tensor of `shape` and p's dtype.
+    `reduce.row_sums` takes them): a new contiguous tensor of `shape` (None: p's own) and p's dtype.
 
     coef: a tensor holding the 2R coefficients (a, then b) in the accumulation dtype from its
     element `coef_start` on (the call's output buffer);
     grad_output: 0-dim tensor; r may be None when has_b is False."""
-    # p is model_pred itself, or its [R, n] rows (a 2-D model_pred's are its shape): same rank, same shape
-    grad = _runtime.empty_like(p) if p.dim() == len(shape) else _runtime.empty(shape, p.dtype, p.device)
+    # p is model_pred itself (shape None), or its [R, n] rows (a 2-D model_pred's have its shape)
+    same = shape is None or p.dim() == len(shape)
+    grad = _runtime.empty_like(p) if same else _runtime.empty(shape, p.dtype, p.device)
     r_arg = r if r is not None else p
     _runtime.launcher(_grad_kernel, p).run(
         p,

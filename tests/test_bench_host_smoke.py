@@ -18,10 +18,12 @@ def test_host_benchmark_counts_launches_and_ops_of_each_provider(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert set(rows) == {"fastpref", "eager-diffusers", "autograd-floor"}
+    assert set(rows) == {"fastpref", "fastpref-metrics-read", "eager-diffusers", "autograd-floor"}
     # the fused forward (row sums + head) and backward: three launches, all stubbed; the eager
     # block and the floor launch none
-    assert rows["fastpref"]["launches"] == 3
+    assert rows["fastpref"]["launches"] == rows["fastpref-metrics-read"]["launches"] == 3
+    # unread metrics make no view; reading them makes theirs (more aten ops, the same launches)
+    assert rows["fastpref-metrics-read"]["aten_ops"] > rows["fastpref"]["aten_ops"]
     assert rows["eager-diffusers"]["launches"] == 0 and rows["autograd-floor"]["launches"] == 0
     # the fused call dispatches a handful of aten ops (allocations and views); the eager block
     # its whole op chain forward and backward
