@@ -1,5 +1,6 @@
 """--fsdp (FSDP2 shards, DCP checkpoints) on the bundled tiny model. One torchrun launch of two
-gloo processes (tests/fsdp_worker.py) runs every 2-process job; the 1-process runs go in-process.
+gloo processes (tests/fsdp_worker.py) runs every 2-process job, and also the suite's DDP KTO job
+(each launch costs seconds of start-up per process); the 1-process runs go in-process.
 Checked: 2 processes with FSDP2 against 1 process without it at the same global batch, both
 reference modes; the tiny SDXL, SD3 (flow matching), Flux and Wan (video) pipelines on their
 bundled data through the whole trainer, each in LoRA mode and with the sharded frozen reference
@@ -41,7 +42,11 @@ FAMILY_JOBS = tuple(
 )
 # LR 1e-4 (LoRA) and 1e-5 (copy: every weight moves) keep step 2's loss off its saturated ends
 FAMILY_LR = {"lora": "1e-4", "copy": "1e-5"}
-DENOISER_DIR = {"tiny-sdxl": "unet"}  # --reference copy writes the denoiser here; the others: transformer
+DENOISER_DIR = {"tiny-sdxl": "unet"}
+# DDP (no --fsdp) with KTO, a row method: its batch baseline comes from fastpref.row_errors and a
+# real all-reduce on 2 processes (tests/test_train_e2e.py runs DPO under DDP through `-m fastpref.train`)
+KTO_DDP = [*FAST, *STEPS, "--checkpointing_steps", "2", "--loss_type", "kto", "--gradient_accumulation_steps", "2"]
+KTO_DDP += ["--adam_epsilon", "1e-2"]  # --reference copy writes the denoiser here; the others: transformer
 
 
 def _family_argv(name: str, mode: str) -> list[str]:
@@ -79,8 +84,8 @@ def _torchrun_env(monkeypatch, world_size: int = 1) -> None:
 @pytest.fixture(scope="module")
 def two(tmp_path_factory) -> Path:
     """The 2-process jobs, one torchrun launch: ``lora`` and ``copy`` straight; ``resumed`` (from
-    ``lora/checkpoint-1``); one run per ``FAMILY_JOBS`` entry (``<name>-<mode>``); ``killed`` (every process killed
-    while writing checkpoint-2), last."""
+    ``lora/checkpoint-1``); one run per ``FAMILY_JOBS`` entry (``<name>-<mode>``); ``kto-ddp`` (DDP, no
+    --fsdp); ``killed`` (every process killed while writing checkpoint-2), last."""
     root = tmp_path_factory.mktemp("fsdp2")
     one_batch = [*COMMON, *STEPS, "--fsdp", "--train_batch_size", "1"]
     jobs = [
@@ -94,6 +99,7 @@ def two(tmp_path_factory) -> Path:
             {"argv": [*_family_argv(name, mode), "--fsdp", "--output_dir", str(root / f"{name}-{mode}")]}
             for name, mode in FAMILY_JOBS
         ),
+        {"argv": [*KTO_DDP, "--train_batch_size", "1", "--output_dir", str(root / "kto-ddp")]},
         {"argv": [*one_batch, "--output_dir", str(root / "killed")], "kill_at": 2},
     ]
     (root / "jobs.json").write_text(json.dumps(jobs))
@@ -109,7 +115,7 @@ def two(tmp_path_factory) -> Path:
         check=False,
     )
     assert run.returncode != 0, "the last job kills its processes: torchrun must report the failure"
-    for name in ("lora", "copy", "resumed", *(f"{n}-{m}" for n, m in FAMILY_JOBS)):  # each job before the kill ran
+    for name in ("lora", "copy", "resumed", *(f"{n}-{m}" for n, m in FAMILY_JOBS), "kto-ddp"):  # each job before the kill ran
         assert (root / name / "args.json").is_file(), run.stdout[-3000:]
     return root
 
@@ -199,6 +205,24 @@ def test_families_match_one_process(two, tmp_path, name, mode):
     # ... while the 2 steps moved the weights 50x further (LR 1e-5: a sign error or a lost gradient
     # shard would show at this size)
     assert max((a[k] - base[k]).abs().max() for k in a) > 5e-6
+
+
+def test_kto_under_ddp_matches_one_process(two, tmp_path):
+    """KTO under DDP: two processes build the batch baseline from fastpref.row_errors and a real
+    (gloo) all-reduce, one process from the loss's own batch baseline; the runs must agree."""
+    one, ddp = tmp_path / "one", two / "kto-ddp"
+    train.main([*KTO_DDP, "--train_batch_size", "2", "--output_dir", str(one)])
+    rows_one, rows_two = _rows(one), _rows(ddp)
+    assert sorted(rows_one) == sorted(rows_two) == [1, 2]
+    for step in rows_one:
+        for key in ("loss", "kl", "model_mse", "acc"):
+            assert float(rows_two[step][key]) == pytest.approx(float(rows_one[step][key]), rel=1e-4, abs=1e-6)
+    a = load_file(one / "checkpoint-2" / "trainable.safetensors")
+    b = load_file(ddp / "checkpoint-2" / "trainable.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
+    assert not any(p.name.startswith(".tmp") for p in ddp.iterdir())
 
 
 def test_resume_at_the_same_world_size_is_bitwise_identical(two):
