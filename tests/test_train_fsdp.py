@@ -115,7 +115,8 @@ def two(tmp_path_factory) -> Path:
         check=False,
     )
     assert run.returncode != 0, "the last job kills its processes: torchrun must report the failure"
-    for name in ("lora", "copy", "resumed", *(f"{n}-{m}" for n, m in FAMILY_JOBS), "kto-ddp"):  # each job before the kill ran
+    # each job before the kill ran
+    for name in ("lora", "copy", "resumed", *(f"{n}-{m}" for n, m in FAMILY_JOBS), "kto-ddp"):
         assert (root / name / "args.json").is_file(), run.stdout[-3000:]
     return root
 
