@@ -1,13 +1,12 @@
 """The command line: a fast ``--help`` that shows every default and the exit statuses, and a stop
 by SIGTERM that exits with EXIT_STOPPED (75) after writing its checkpoint."""
 
-import os
 import signal
 import sys
 
 import pytest
 from proc_helpers import run
-from train_helpers import FAST
+from train_helpers import FAST, sigterm_after_logging
 
 from fastpref.training.args import build_parser
 from fastpref.training.exits import EXIT_STATUSES, EXIT_STOPPED
@@ -44,14 +43,7 @@ def test_sigterm_exits_75_after_writing_a_checkpoint(tmp_path, monkeypatch, caps
     from fastpref.training.logging import MetricsLogger
 
     out = tmp_path / "out"
-    logged = MetricsLogger.log
-
-    def log_then_signal(self, step, values):
-        logged(self, step, values)
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(MetricsLogger, "log", log_then_signal)
+    sigterm_after_logging(monkeypatch, 2)
     monkeypatch.setattr(MetricsLogger, "plot", lambda self, keys: None)
     argv = ["fastpref-train", *FAST, "--output_dir", str(out), "--max_train_steps", "100000"]
     monkeypatch.setattr(sys, "argv", [*argv, "--checkpointing_steps", "1000"])

@@ -15,7 +15,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from helpers import needs_kernels
 from safetensors.torch import load_file
-from train_helpers import FAST
+from train_helpers import FAST, sigterm_after_logging
 
 from fastpref import train
 from fastpref.training.args import DEFAULT_MODEL
@@ -198,14 +198,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_continues(tmp_
     from fastpref.training.logging import MetricsLogger
 
     args = [*FAST, "--train_batch_size", "2", "--checkpointing_steps", "100", "--random_crop"]
-    original_log = MetricsLogger.log
-
-    def log_then_signal(self, step, values):
-        original_log(self, step, values)
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(MetricsLogger, "log", log_then_signal)
+    original_log = sigterm_after_logging(monkeypatch, 2)
     stopped = tmp_path / "stopped"
     before = signal.getsignal(signal.SIGTERM)
     train.main([*args, "--output_dir", str(stopped), "--max_train_steps", "5"])

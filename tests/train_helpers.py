@@ -1,6 +1,8 @@
 """Helpers of the training tests: tiny Pick-a-Pic tables and short trainer runs."""
 
 import io
+import os
+import signal
 
 import numpy as np
 import pyarrow as pa
@@ -80,3 +82,20 @@ def tiny_step(device, static: bool, loss_type: str):
     """``tiny_run``'s ``(params, eager TrainStep, lr_scheduler, encoders)``."""
     run = tiny_run(device, static, loss_type)
     return run.params, run.train_step, run.lr_scheduler, run.encoders
+
+
+def sigterm_after_logging(monkeypatch, at_step: int):
+    """Make the trainer send itself SIGTERM right after it logs step ``at_step`` (the stop
+    handler then finishes that step and writes its checkpoint). Returns the real
+    ``MetricsLogger.log``, to put back before a resume."""
+    from fastpref.training.logging import MetricsLogger
+
+    logged = MetricsLogger.log
+
+    def log_then_signal(self, step, values):
+        logged(self, step, values)
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_signal)
+    return logged
