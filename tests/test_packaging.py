@@ -2,6 +2,8 @@
 fastpref.kernels by pyproject.toml (not by a path hack), the licence text shipped."""
 
 import importlib.metadata
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +25,46 @@ def test_kernels_are_installed_as_a_subpackage_not_through_sys_path():
 
     assert Path(fastpref.kernels.__file__).resolve().parent == ROOT / "kernels"
     assert not any(Path(p).resolve() == ROOT / "kernels" for p in sys.path if p)
+
+
+def _python_at_the_root(code, **env):
+    """Run `python -c code` with the repository root as the working directory (sys.path[0])."""
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True
+    )
+
+
+def test_the_root_kernels_dir_hands_its_name_to_an_installed_kernels_package(tmp_path):
+    """Run from the root, `import kernels` (transformers >= 5.25 does) gets the installed package."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("WHO = 'installed'\n")
+    code = (
+        "import kernels, fastpref.kernels as fk\n"
+        "assert kernels.WHO == 'installed', kernels.__file__\n"
+        "from kernels import WHO\n"
+        "assert 'dpo' in fk.REGISTRY and fk.__name__ == 'fastpref.kernels'\n"
+    )
+    done = _python_at_the_root(code, PYTHONPATH=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_root_kernels_dir_is_not_a_top_level_package_when_none_is_installed():
+    code = (
+        "import os, sys\n"
+        f"root = {str(ROOT)!r}\n"
+        "sys.path = [p for p in sys.path if os.path.realpath(p or '.') == root\n"
+        "            or not os.path.isdir(os.path.join(p, 'kernels'))]\n"
+        "try:\n"
+        "    import kernels\n"
+        "except ModuleNotFoundError as error:\n"
+        "    assert error.name == 'kernels' and 'fastpref.kernels' in str(error), error\n"
+        "else:\n"
+        "    raise SystemExit(f'imported {kernels.__file__}')\n"
+        "import fastpref.kernels\n"
+        "assert 'kernels' not in sys.modules\n"
+    )
+    done = _python_at_the_root(code)
+    assert done.returncode == 0, done.stderr + done.stdout
 
 
 def test_licence_file_matches_the_declared_licence():
