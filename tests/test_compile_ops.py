@@ -211,10 +211,9 @@ def test_cuda_operators_decompose_into_visible_launches():
     row-sum launch (a HOP Inductor schedules, cloning only its partials) and the opaque head
     operator; the backward is the gradient launch (cloning only the gradient). Traced here on
     CPU tensors with the interpreter off; running them needs a GPU (tests above, on CUDA)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}  # fastpref as installed
     out = subprocess.run(
-        [sys.executable, "-c", TRACE_CUDA_OPERATORS], env=env, cwd=root, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", TRACE_CUDA_OPERATORS], env=env, capture_output=True, text=True, timeout=300
     )
     nodes = [line[5:] for line in out.stdout.splitlines() if line.startswith("NODE ")]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]

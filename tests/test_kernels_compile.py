@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import fused, grad, head, reduce
+    from fastpref.kernels import fused, grad, head, reduce
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent("""
               dict(HAS_B=has_b, BLOCK=grad.BLOCK, RNE_BF16=False))
     # Every registered head, with the options that change its code the most: the head kernel's
     # runtime tuple is typed from the head's own parameter names (kernels/method.py).
-    from kernels.registry import REGISTRY
+    from fastpref.kernels.registry import REGISTRY
     types = dict(part_ptr="*fp32", rows="i32", B="i32", count="i32", splits="i32", inv_n=("fp32", "fp32"),
                  loss_ptr="*fp32", stats_ptr="*fp32", ints_ptr="*fp32", coef_ptr="*fp32", labels="*i64",
                  timesteps="*i64", kl_tensor="*fp32", emb_w="*fp32", emb_l="*fp32", emb_w_len="i32")
@@ -82,12 +82,9 @@ def test_kernels_compile_for_sm90():
         get_ptxas(90)
     except Exception as error:  # no NVIDIA backend, or no ptxas in this Triton
         pytest.skip(f"this Triton cannot compile for sm_90: {error}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": root}
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # fastpref.kernels as installed, compiled
     try:
-        out = subprocess.run(
-            [sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=300
-        )
+        out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
         pytest.fail("compiling the kernels for sm_90 took more than 300 s")
     assert out.returncode == 0 and "COMPILED" in out.stdout, out.stdout[-3000:] + out.stderr[-6000:]

@@ -49,8 +49,12 @@ def test_the_root_kernels_dir_hands_its_name_to_an_installed_kernels_package(tmp
 
 
 def test_the_root_kernels_dir_is_not_a_top_level_package_when_none_is_installed():
+    # fastpref.kernels (and numpy, torch, triton) first; then every sys.path entry that holds an
+    # installed `kernels` is hidden, so the root's kernels/ is the only `kernels` left to find.
     code = (
         "import os, sys\n"
+        "import fastpref.kernels\n"
+        "assert 'kernels' not in sys.modules\n"
         f"root = {str(ROOT)!r}\n"
         "sys.path = [p for p in sys.path if os.path.realpath(p or '.') == root\n"
         "            or not os.path.isdir(os.path.join(p, 'kernels'))]\n"
@@ -60,8 +64,6 @@ def test_the_root_kernels_dir_is_not_a_top_level_package_when_none_is_installed(
         "    assert error.name == 'kernels' and 'fastpref.kernels' in str(error), error\n"
         "else:\n"
         "    raise SystemExit(f'imported {kernels.__file__}')\n"
-        "import fastpref.kernels\n"
-        "assert 'kernels' not in sys.modules\n"
     )
     done = _python_at_the_root(code)
     assert done.returncode == 0, done.stderr + done.stdout
