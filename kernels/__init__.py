@@ -8,7 +8,7 @@ This directory installs as `fastpref.kernels` (pyproject.toml's package-dir). A 
 from the repository root (`python -m ...`, `python -c ...`) also puts it on sys.path as a
 top-level `kernels`, the name of the Hugging Face kernels package that transformers >= 5.25
 imports. Imported under that name, this file hands the name over to the installed package
-(or raises ModuleNotFoundError when none is installed) instead of shadowing it.
+instead of shadowing it, or, when none is installed, is an empty module without a version.
 """
 
 import sys
@@ -22,14 +22,14 @@ if __name__ == "kernels":
     _elsewhere = [p for p in sys.path if os.path.realpath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
     if _spec is None or _spec.origin is None:
-        raise ModuleNotFoundError(
-            "No module named 'kernels' is installed; the repository's kernels/ directory is "
-            "fastpref.kernels, not a top-level package",
-            name="kernels",
-        )
-    _installed = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _installed  # the import statement returns what sys.modules holds
-    _spec.loader.exec_module(_installed)
+        # None installed: an empty module, as a bare directory (a PEP 420 portion) would give,
+        # without a version, so that probes (transformers' is_kernels_available) find no package.
+        __path__ = []
+        __all__ = []
+    else:
+        _installed = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _installed  # the import statement returns what sys.modules holds
+        _spec.loader.exec_module(_installed)
 else:
     from . import _runtime  # noqa: F401  (must come first: it may turn on the interpreter)
     from ._runtime import INTERPRET, poisoned_outputs

@@ -48,22 +48,27 @@ def test_the_root_kernels_dir_hands_its_name_to_an_installed_kernels_package(tmp
     assert done.returncode == 0, done.stderr
 
 
-def test_the_root_kernels_dir_is_not_a_top_level_package_when_none_is_installed():
-    # fastpref.kernels (and numpy, torch, triton) first; then every sys.path entry that holds an
-    # installed `kernels` is hidden, so the root's kernels/ is the only `kernels` left to find.
+def test_the_root_kernels_dir_is_an_empty_module_when_none_is_installed():
+    # fastpref.kernels (and numpy, torch, triton, transformers' probe) first; then every sys.path
+    # entry that holds an installed `kernels` is hidden, so the root's kernels/ is the only one.
     code = (
         "import os, sys\n"
         "import fastpref.kernels\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
         "assert 'kernels' not in sys.modules\n"
         f"root = {str(ROOT)!r}\n"
         "sys.path = [p for p in sys.path if os.path.realpath(p or '.') == root\n"
         "            or not os.path.isdir(os.path.join(p, 'kernels'))]\n"
+        "assert not is_kernels_available()  # transformers' probe imports it and finds no package\n"
+        "import kernels\n"
+        "assert kernels.__path__ == [] and not hasattr(kernels, 'REGISTRY'), dir(kernels)\n"
         "try:\n"
-        "    import kernels\n"
-        "except ModuleNotFoundError as error:\n"
-        "    assert error.name == 'kernels' and 'fastpref.kernels' in str(error), error\n"
+        "    import kernels.reduce\n"
+        "except ModuleNotFoundError:\n"
+        "    pass\n"
         "else:\n"
-        "    raise SystemExit(f'imported {kernels.__file__}')\n"
+        "    raise SystemExit('kernels.reduce imported')\n"
+        "assert 'dpo' in fastpref.kernels.REGISTRY\n"
     )
     done = _python_at_the_root(code)
     assert done.returncode == 0, done.stderr + done.stdout
